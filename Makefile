@@ -1,0 +1,34 @@
+# Entry points. `make demo` runs the local demo, `make test` runs every test; both set up
+# what they need (Python venv, Kafka, etcd, kube-apiserver, helm), cached outside the checkout.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV = $(shell ./hack/venv.sh)
+PY = $(VENV)/bin/python
+
+.PHONY: help
+help: ## list targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+.PHONY: venv
+venv: ## create or update the cached Python environment
+	@./hack/venv.sh
+
+.PHONY: up
+up: ## start local Kafka, etcd, kube-apiserver, kube-controller-manager (idempotent)
+	$(PY) hack/localenv.py up
+
+.PHONY: down
+down: ## stop the local servers
+	$(PY) hack/localenv.py down
+
+.PHONY: env
+env: ## print shell exports for the local servers: eval "$$(make -s env)"
+	@$(PY) hack/localenv.py env
+
+.PHONY: test
+test: ## set everything up and run the whole test suite
+	@py=$(PY); $$py hack/localenv.py up && $$py -m pytest $(PYTEST_ARGS)
+
+.PHONY: lint
+lint: ## ruff and mypy --strict
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy

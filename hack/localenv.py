@@ -1,0 +1,677 @@
+"""The local environment: a real Kafka broker, etcd, kube-apiserver and kube-controller-manager.
+
+Tests, the demo and benchmarks all start the same servers through this module, so that what
+passes here ran against real parts. Artifacts are fetched or built once into a per-user cache
+keyed by version (outside any checkout); `up` and `down` are idempotent.
+
+    python hack/localenv.py ensure   # fetch and build everything (cached)
+    python hack/localenv.py up       # start what is not running, wait until ready
+    python hack/localenv.py down     # stop everything
+    python hack/localenv.py env      # print shell exports for clients
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+KAFKA_VERSION = "4.1.1"
+LOG4J_VERSION = "2.25.3"
+SLF4J_VERSION = "2.0.17"
+ETCD_VERSION = "v3.6.16"
+KUBE_VERSION = "v1.34.4"
+HELM_VERSION = "v3.19.5"
+
+HACK = Path(__file__).resolve().parent
+CACHE = Path(
+    os.environ.get("KRO_CACHE")
+    or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kafka-retry-operator"
+)
+RUN = Path(os.environ.get("KRO_RUN", CACHE / "run"))
+
+KAFKA_PORT = int(os.environ.get("KRO_KAFKA_PORT", "19092"))
+KAFKA_CONTROLLER_PORT = KAFKA_PORT + 1
+ETCD_PORT = int(os.environ.get("KRO_ETCD_PORT", "12379"))
+APISERVER_PORT = int(os.environ.get("KRO_APISERVER_PORT", "16443"))
+KCM_PORT = APISERVER_PORT + 1
+
+ADMIN_TOKEN_USER = "kro-admin"
+UNPRIVILEGED_USER = "kro-nobody"
+
+KAFKA_DIR = CACHE / f"kafka-{KAFKA_VERSION}"
+ETCD_BIN = CACHE / f"etcd-{ETCD_VERSION}" / "bin" / "etcd"
+BUILD_REVISION = "r2"  # bump when a build script changes, so caches rebuild
+KUBE_BIN = CACHE / f"kube-{KUBE_VERSION}-{BUILD_REVISION}" / "bin"
+HELM_BIN = CACHE / f"helm-{HELM_VERSION}" / "bin" / "helm"
+
+KAFKA_POM = f"""<project xmlns="http://maven.apache.org/POM/4.0.0"><modelVersion>4.0.0</modelVersion>
+<groupId>local</groupId><artifactId>kafka-broker</artifactId><version>1</version>
+<dependencies>
+<dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId>
+  <version>{KAFKA_VERSION}</version></dependency>
+<dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-storage</artifactId>
+  <version>{KAFKA_VERSION}</version></dependency>
+<dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j2-impl</artifactId>
+  <version>{LOG4J_VERSION}</version></dependency>
+<dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId>
+  <version>{LOG4J_VERSION}</version></dependency>
+<dependency><groupId>org.slf4j</groupId><artifactId>slf4j-api</artifactId>
+  <version>{SLF4J_VERSION}</version></dependency>
+</dependencies></project>
+"""
+
+LOG4J2_XML = """<?xml version="1.0" encoding="UTF-8"?>
+<Configuration status="WARN">
+  <Appenders><Console name="out" target="SYSTEM_OUT">
+    <PatternLayout pattern="[%d] %p %m (%c)%n"/></Console></Appenders>
+  <Loggers>
+    <Logger name="kafka" level="INFO"/><Logger name="org.apache.kafka" level="WARN"/>
+    <Logger name="state.change.logger" level="WARN"/>
+    <Root level="WARN"><AppenderRef ref="out"/></Root>
+  </Loggers>
+</Configuration>
+"""
+
+
+class SetupError(RuntimeError):
+    """A part could not be built or started; the message names the log to read."""
+
+
+def log(msg: str) -> None:
+    print(f"[localenv] {msg}", file=sys.stderr, flush=True)
+
+
+def timed(what: str, fn: Callable[[], None]) -> None:
+    start = time.monotonic()
+    fn()
+    log(f"{what}: {time.monotonic() - start:.1f}s")
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+def _atomic_build(target: Path, build: Callable[[Path], None]) -> None:
+    """Build into a temporary sibling and rename, so an interrupted build never looks cached."""
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def _run_logged(cmd: list[str], logfile: Path, cwd: Path | None = None) -> None:
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    with logfile.open("w") as out:
+        rc = subprocess.call(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    if rc != 0:
+        tail = logfile.read_text(errors="replace")[-3000:]
+        raise SetupError(f"{' '.join(cmd[:3])} failed (exit {rc}); log: {logfile}\n{tail}")
+
+
+def ensure_kafka() -> None:
+    if (KAFKA_DIR / "libs").is_dir():
+        return
+
+    def build(tmp: Path) -> None:
+        (tmp / "pom.xml").write_text(KAFKA_POM)
+        cmd = ["mvn", "-q", "-B", "dependency:copy-dependencies", "-DincludeScope=runtime"]
+        _run_logged([*cmd, f"-DoutputDirectory={tmp / 'libs'}"], CACHE / "logs" / "mvn.log", tmp)
+
+    timed(
+        f"fetch Kafka {KAFKA_VERSION} jars from Maven Central",
+        lambda: _atomic_build(KAFKA_DIR, build),
+    )
+
+
+def _ensure_go_build(binary: Path, script: str, version: str) -> None:
+    if binary.exists():
+        return
+    root = binary.parent.parent
+
+    def build(tmp: Path) -> None:
+        _run_logged(
+            ["bash", str(HACK / script), str(tmp), version], CACHE / "logs" / f"{script}.log"
+        )
+
+    timed(f"go build {root.name}", lambda: _atomic_build(root, build))
+
+
+def ensure_helm() -> None:
+    if HELM_BIN.exists():
+        return
+    root = HELM_BIN.parent.parent
+
+    def build(tmp: Path) -> None:
+        env = {**os.environ, "GOBIN": str(tmp / "bin"), "CGO_ENABLED": "0"}
+        cmd = [
+            "go",
+            "install",
+            "-trimpath",
+            "-ldflags",
+            "-s -w",
+            f"helm.sh/helm/v3/cmd/helm@{HELM_VERSION}",
+        ]
+        logfile = CACHE / "logs" / "helm-build.log"
+        with logfile.open("w") as out:
+            if subprocess.call(cmd, env=env, stdout=out, stderr=subprocess.STDOUT) != 0:
+                raise SetupError(f"helm build failed; log: {logfile}")
+
+    timed(f"go install helm {HELM_VERSION}", lambda: _atomic_build(root, build))
+
+
+def ensure_all() -> None:
+    (CACHE / "logs").mkdir(parents=True, exist_ok=True)
+    ensure_kafka()
+    _ensure_go_build(ETCD_BIN, "build-etcd.sh", ETCD_VERSION)
+    _ensure_go_build(KUBE_BIN / "kube-controller-manager", "build-kube.sh", KUBE_VERSION)
+    ensure_helm()
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+
+    @property
+    def pidfile(self) -> Path:
+        return RUN / f"{self.name}.pid"
+
+    @property
+    def logfile(self) -> Path:
+        return RUN / "logs" / f"{self.name}.log"
+
+    def pid(self) -> int | None:
+        """The server's pid if it runs; a stale pidfile whose pid was reused is ignored."""
+        try:
+            pid = int(self.pidfile.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+            return None
+        marker = b"kafka.Kafka" if self.name == "kafka" else self.name.encode()
+        return pid if marker in cmdline else None
+
+    def start(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        self.logfile.parent.mkdir(parents=True, exist_ok=True)
+        with self.logfile.open("ab") as out:
+            proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,  # survives the caller; stopped by `down`
+            )
+        self.pidfile.write_text(str(proc.pid))
+
+    def stop(self) -> None:
+        pid = self.pid()
+        if pid is not None:
+            os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and self.pid() is not None:
+                time.sleep(0.2)
+            if self.pid() is not None:
+                os.killpg(pid, signal.SIGKILL)
+        self.pidfile.unlink(missing_ok=True)
+
+    def wait(self, ready: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.pid() is None:
+                raise SetupError(f"{self.name} exited during start-up; log: {self.logfile}")
+            try:
+                if ready():
+                    return
+            except Exception:
+                pass
+            time.sleep(0.3)
+        raise SetupError(f"{self.name} not ready after {timeout:.0f}s; log: {self.logfile}")
+
+
+KAFKA = Server("kafka")
+ETCD = Server("etcd")
+APISERVER = Server("kube-apiserver")
+KCM = Server("kube-controller-manager")
+ALL = (KAFKA, ETCD, APISERVER, KCM)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def start_kafka() -> None:
+    if KAFKA.pid() is not None:
+        return
+    data = RUN / "kafka"
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True)
+    props = data / "server.properties"
+    props.write_text(
+        "\n".join(
+            [
+                "process.roles=broker,controller",
+                "node.id=1",
+                f"controller.quorum.voters=1@127.0.0.1:{KAFKA_CONTROLLER_PORT}",
+                f"listeners=PLAINTEXT://127.0.0.1:{KAFKA_PORT},"
+                f"CONTROLLER://127.0.0.1:{KAFKA_CONTROLLER_PORT}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{KAFKA_PORT}",
+                "controller.listener.names=CONTROLLER",
+                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                "inter.broker.listener.name=PLAINTEXT",
+                f"log.dirs={data / 'logs'}",
+                # One node: every internal topic must accept replication factor 1,
+                # or transactions and consumer groups never become available.
+                "offsets.topic.replication.factor=1",
+                "offsets.topic.num.partitions=10",
+                "transaction.state.log.replication.factor=1",
+                "transaction.state.log.min.isr=1",
+                "transaction.state.log.num.partitions=4",
+                "share.coordinator.state.topic.replication.factor=1",
+                "share.coordinator.state.topic.min.isr=1",
+                "group.initial.rebalance.delay.ms=0",
+                "group.consumer.heartbeat.interval.ms=1000",
+                "group.consumer.min.heartbeat.interval.ms=500",
+                "group.consumer.session.timeout.ms=10000",
+                "group.consumer.min.session.timeout.ms=6000",
+                "group.min.session.timeout.ms=1000",
+                "auto.create.topics.enable=false",
+                "delete.topic.enable=true",
+                "num.partitions=1",
+                "log.segment.bytes=16777216",
+            ]
+        )
+        + "\n"
+    )
+    (data / "log4j2.xml").write_text(LOG4J2_XML)
+    cp = str(KAFKA_DIR / "libs" / "*")
+    java = ["java", "-Xms128m", "-Xmx512m", "-XX:+UseSerialGC", "-cp", cp]
+    java.append(f"-Dlog4j2.configurationFile={data / 'log4j2.xml'}")
+    # StorageTool wants a base64 (22 chars) cluster id, not a dashed UUID.
+    cluster_id = _kafka_uuid()
+    _run_logged(
+        [*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
+        RUN / "logs" / "kafka-format.log",
+    )
+    KAFKA.start([*java, "kafka.Kafka", str(props)])
+
+
+def _kafka_uuid() -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+def kafka_ready() -> bool:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap(), "socket.timeout.ms": 2000})
+    md = admin.list_topics(timeout=2)
+    return bool(md.brokers)
+
+
+def kafka_bootstrap() -> str:
+    return f"127.0.0.1:{KAFKA_PORT}"
+
+
+# --------------------------------------------------------------------------- kubernetes
+
+
+PKI = RUN / "pki"
+KUBECONFIG = RUN / "kubeconfig"
+
+
+def _admin_token() -> str:
+    token_file = PKI / "admin.token"
+    if not token_file.exists():
+        token_file.write_text(uuid.uuid4().hex)
+    return token_file.read_text().strip()
+
+
+def _unprivileged_token() -> str:
+    token_file = PKI / "nobody.token"
+    if not token_file.exists():
+        token_file.write_text(uuid.uuid4().hex)
+    return token_file.read_text().strip()
+
+
+def ensure_pki() -> None:
+    PKI.mkdir(parents=True, exist_ok=True)
+    if not (PKI / "sa.key").exists():
+        _run_logged(
+            ["openssl", "genrsa", "-out", str(PKI / "sa.key"), "2048"], RUN / "logs" / "pki.log"
+        )
+        _run_logged(
+            ["openssl", "rsa", "-in", str(PKI / "sa.key"), "-pubout", "-out", str(PKI / "sa.pub")],
+            RUN / "logs" / "pki.log",
+        )
+    if not (PKI / "ca.crt").exists():
+        _run_logged(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "3650",
+                "-keyout",
+                str(PKI / "ca.key"),
+                "-out",
+                str(PKI / "ca.crt"),
+                "-subj",
+                "/CN=kro-local-ca",
+            ],
+            RUN / "logs" / "pki.log",
+        )
+        ext = PKI / "serving.ext"
+        ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n")
+        _run_logged(
+            [
+                "openssl",
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                str(PKI / "serving.key"),
+                "-out",
+                str(PKI / "serving.csr"),
+                "-subj",
+                "/CN=kube-apiserver",
+            ],
+            RUN / "logs" / "pki.log",
+        )
+        _run_logged(
+            [
+                "openssl",
+                "x509",
+                "-req",
+                "-in",
+                str(PKI / "serving.csr"),
+                "-CA",
+                str(PKI / "ca.crt"),
+                "-CAkey",
+                str(PKI / "ca.key"),
+                "-CAcreateserial",
+                "-days",
+                "3650",
+                "-extfile",
+                str(ext),
+                "-out",
+                str(PKI / "serving.crt"),
+            ],
+            RUN / "logs" / "pki.log",
+        )
+    tokens = PKI / "tokens.csv"
+    tokens.write_text(
+        f'{_admin_token()},{ADMIN_TOKEN_USER},uid-admin,"system:masters"\n'
+        f"{_unprivileged_token()},{UNPRIVILEGED_USER},uid-nobody\n"
+    )
+
+
+def write_kubeconfig(path: Path, token: str, user: str, namespace: str = "default") -> None:
+    """A kubeconfig for `user`: JSON is valid YAML, and needs no YAML library here."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "kro-local",
+                "cluster": {
+                    "server": f"https://127.0.0.1:{APISERVER_PORT}",
+                    "certificate-authority": str(PKI / "ca.crt"),
+                },
+            }
+        ],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [
+            {
+                "name": "kro-local",
+                "context": {"cluster": "kro-local", "user": user, "namespace": namespace},
+            }
+        ],
+        "current-context": "kro-local",
+    }
+    path.write_text(json.dumps(config, indent=2))
+    path.chmod(0o600)
+
+
+def start_etcd() -> None:
+    if ETCD.pid() is not None:
+        return
+    data = RUN / "etcd"
+    shutil.rmtree(data, ignore_errors=True)
+    ETCD.start(
+        [
+            str(ETCD_BIN),
+            "--name=kro",
+            f"--data-dir={data}",
+            f"--listen-client-urls=http://127.0.0.1:{ETCD_PORT}",
+            f"--advertise-client-urls=http://127.0.0.1:{ETCD_PORT}",
+            f"--listen-peer-urls=http://127.0.0.1:{ETCD_PORT + 1}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{ETCD_PORT + 1}",
+            f"--initial-cluster=kro=http://127.0.0.1:{ETCD_PORT + 1}",
+            "--unsafe-no-fsync",  # tests only: speed over durability
+            "--quota-backend-bytes=2147483648",
+            "--log-level=warn",
+        ]
+    )
+
+
+def etcd_ready() -> bool:
+    with urllib.request.urlopen(f"http://127.0.0.1:{ETCD_PORT}/health", timeout=2) as r:
+        return bool(json.load(r).get("health") == "true")
+
+
+def start_apiserver() -> None:
+    if APISERVER.pid() is not None:
+        return
+    APISERVER.start(
+        [
+            str(KUBE_BIN / "kube-apiserver"),
+            f"--etcd-servers=http://127.0.0.1:{ETCD_PORT}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={APISERVER_PORT}",
+            f"--tls-cert-file={PKI / 'serving.crt'}",
+            f"--tls-private-key-file={PKI / 'serving.key'}",
+            f"--client-ca-file={PKI / 'ca.crt'}",
+            f"--token-auth-file={PKI / 'tokens.csv'}",
+            "--authorization-mode=Node,RBAC",
+            f"--service-account-key-file={PKI / 'sa.pub'}",
+            f"--service-account-signing-key-file={PKI / 'sa.key'}",
+            "--service-account-issuer=https://kubernetes.default.svc",
+            "--api-audiences=https://kubernetes.default.svc",
+            "--service-cluster-ip-range=10.96.0.0/16",
+            "--allow-privileged=true",
+            "--enable-admission-plugins=NamespaceLifecycle,ServiceAccount",
+            "--disable-admission-plugins=DefaultStorageClass,StorageObjectInUseProtection",
+            f"--cert-dir={RUN / 'apiserver-certs'}",
+            "--v=1",
+        ]
+    )
+
+
+def _https_get(url: str, token: str, verify: bool = True) -> tuple[int, str]:
+    ctx = ssl.create_default_context(cafile=str(PKI / "ca.crt"))
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=3, context=ctx) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+def apiserver_ready() -> bool:
+    status, body = _https_get(f"https://127.0.0.1:{APISERVER_PORT}/readyz", _admin_token())
+    return status == 200 and body.strip() == "ok"
+
+
+def start_kcm() -> None:
+    if KCM.pid() is not None:
+        return
+    KCM.start(
+        [
+            str(KUBE_BIN / "kube-controller-manager"),
+            f"--kubeconfig={KUBECONFIG}",
+            f"--authentication-kubeconfig={KUBECONFIG}",
+            f"--authorization-kubeconfig={KUBECONFIG}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={KCM_PORT}",
+            f"--service-account-private-key-file={PKI / 'sa.key'}",
+            f"--root-ca-file={PKI / 'ca.crt'}",
+            "--use-service-account-credentials=false",
+            # Garbage collection, namespaces and service-account tokens, but not the workload
+            # controllers: there is no kubelet, and hack/podrunner.py owns Deployment status.
+            "--controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token,"
+            "root-ca-certificate-publisher-controller",
+            "--leader-elect=false",
+            "--v=1",
+        ]
+    )
+
+
+def kcm_ready() -> bool:
+    # kube-controller-manager serves a self-signed certificate of its own (not our CA).
+    status, _ = _https_get(f"https://127.0.0.1:{KCM_PORT}/healthz", _admin_token(), verify=False)
+    return status == 200
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def kubectl_binary() -> str:
+    """This machine's `kubectl` dispatches to an old client; prefer the newest versioned one
+    beside it that is within the supported skew of our API server."""
+    found = shutil.which("kubectl")
+    if found:
+        real = Path(found).resolve().parent
+        for minor in (34, 33):
+            candidate = real / f"kubectl.1.{minor}"
+            if candidate.exists():
+                return str(candidate)
+        return found
+    return "kubectl"
+
+
+def tool_bin_dir() -> Path:
+    """A bin/ with `kubectl` and `helm` of the right versions, to put first on PATH."""
+    bindir = RUN / "bin"
+    bindir.mkdir(parents=True, exist_ok=True)
+    for name, target in (("kubectl", kubectl_binary()), ("helm", str(HELM_BIN))):
+        link = bindir / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target)
+    return bindir
+
+
+def env_vars() -> dict[str, str]:
+    return {
+        "KRO_KUBECTL": kubectl_binary(),
+        "KUBECONFIG": str(KUBECONFIG),
+        "KRO_KAFKA_BOOTSTRAP": kafka_bootstrap(),
+        "KRO_HELM": str(HELM_BIN),
+        "KRO_UNPRIVILEGED_KUBECONFIG": str(RUN / "kubeconfig-nobody"),
+        "KRO_RUN": str(RUN),
+    }
+
+
+def up() -> None:
+    RUN.mkdir(parents=True, exist_ok=True)
+    # Several test runs may start at once: one sets up, the others wait and then reuse.
+    with (RUN / "up.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _up_locked()
+
+
+def _up_locked() -> None:
+    ensure_all()
+    if not any(s.pid() for s in (ETCD, APISERVER)):
+        shutil.rmtree(PKI, ignore_errors=True)  # fresh tokens per fresh cluster
+    ensure_pki()
+    write_kubeconfig(KUBECONFIG, _admin_token(), ADMIN_TOKEN_USER)
+    write_kubeconfig(RUN / "kubeconfig-nobody", _unprivileged_token(), UNPRIVILEGED_USER)
+
+    def kafka() -> None:
+        start_kafka()
+        KAFKA.wait(kafka_ready, 90)
+
+    def kube() -> None:
+        start_etcd()
+        ETCD.wait(etcd_ready, 60)
+        start_apiserver()
+        APISERVER.wait(apiserver_ready, 120)
+        start_kcm()
+        KCM.wait(kcm_ready, 60)
+
+    timed("kafka up", kafka)
+    timed("etcd + kube-apiserver + kube-controller-manager up", kube)
+    (RUN / "env.sh").write_text(shell_exports())
+
+
+def shell_exports() -> str:
+    exports = "".join(f"export {k}={v}\n" for k, v in env_vars().items())
+    return exports + f'export PATH="{tool_bin_dir()}:$PATH"\n'
+
+
+def down() -> None:
+    for server in reversed(ALL):
+        server.stop()
+
+
+def status() -> int:
+    for server in ALL:
+        pid = server.pid()
+        print(f"{server.name:26} {'running pid ' + str(pid) if pid else 'stopped'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("command", choices=["ensure", "up", "down", "status", "env"])
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "ensure":
+            ensure_all()
+        elif args.command == "up":
+            up()
+        elif args.command == "down":
+            down()
+        elif args.command == "status":
+            return status()
+        elif args.command == "env":
+            print(shell_exports(), end="")
+    except SetupError as e:
+        log(f"ERROR: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Shared fixtures: the real local Kafka broker and Kubernetes API server, started once per
+session by hack/localenv.py, and per-test unique names so tests never see each other's data."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "hack"))
+
+import localenv  # noqa: E402
+
+# Fixtures that need a real server, and the marker each implies.
+_FIXTURE_MARKS = {
+    "kafka_bootstrap": "kafka",
+    "kafka_admin": "kafka",
+    "make_topic": "kafka",
+    "kubeconfig": "kube",
+    "k8s_api": "kube",
+    "namespace": "kube",
+    "kubectl": "kube",
+    "helm": "helm",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark tests by the servers they use, so `-m kafka` / `-m "not kube"` select truthfully."""
+    for item in items:
+        for fixture in getattr(item, "fixturenames", ()):
+            mark = _FIXTURE_MARKS.get(fixture)
+            if mark:
+                item.add_marker(getattr(pytest.mark, mark))
+
+
+@pytest.fixture(scope="session")
+def localenv_up() -> dict[str, str]:
+    """Start (or reuse) every local server; fail loudly, never skip, if one cannot start."""
+    try:
+        localenv.up()
+    except localenv.SetupError as e:
+        pytest.fail(f"local servers did not start: {e}", pytrace=False)
+    env = localenv.env_vars()
+    os.environ.update(env)
+    os.environ["PATH"] = f"{localenv.tool_bin_dir()}:{os.environ['PATH']}"
+    return env
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(localenv_up: dict[str, str]) -> str:
+    return localenv_up["KRO_KAFKA_BOOTSTRAP"]
+
+
+@pytest.fixture(scope="session")
+def kafka_admin(kafka_bootstrap: str) -> Any:
+    from confluent_kafka.admin import AdminClient
+
+    return AdminClient({"bootstrap.servers": kafka_bootstrap})
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short unique suffix for this test's topics, groups and resources."""
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+def make_topic(kafka_admin: Any, unique: str) -> Iterator[Callable[..., str]]:
+    """Create uniquely named topics for this test; they are deleted afterwards."""
+    from confluent_kafka.admin import NewTopic
+
+    created: list[str] = []
+
+    def make(base: str = "t", partitions: int = 1, config: dict[str, str] | None = None) -> str:
+        name = f"{base}-{unique}-{len(created)}"
+        futures = kafka_admin.create_topics(
+            [NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})]
+        )
+        futures[name].result(timeout=30)
+        created.append(name)
+        return name
+
+    yield make
+    if created:
+        for f in kafka_admin.delete_topics(created).values():
+            with contextlib.suppress(Exception):  # cleanup is best effort
+                f.result(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(localenv_up: dict[str, str]) -> str:
+    return localenv_up["KUBECONFIG"]
+
+
+@pytest.fixture(scope="session")
+def k8s_api(kubeconfig: str) -> Any:
+    """A kubernetes.client.ApiClient for the local admin user."""
+    from kubernetes import config
+
+    return config.new_client_from_config(config_file=kubeconfig)
+
+
+@pytest.fixture
+def namespace(k8s_api: Any, unique: str) -> Iterator[str]:
+    """A fresh namespace per test, deleted afterwards (the namespace controller empties it)."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(k8s_api)
+    name = f"t-{unique}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    yield name
+    core.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def kubectl(kubeconfig: str) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run this machine's kubectl against the local API server."""
+    binary = os.environ.get("KRO_KUBECTL", "kubectl")
+
+    def run(
+        *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [binary, "--kubeconfig", kubeconfig, *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed: {proc.stderr}")
+        return proc
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def helm(
+    localenv_up: dict[str, str], kubeconfig: str
+) -> Callable[..., subprocess.CompletedProcess[str]]:
+    binary = localenv_up["KRO_HELM"]
+
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [binary, "--kubeconfig", kubeconfig, *args], capture_output=True, text=True, timeout=300
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed: {proc.stderr}")
+        return proc
+
+    return run

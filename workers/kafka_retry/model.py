@@ -1,0 +1,435 @@
+"""The RetryPipeline and DLQReplay API as pydantic models: the one source of truth.
+
+The CRD schemas in `crds/` are generated from these models (`make crds`), the operator parses
+every spec into them once at the edge, and the resolved `Topology` is what tier workers and the
+live-lane SDK read from the pipeline's ConfigMap. Field names are camelCase on the wire
+(Kubernetes convention) and snake_case in Python.
+
+Rules that the API server must enforce at `kubectl apply` are written twice on purpose: as
+pydantic validators (so the SDK and CLI reject the same specs offline) and as CEL rules in
+`x-kubernetes-validations` (so `kubectl apply` rejects them with a message naming the field).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "kafkaretry.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Kafka's own rule for topic names (kafka.common.internals.Topic).
+TOPIC_PATTERN = r"^[a-zA-Z0-9._-]{1,249}$"
+# Tier names become part of topic and Deployment names: a DNS-1123 label, kept short.
+TIER_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$"
+CALLABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
+MAX_DELAY_SECONDS = 7 * 24 * 3600
+
+TopicName = Annotated[str, Field(pattern=TOPIC_PATTERN, min_length=1, max_length=249)]
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """One `x-kubernetes-validations` entry."""
+    entry = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+def cel_rules(*rules: dict[str, str]) -> dict[str, Any]:
+    return {"x-kubernetes-validations": list(rules)}
+
+
+class ApiModel(BaseModel):
+    """camelCase on the wire, unknown fields rejected (a typo must not be silently ignored)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON-ready dict, camelCase, without unset optional fields."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# --------------------------------------------------------------------------- spec
+
+
+class SecretRef(ApiModel):
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        description="Name of a Secret in the pipeline's namespace. Its keys are librdkafka "
+        "settings (e.g. `security.protocol`, `sasl.mechanism`, `sasl.username`, "
+        "`sasl.password`, `ssl.ca.pem`) added to every Kafka client of this pipeline.",
+    )
+
+
+class KafkaConnection(ApiModel):
+    bootstrap_servers: str = Field(
+        min_length=1,
+        max_length=2048,
+        description="Comma-separated host:port list of Kafka brokers.",
+    )
+    secret_ref: SecretRef | None = Field(
+        default=None, description="Credentials and TLS settings; never copied into status."
+    )
+
+
+class Source(ApiModel):
+    topic: TopicName = Field(description="The live topic the service consumes.")
+    consumer_group: str = Field(
+        min_length=1,
+        max_length=200,
+        pattern=TOPIC_PATTERN,
+        description="The service's consumer group on the source topic. Retry and DLQ topics "
+        "are per group, so one failing service never touches another's retries.",
+    )
+
+
+class Tier(ApiModel):
+    name: str = Field(
+        pattern=TIER_NAME_PATTERN,
+        description="Tier name, a DNS label of at most 32 characters (e.g. `retry-1`).",
+    )
+    delay_seconds: int = Field(
+        ge=1,
+        le=MAX_DELAY_SECONDS,
+        description="How long after the failure an event on this tier becomes due.",
+    )
+    topic: TopicName | None = Field(
+        default=None,
+        description="Topic of this tier; default `<consumerGroup>.<sourceTopic>.<name>`.",
+    )
+
+
+class DeadLetterQueue(ApiModel):
+    topic: TopicName | None = Field(
+        default=None, description="DLQ topic; default `<consumerGroup>.<sourceTopic>.dlq`."
+    )
+    retention_hours: int = Field(
+        default=336, ge=1, le=87600, description="How long Kafka keeps DLQ events."
+    )
+
+
+class Topics(ApiModel):
+    partitions: int = Field(
+        default=6,
+        ge=1,
+        le=10000,
+        description="Partitions of every retry and DLQ topic. Can grow, never shrink.",
+    )
+    replication_factor: int | None = Field(
+        default=None,
+        ge=1,
+        le=32,
+        description="Replication factor of new topics; default: the broker's default.",
+    )
+    deletion_policy: Literal["Retain", "Delete"] = Field(
+        default="Retain",
+        description="On pipeline deletion: `Retain` keeps retry and DLQ topics, `Delete` "
+        "removes them. The source topic is never deleted.",
+    )
+
+
+class Classification(ApiModel):
+    """Which failures are worth retrying. Names match an exception's class name or its
+    fully qualified name, anywhere in its cause chain."""
+
+    non_retriable: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Exception names that go straight to the DLQ.",
+    )
+    retriable: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Exception names that are retried (checked before `nonRetriable`).",
+    )
+    retriable_http_statuses: list[Annotated[int, Field(ge=100, le=599)]] = Field(
+        default_factory=list,
+        max_length=100,
+        description="HTTP statuses retried in addition to 408, 429 and 5xx.",
+    )
+    non_retriable_http_statuses: list[Annotated[int, Field(ge=100, le=599)]] = Field(
+        default_factory=list,
+        max_length=100,
+        description="HTTP statuses sent to the DLQ even though they are retriable by default.",
+    )
+    unknown_errors: Literal["Retriable", "NonRetriable"] = Field(
+        default="Retriable", description="How an exception matching no rule is treated."
+    )
+
+
+class PythonHandler(ApiModel):
+    image: str = Field(
+        min_length=1,
+        max_length=512,
+        description="The service's image, which has this package and the handler installed.",
+    )
+    callable: str = Field(
+        pattern=CALLABLE_PATTERN,
+        description="Import path `module:function` of the handler; it gets one `Event`.",
+    )
+
+
+class HttpHandler(ApiModel):
+    url: str = Field(
+        pattern=r"^https?://",
+        max_length=2048,
+        description="The service endpoint that events are POSTed to.",
+    )
+    timeout_seconds: int = Field(
+        default=10, ge=1, le=900, description="A request slower than this is retriable."
+    )
+
+
+class Handler(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel(
+                "has(self.python) != has(self.http)",
+                "handler: set exactly one of `python` or `http`",
+            )
+        )
+    )
+    python: PythonHandler | None = Field(default=None, description="Run a Python callable.")
+    http: HttpHandler | None = Field(default=None, description="POST each event to a service.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Handler:
+        if (self.python is None) == (self.http is None):
+            raise ValueError("handler: set exactly one of `python` or `http`")
+        return self
+
+
+class ResourceList(ApiModel):
+    cpu: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)?m?$", max_length=32)
+    memory: str | None = Field(
+        default=None, pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$", max_length=32
+    )
+
+
+class Resources(ApiModel):
+    requests: ResourceList | None = None
+    limits: ResourceList | None = None
+
+
+class Workers(ApiModel):
+    replicas: int = Field(default=1, ge=0, le=100, description="Tier-worker pods per tier.")
+    image: str | None = Field(
+        default=None,
+        max_length=512,
+        description="Image for `http` handlers' tier workers; default: the operator's image.",
+    )
+    resources: Resources | None = Field(
+        default=None, description="Requests and limits of each tier-worker container."
+    )
+
+
+class RetryPipelineSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel(
+                "self.tiers.all(t, self.tiers.exists_one(u, u.name == t.name))",
+                "tiers: tier names must be unique",
+                ".tiers",
+            ),
+        )
+    )
+
+    kafka: KafkaConnection
+    source: Source
+    tiers: list[Tier] = Field(
+        min_length=1,
+        max_length=10,
+        description="Retry tiers in order; an event that fails on the last goes to the DLQ.",
+    )
+    dlq: DeadLetterQueue = Field(default_factory=DeadLetterQueue)
+    topics: Topics = Field(default_factory=Topics)
+    classification: Classification = Field(default_factory=Classification)
+    handler: Handler
+    workers: Workers = Field(default_factory=Workers)
+    suspend: bool = Field(
+        default=False,
+        description="Stop tier workers (scale to 0). Events wait on their tier; none reach "
+        "the DLQ because of the suspension.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_tiers(self) -> RetryPipelineSpec:
+        names = [t.name for t in self.tiers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"tiers: tier names must be unique (repeated: {', '.join(dupes)})")
+        return self
+
+    def topology(self, namespace: str, name: str) -> Topology:
+        """Resolve topic names and rules: what every worker and the SDK act on."""
+        prefix = f"{self.source.consumer_group}.{self.source.topic}"
+        return Topology(
+            pipeline=f"{namespace}/{name}",
+            bootstrap_servers=self.kafka.bootstrap_servers,
+            source_topic=self.source.topic,
+            consumer_group=self.source.consumer_group,
+            tiers=[
+                ResolvedTier(
+                    name=t.name,
+                    topic=t.topic or f"{prefix}.{t.name}",
+                    delay_seconds=t.delay_seconds,
+                    consumer_group=f"{prefix}.{t.name}",
+                )
+                for t in self.tiers
+            ],
+            dlq_topic=self.dlq.topic or f"{prefix}.dlq",
+            classification=self.classification,
+            handler=self.handler,
+            suspend=self.suspend,
+        )
+
+
+# --------------------------------------------------------------------------- topology
+
+
+class ResolvedTier(ApiModel):
+    name: str
+    topic: str
+    delay_seconds: int
+    consumer_group: str
+
+
+class Topology(ApiModel):
+    """What the operator publishes in the pipeline's ConfigMap; workers and the SDK read it."""
+
+    pipeline: str
+    bootstrap_servers: str
+    source_topic: str
+    consumer_group: str
+    tiers: list[ResolvedTier]
+    dlq_topic: str
+    classification: Classification
+    handler: Handler
+    suspend: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(self.wire(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Topology:
+        return cls.model_validate_json(text)
+
+    def tier(self, name: str) -> ResolvedTier:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(f"pipeline {self.pipeline} has no tier {name!r}")
+
+    def next_topic(self, tier_index: int) -> tuple[str, bool]:
+        """Where an event that failed retriably on tier `tier_index` goes (-1: the live lane).
+
+        Returns (topic, is_dlq)."""
+        if tier_index + 1 < len(self.tiers):
+            return self.tiers[tier_index + 1].topic, False
+        return self.dlq_topic, True
+
+
+# --------------------------------------------------------------------------- status
+
+
+class Condition(ApiModel):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str | None = None
+    observed_generation: int | None = None
+
+
+class TopicsStatus(ApiModel):
+    source: str
+    tiers: list[str]
+    dlq: str
+
+
+class TierStatus(ApiModel):
+    name: str
+    topic: str
+    lag: int | None = None
+    ready_replicas: int = 0
+
+
+class DlqStatus(ApiModel):
+    depth: int = 0
+    oldest_timestamp: str | None = None
+    last_updated: str | None = None
+
+
+class RetryPipelineStatus(ApiModel):
+    model_config = ConfigDict(extra="ignore")
+
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    topics: TopicsStatus | None = None
+    tiers: list[TierStatus] = Field(default_factory=list)
+    dlq: DlqStatus | None = None
+
+
+# --------------------------------------------------------------------------- DLQReplay
+
+
+class ReplayFilter(ApiModel):
+    since: str | None = Field(
+        default=None,
+        description="RFC 3339 time; only events that reached the DLQ at or after it.",
+    )
+    until: str | None = Field(
+        default=None, description="RFC 3339 time; only events that reached the DLQ before it."
+    )
+    keys: list[Annotated[str, Field(max_length=1024)]] = Field(
+        default_factory=list, max_length=1000, description="Only events with one of these keys."
+    )
+    error_classes: list[Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Only events whose error class is one of these.",
+    )
+
+
+class DLQReplaySpec(ApiModel):
+    pipeline: str = Field(
+        min_length=1,
+        max_length=253,
+        description="Name of the RetryPipeline (same namespace) whose DLQ is replayed.",
+    )
+    target_tier: str | None = Field(
+        default=None,
+        pattern=TIER_NAME_PATTERN,
+        description="Tier that replayed events go to; default: the first. Never the source topic.",
+    )
+    filter: ReplayFilter = Field(default_factory=ReplayFilter)
+    max_messages_per_second: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="Rate limit; default: unlimited."
+    )
+    cancel: bool = Field(
+        default=False,
+        description="Set to true to stop a running replay; what was replayed stays replayed.",
+    )
+
+
+class DLQReplayStatus(ApiModel):
+    model_config = ConfigDict(extra="ignore")
+
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Cancelled"] = "Pending"
+    replay_id: str | None = None
+    total: int = 0
+    replayed: int = 0
+    skipped: int = 0
+    progress: str | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
