@@ -32,3 +32,19 @@ test: ## set everything up and run the whole test suite
 .PHONY: lint
 lint: ## ruff and mypy --strict
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
+
+# --------------------------------------------------------------------------- shipping
+CHART = charts/kafka-retry-operator
+
+.PHONY: chart-crds
+chart-crds: ## copy the generated crds/*.yaml into the chart (run by `make crds`)
+	@rm -f $(CHART)/crds/*.yaml && mkdir -p $(CHART)/crds && cp crds/*.yaml $(CHART)/crds/
+
+.PHONY: kind
+kind: ## with Docker: a kind cluster with Kafka, the image, the chart and an example pipeline
+	./hack/kind-up.sh
+
+.PHONY: crds
+crds: ## regenerate crds/ from the pydantic models (workers/kafka_retry/model.py)
+	$(PY) -m kafka_retry_operator.crd crds
+	@$(MAKE) --no-print-directory chart-crds  # the chart ships copies (charts/.../crds)

@@ -17,7 +17,7 @@ if [ ! -f "$venv/.complete" ]; then
   rm -rf "$venv"
   "$py" -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip setuptools wheel >&2
-  "$venv/bin/pip" install -q -e "$root[dev]" >&2
+  "$venv/bin/pip" install -q -e "${root}[dev]" >&2
   touch "$venv/.complete"
 fi
 echo "$venv"

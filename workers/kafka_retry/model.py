@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "kafkaretry.io"
@@ -29,8 +29,6 @@ TIER_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$"
 CALLABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
 MAX_DELAY_SECONDS = 7 * 24 * 3600
 
-TopicName = Annotated[str, Field(pattern=TOPIC_PATTERN, min_length=1, max_length=249)]
-
 
 def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
     """One `x-kubernetes-validations` entry."""
@@ -42,6 +40,26 @@ def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str
 
 def cel_rules(*rules: dict[str, str]) -> dict[str, Any]:
     return {"x-kubernetes-validations": list(rules)}
+
+
+def _not_dots(name: str) -> str:
+    if name in (".", ".."):
+        raise ValueError("a topic name cannot be '.' or '..'")
+    return name
+
+
+TopicName = Annotated[
+    str,
+    Field(
+        pattern=TOPIC_PATTERN,
+        min_length=1,
+        max_length=249,
+        json_schema_extra=cel_rules(
+            cel("self != '.' && self != '..'", "a topic name cannot be '.' or '..'")
+        ),
+    ),
+    AfterValidator(_not_dots),
+]
 
 
 class ApiModel(BaseModel):
@@ -94,6 +112,7 @@ class Source(ApiModel):
 class Tier(ApiModel):
     name: str = Field(
         pattern=TIER_NAME_PATTERN,
+        max_length=32,  # implied by the pattern; stated so the API server can bound CEL costs
         description="Tier name, a DNS label of at most 32 characters (e.g. `retry-1`).",
     )
     delay_seconds: int = Field(
@@ -239,6 +258,18 @@ class RetryPipelineSpec(ApiModel):
                 "tiers: tier names must be unique",
                 ".tiers",
             ),
+            cel(
+                "self.tiers.all(t, !has(t.topic) || (t.topic != self.source.topic"
+                " && self.tiers.exists_one(u, has(u.topic) && u.topic == t.topic)))",
+                "tiers: a tier's topic must differ from the source topic and other tiers' topics",
+                ".tiers",
+            ),
+            cel(
+                "!has(self.dlq) || !has(self.dlq.topic) || (self.dlq.topic != self.source.topic"
+                " && self.tiers.all(t, !has(t.topic) || t.topic != self.dlq.topic))",
+                "dlq.topic: the DLQ topic must differ from the source topic and tier topics",
+                ".dlq.topic",
+            ),
         )
     )
 
@@ -266,6 +297,21 @@ class RetryPipelineSpec(ApiModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"tiers: tier names must be unique (repeated: {', '.join(dupes)})")
+        return self
+
+    @model_validator(mode="after")
+    def _distinct_topics(self) -> RetryPipelineSpec:
+        """The same rules as the CEL ones: a retry or DLQ topic that is also the source topic
+        (or another stage's topic) would loop events or mix stages."""
+        tier_topics = [t.topic for t in self.tiers if t.topic]
+        if self.source.topic in tier_topics or len(set(tier_topics)) != len(tier_topics):
+            raise ValueError(
+                "tiers: a tier's topic must differ from the source topic and other tiers' topics"
+            )
+        if self.dlq.topic and self.dlq.topic in {self.source.topic, *tier_topics}:
+            raise ValueError(
+                "dlq.topic: the DLQ topic must differ from the source topic and tier topics"
+            )
         return self
 
     def topology(self, namespace: str, name: str) -> Topology:
@@ -358,14 +404,26 @@ class TopicsStatus(ApiModel):
 class TierStatus(ApiModel):
     name: str
     topic: str
-    lag: int | None = None
+    lag: int | None = Field(
+        default=None,
+        description="Events on this tier's topic not yet committed by its workers (incl. "
+        "those waiting for their delay).",
+    )
     ready_replicas: int = 0
 
 
 class DlqStatus(ApiModel):
-    depth: int = 0
-    oldest_timestamp: str | None = None
-    last_updated: str | None = None
+    depth: int = Field(
+        default=0,
+        description="Events still waiting in the DLQ: not yet replayed or purged (see "
+        "kafka_retry_operator.depth).",
+    )
+    oldest_timestamp: str | None = Field(
+        default=None, description="When the oldest waiting event reached the DLQ (RFC 3339)."
+    )
+    last_updated: str | None = Field(
+        default=None, description="When depth or oldestTimestamp last changed (RFC 3339)."
+    )
 
 
 class RetryPipelineStatus(ApiModel):
@@ -376,6 +434,9 @@ class RetryPipelineStatus(ApiModel):
     topics: TopicsStatus | None = None
     tiers: list[TierStatus] = Field(default_factory=list)
     dlq: DlqStatus | None = None
+    tier_count: int | None = Field(
+        default=None, description="Number of retry tiers (for `kubectl get`)."
+    )
 
 
 # --------------------------------------------------------------------------- DLQReplay
@@ -399,7 +460,28 @@ class ReplayFilter(ApiModel):
     )
 
 
+def _unchanged(field: str) -> str:
+    """CEL: an optional field keeps its presence and value across an update."""
+    return (
+        f"has(self.{field}) == has(oldSelf.{field})"
+        f" && (!has(self.{field}) || self.{field} == oldSelf.{field})"
+    )
+
+
 class DLQReplaySpec(ApiModel):
+    # A replay reads its spec once when it starts; only `cancel` may change afterwards.
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel(
+                "self.pipeline == oldSelf.pipeline && "
+                + " && ".join(
+                    _unchanged(f) for f in ("targetTier", "filter", "maxMessagesPerSecond")
+                ),
+                "spec: only `cancel` can change after creation; create another DLQReplay",
+            )
+        )
+    )
+
     pipeline: str = Field(
         min_length=1,
         max_length=253,
@@ -417,7 +499,29 @@ class DLQReplaySpec(ApiModel):
     cancel: bool = Field(
         default=False,
         description="Set to true to stop a running replay; what was replayed stays replayed.",
+        json_schema_extra=cel_rules(cel("self || !oldSelf", "cancel: cannot be undone")),
     )
+
+
+class ReplayPartition(ApiModel):
+    """One DLQ partition of a replay: its snapshot and its checkpoint (kafka_retry.dlq_replay)."""
+
+    partition: int
+    start_offset: int = Field(description="First offset in scope: the DLQ head at the start.")
+    end_offset: int = Field(description="The snapshot: the high watermark at the start.")
+    next_offset: int = Field(description="Every offset below is replayed or skipped.")
+    cursor_offset: int = Field(
+        description="End of the contiguous replayed prefix: where the DLQ cursor moves."
+    )
+    replayed_past_cursor: int = Field(
+        default=0,
+        description="Events replayed after the first skipped one: still counted in DLQ depth.",
+    )
+
+
+class PartitionOffset(ApiModel):
+    partition: int
+    offset: int
 
 
 class DLQReplayStatus(ApiModel):
@@ -433,3 +537,13 @@ class DLQReplayStatus(ApiModel):
     completion_time: str | None = None
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None
+    # The replay's snapshot and checkpoint, so a restarted operator resumes (dlq_replay.py).
+    target_topic: str | None = None
+    partitions: list[ReplayPartition] = Field(
+        default_factory=list, description="Per DLQ partition: snapshot and checkpoint."
+    )
+    target_scan_from: list[PartitionOffset] = Field(
+        default_factory=list,
+        description="Per target partition: where a resumed replay looks for events it already "
+        "sent after its last checkpoint.",
+    )

@@ -1,0 +1,160 @@
+"""The `http` handler against a local stdlib HTTP server: 200, 500, 400 and a timeout, first
+called directly, then through the live lane on the real broker."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
+
+import pytest
+
+from dataplane_support import FAST_CONSUMER, Running, make_topology, produce_ids, read_topic
+from kafka_retry import headers as h
+from kafka_retry import http_handler as hh
+from kafka_retry.classification import Classifier
+from kafka_retry.errors import HttpStatusError
+from kafka_retry.event import Event
+from kafka_retry.handlers import build_handler
+from kafka_retry.model import Classification
+from kafka_retry.sdk import RetryingConsumer
+
+RELEASE = threading.Event()  # lets a "slow" request finish once the test is over
+
+
+class Service(BaseHTTPRequestHandler):
+    """Answers by the event id in the body: ok → 200, fail → 500, bad → 400, slow → no
+    answer within the client's 1 s timeout."""
+
+    seen: ClassVar[list[tuple[dict[str, Any], dict[str, str]]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        doc = json.loads(body)
+        Service.seen.append((doc, dict(self.headers.items())))
+        kind = str(doc["id"]).split("-")[0]
+        if kind == "slow":
+            RELEASE.wait(5)
+        status = {"ok": 200, "fail": 500, "bad": 400, "slow": 200, "limited": 429}[kind]
+        payload = f"status {status}".encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def service_url() -> Iterator[str]:
+    Service.seen = []
+    RELEASE.clear()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Service)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/events"
+    RELEASE.set()
+    server.shutdown()
+    server.server_close()
+
+
+def _event(event_id: str, key: bytes | None = b"k1") -> Event:
+    return Event(
+        key=key,
+        value=json.dumps({"id": event_id}).encode(),
+        headers=(("content-type", b"application/json"), ("trace", b"t-1"), ("bin", b"\x00")),
+        topic="orders.retry-1",
+        partition=3,
+        offset=42,
+        timestamp_ms=1700000000000,
+        attempt=2,
+        tier="retry-1",
+        pipeline="shop/billing",
+        consumer_group="billing",
+        original_topic="orders",
+        original_partition=1,
+        original_offset=7,
+        original_timestamp_ms=1699999999000,
+        due_ms=1700000001000,
+    )
+
+
+def test_http_handler_statuses_and_timeout_are_classified(service_url: str) -> None:
+    handler = hh.HttpEventHandler(service_url, timeout_s=1)
+    classifier = Classifier()
+
+    handler(_event("ok-1"))  # 200: returns normally
+    doc, sent = Service.seen[-1]
+    assert doc == {"id": "ok-1"}
+    assert sent[hh.KEY] == "k1"
+    assert sent[hh.ATTEMPT] == "2"
+    assert sent[hh.TIER] == "retry-1"
+    assert sent[hh.ORIGINAL_TOPIC] == "orders"
+    assert sent[hh.ORIGINAL_OFFSET] == "7"
+    assert sent[hh.DUE] == "1700000001000"
+    assert sent["Content-Type"] == "application/json"
+    assert sent[hh.EVENT_HEADER_PREFIX + "trace"] == "t-1"
+    assert hh.EVENT_HEADER_PREFIX + "bin" not in sent  # not valid in HTTP: left out
+
+    handler(_event("ok-2", key=b"\xff\x00"))
+    assert Service.seen[-1][1][hh.KEY_ENCODING] == "base64"
+
+    outcomes = {}
+    for event_id in ("fail-1", "bad-1", "limited-1", "slow-1"):
+        with pytest.raises(Exception) as info:
+            handler(_event(event_id))
+        outcomes[event_id] = classifier.classify(info.value)
+    assert outcomes["fail-1"].retriable and "HttpStatusError" in outcomes["fail-1"].error_class
+    assert not outcomes["bad-1"].retriable
+    assert outcomes["limited-1"].retriable
+    assert outcomes["slow-1"].retriable and "TimeoutError" in outcomes["slow-1"].error_class
+
+    # after a timeout the handler reconnects and works again
+    handler(_event("ok-3"))
+    handler.close()
+
+
+def test_http_handler_statuses_can_be_overridden(service_url: str) -> None:
+    handler = hh.HttpEventHandler(service_url, timeout_s=1)
+    rules = Classifier(
+        Classification(non_retriable_http_statuses=[500], retriable_http_statuses=[400])
+    )
+    for event_id, retriable in (("fail-1", False), ("bad-1", True)):
+        with pytest.raises(HttpStatusError) as info:
+            handler(_event(event_id))
+        assert rules.classify(info.value).retriable is retriable
+    handler.close()
+
+
+def test_connection_refused_is_retriable() -> None:
+    with socket.socket() as s:  # a port nothing listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        handler = hh.HttpEventHandler(f"http://127.0.0.1:{s.getsockname()[1]}/", timeout_s=1)
+        with pytest.raises(ConnectionError) as info:
+            handler(_event("ok-1"))
+    assert Classifier().classify(info.value).retriable
+
+
+def test_http_handler_through_the_live_lane(
+    kafka_bootstrap: str, make_topic: Callable[..., str], service_url: str
+) -> None:
+    topo = make_topology(kafka_bootstrap, make_topic, tiers=(("retry-1", 1),), http_url=service_url)
+    sdk = RetryingConsumer(
+        topo, build_handler(topo.handler), extra_config=FAST_CONSUMER, use_env=False
+    )
+    with Running(sdk):
+        produce_ids(kafka_bootstrap, topo.source_topic, ["ok-1", "fail-1", "bad-1", "slow-1"])
+        retried = read_topic(kafka_bootstrap, topo.tiers[0].topic, expect=2)
+        dead = read_topic(kafka_bootstrap, topo.dlq_topic, expect=1)
+        assert sdk.stats.handled == 1
+    assert sorted(r.id for r in retried) == ["fail-1", "slow-1"]
+    assert [r.id for r in dead] == ["bad-1"]
+    assert "HTTP 400" in (dead[0].header(h.ERROR_MESSAGE) or "")
+    by_id = {r.id: r for r in retried}
+    assert by_id["fail-1"].header(h.ERROR_CLASS) == "kafka_retry.errors.HttpStatusError"
+    assert by_id["slow-1"].header(h.ERROR_CLASS) == "TimeoutError"

@@ -1,0 +1,251 @@
+"""Units of the data plane that need no broker: offset frontier, client settings, Event
+decoding, handler loading, routing, topology sources (and the ConfigMap on the real API)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kafka_retry import headers as h
+from kafka_retry.classification import Failure
+from kafka_retry.errors import NonRetriableError, PayloadDecodeError
+from kafka_retry.event import Event
+from kafka_retry.handlers import HandlerLoadError, load_callable
+from kafka_retry.kafka_config import (
+    client_settings_from_env,
+    consumer_config,
+    describe,
+    incremental_rebalance,
+    producer_config,
+)
+from kafka_retry.model import (
+    Classification,
+    Handler,
+    PythonHandler,
+    ResolvedTier,
+    Topology,
+)
+from kafka_retry.offsets import OffsetTracker
+from kafka_retry.routing import DEAD_LETTERED, RETRIED, Origin, Router, Stage
+from kafka_retry.topology_source import (
+    TopologyNotFound,
+    configmap_name,
+    topology_from_configmap,
+    topology_from_env,
+    topology_from_file,
+)
+from kafka_retry.worker import build_worker
+
+
+def _topology(**kw: Any) -> Topology:
+    base: dict[str, Any] = {
+        "pipeline": "shop/billing-orders",
+        "bootstrap_servers": "127.0.0.1:1",
+        "source_topic": "orders",
+        "consumer_group": "billing",
+        "tiers": [
+            ResolvedTier(
+                name="retry-1", topic="b.o.retry-1", delay_seconds=30, consumer_group="b.o.retry-1"
+            ),
+            ResolvedTier(
+                name="retry-2", topic="b.o.retry-2", delay_seconds=300, consumer_group="b.o.retry-2"
+            ),
+        ],
+        "dlq_topic": "b.o.dlq",
+        "classification": Classification(),
+        "handler": Handler(python=PythonHandler(image="x", callable="dataplane_handlers:record")),
+    }
+    base.update(kw)
+    return Topology(**base)
+
+
+# ---------------------------------------------------------------- offsets
+
+
+@given(st.integers(1, 40).flatmap(lambda n: st.permutations(list(range(n)))))
+def test_frontier_advances_over_the_finished_prefix_only(order: list[int]) -> None:
+    tracker = OffsetTracker()
+    offsets = [100 + 3 * i for i in range(len(order))]  # gaps, as after compaction
+    tickets = [tracker.begin(("t", 0), o) for o in offsets]
+    finished: set[int] = set()
+    for i in order:
+        OffsetTracker.finish(tickets[i])
+        finished.add(i)
+        prefix = 0
+        while prefix in finished:
+            prefix += 1
+        got = tracker.frontiers([("t", 0)])
+        if prefix == 0:
+            assert got == []
+        else:
+            assert got == [("t", 0, offsets[prefix - 1] + 1)]
+    assert tracker.in_flight() == 0
+
+
+def test_late_ack_after_revoke_changes_nothing() -> None:
+    tracker = OffsetTracker()
+    old = tracker.begin(("t", 0), 5)
+    tracker.forget([("t", 0)])
+    fresh = tracker.begin(("t", 0), 3)  # re-read from the committed offset after reassign
+    OffsetTracker.finish(old)
+    assert tracker.take_advanced() == []
+    OffsetTracker.finish(fresh)
+    assert tracker.take_advanced() == [("t", 0, 4)]
+    assert tracker.take_advanced() == []  # reported once
+
+
+# ---------------------------------------------------------------- client settings
+
+
+def test_client_settings_from_env() -> None:
+    env = {
+        "KAFKA_CLIENT_sasl.password": "s3cret",
+        "KAFKA_CLIENT_SECURITY_PROTOCOL": "SASL_SSL",
+        "KAFKA_CLIENT_": "ignored",
+        "OTHER": "x",
+    }
+    assert client_settings_from_env(env) == {
+        "sasl.password": "s3cret",
+        "security.protocol": "SASL_SSL",
+    }
+
+
+def test_delivery_guarantee_settings_cannot_be_overridden() -> None:
+    extra = {
+        "enable.auto.offset.store": True,
+        "enable.idempotence": False,
+        "acks": "1",
+        "group.id": "x",
+        "max.poll.interval.ms": 6000,
+    }
+    c = consumer_config("b:9092", "grp", extra, pauses_often=True)
+    assert c["enable.auto.offset.store"] is False and c["group.id"] == "grp"
+    assert c["max.poll.interval.ms"] == 6000
+    assert c["queued.max.messages.kbytes"] and c["fetch.queue.backoff.ms"]
+    assert incremental_rebalance(c)
+    p = producer_config("b:9092", extra)
+    assert p["enable.idempotence"] is True and p["acks"] == "all"
+    assert "max.poll.interval.ms" not in p
+    kip848 = consumer_config("b:9092", "grp", {"group.protocol": "consumer"})
+    assert "partition.assignment.strategy" not in kip848 and incremental_rebalance(kip848)
+
+
+def test_secrets_are_never_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    settings = {"sasl.password": "hunter2-secret", "sasl.username": "svc"}
+    build_worker(_topology(), "retry-1", handler=lambda e: None, client_settings=settings)
+    assert "hunter2-secret" not in caplog.text
+    assert "sasl.password=<set>" in caplog.text
+    assert "hunter2" not in describe({"sasl.password": "hunter2"}, frozenset({"sasl.password"}))
+
+
+# ---------------------------------------------------------------- Event
+
+
+def _event(value: bytes | None) -> Event:
+    return Event(
+        key=None,
+        value=value,
+        headers=(("a", b"1"), ("a", b"2")),
+        topic="t",
+        partition=0,
+        offset=0,
+        timestamp_ms=None,
+        attempt=1,
+        tier=None,
+        pipeline="p",
+        consumer_group="g",
+        original_topic="t",
+        original_partition=0,
+        original_offset=0,
+        original_timestamp_ms=None,
+    )
+
+
+def test_event_json_and_decode_errors_are_non_retriable() -> None:
+    assert _event(b'{"id": 1}').json() == {"id": 1}
+    assert _event(b"x").header("a") == b"2"
+    for value in (b"\xff\xfe", b"{not json", None):
+        with pytest.raises(PayloadDecodeError) as info:
+            _event(value).json()
+        assert isinstance(info.value, NonRetriableError)
+
+
+# ---------------------------------------------------------------- handler loading
+
+
+def test_load_callable() -> None:
+    assert load_callable("json:dumps")({"a": 1}) == '{"a": 1}'  # type: ignore[arg-type]
+    assert load_callable("os.path:join.__call__") is not None
+    for bad in ("nomodule_xyz:f", "json:no_such_attr", "json", "json:__doc__"):
+        with pytest.raises(HandlerLoadError):
+            load_callable(bad)
+
+
+# ---------------------------------------------------------------- routing
+
+
+def test_routes_through_the_tiers_to_the_dlq() -> None:
+    topo = _topology()
+    live = Router(topo, Stage.source(topo))
+    r = live.route(True, now_ms=1_000)
+    assert (r.topic, r.outcome, r.due_ms) == ("b.o.retry-1", RETRIED, 31_000)
+    r = live.route(False, now_ms=1_000)
+    assert (r.topic, r.outcome, r.dlq_reason) == ("b.o.dlq", DEAD_LETTERED, h.REASON_NON_RETRIABLE)
+    first = Router(topo, Stage.tier(topo, "retry-1"))
+    assert first.route(True, now_ms=0).due_ms == 300_000
+    last = Router(topo, Stage.tier(topo, "retry-2"))
+    r = last.route(True, now_ms=0)
+    assert (r.topic, r.dlq_reason, r.due_ms) == ("b.o.dlq", h.REASON_EXHAUSTED, None)
+    state = last.forward_state(
+        origin=Origin("orders", 2, 9, 5),
+        prior=h.RetryState(replay_id="rp-1"),
+        attempt=3,
+        failure=Failure(True, "E", "m", "s"),
+        route=r,
+        now_ms=7,
+    )
+    assert state.replay_id == "rp-1" and state.tier == "retry-2" and state.attempt == 3
+    assert state.consumer_group == "billing" and state.original_offset == 9
+
+
+# ---------------------------------------------------------------- topology sources
+
+
+def test_topology_from_env_and_file(tmp_path: Path) -> None:
+    topo = _topology()
+    assert topology_from_env({"KAFKA_RETRY_TOPOLOGY": topo.to_json()}) == topo
+    with pytest.raises(TopologyNotFound):
+        topology_from_env({})
+    path = tmp_path / "topology.json"
+    path.write_text(topo.to_json())
+    assert topology_from_file(path) == topo
+
+
+def test_topology_from_configmap(k8s_api: Any, namespace: str) -> None:
+    from kubernetes import client
+
+    topo = _topology(pipeline=f"{namespace}/billing-orders")
+    client.CoreV1Api(k8s_api).create_namespaced_config_map(
+        namespace,
+        client.V1ConfigMap(
+            metadata=client.V1ObjectMeta(name=configmap_name("billing-orders")),
+            data={"topology.json": topo.to_json()},
+        ),
+    )
+    assert topology_from_configmap(topo.pipeline, api_client=k8s_api) == topo
+    assert topology_from_configmap("billing-orders", namespace, api_client=k8s_api) == topo
+
+
+def test_worker_cli_reads_a_topology_file_and_rejects_an_unknown_tier(tmp_path: Path) -> None:
+    from kafka_retry.cli import main
+
+    path = tmp_path / "topology.json"
+    path.write_text(_topology().to_json())
+    assert main(["worker", "--tier", "no-such-tier", "--topology-file", str(path)]) == 2
+    assert main(["worker", "--tier", "retry-1", "--topology-file", str(tmp_path / "none")]) == 2

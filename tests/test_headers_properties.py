@@ -1,0 +1,170 @@
+"""Property tests of the header contract: reading untrusted headers never raises, original
+headers pass through byte for byte, our headers round-trip, absurd values are clamped."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kafka_retry import headers as h
+
+OUR_KEYS = [
+    h.ORIGINAL_TOPIC,
+    h.ORIGINAL_PARTITION,
+    h.ORIGINAL_OFFSET,
+    h.ORIGINAL_TIMESTAMP,
+    h.PIPELINE,
+    h.CONSUMER_GROUP,
+    h.ATTEMPT,
+    h.DUE,
+    h.TIER,
+    h.FAILED_AT,
+    h.ERROR_CLASS,
+    h.ERROR_MESSAGE,
+    h.ERROR_STACK,
+    h.RETRIABLE,
+    h.DLQ_REASON,
+    h.REPLAY_ID,
+]
+
+keys = st.one_of(st.sampled_from(OUR_KEYS), st.text(max_size=30), st.just("kafka-retry.other"))
+values = st.one_of(
+    st.none(),
+    st.binary(max_size=64),
+    st.integers().map(lambda i: str(i).encode()),
+    st.binary(min_size=1000, max_size=6000),
+)
+header_lists = st.lists(st.tuples(keys, values), max_size=25)
+
+small_text = st.text(max_size=40)
+sane_state = st.builds(
+    h.RetryState,
+    original_topic=st.none() | small_text,
+    original_partition=st.none() | st.integers(0, 2**31 - 1),
+    original_offset=st.none() | st.integers(0, 2**63 - 1),
+    original_timestamp_ms=st.none() | st.integers(0, 2**63 - 1),
+    pipeline=st.none() | small_text,
+    consumer_group=st.none() | small_text,
+    attempt=st.none() | st.integers(0, h.MAX_ATTEMPT),
+    due_ms=st.none() | st.integers(0, 2**63 - 1),
+    tier=st.none() | small_text,
+    failed_at_ms=st.none() | st.integers(0, 2**63 - 1),
+    error_class=st.none() | small_text,
+    error_message=st.none() | st.text(max_size=200),
+    error_stack=st.none() | st.text(max_size=500),
+    retriable=st.none() | st.booleans(),
+    dlq_reason=st.none() | small_text,
+    replay_id=st.none() | small_text,
+)
+
+
+@given(header_lists)
+def test_parse_never_raises_and_keeps_original_headers_byte_for_byte(
+    raw: list[tuple[str, bytes | None]],
+) -> None:
+    parsed = h.parse_headers(raw)
+    assert list(parsed.original) == [(k, v) for k, v in raw if not k.startswith(h.PREFIX)]
+    state = parsed.state
+    if state.attempt is not None:
+        assert 0 <= state.attempt <= h.MAX_ATTEMPT
+    if state.due_ms is not None:
+        assert state.due_ms >= 0
+    for text in (state.error_message, state.error_stack, state.tier, state.replay_id):
+        assert text is None or len(text) <= h.MAX_STACK_BYTES
+    for problem in parsed.problems:
+        assert len(problem) < 200  # bad values are quoted, never copied whole
+
+
+@given(sane_state, header_lists)
+def test_our_headers_round_trip_and_replace_previous_ones(
+    state: h.RetryState, raw: list[tuple[str, bytes | None]]
+) -> None:
+    original = h.parse_headers(raw).original
+    forwarded = h.build_headers(original, state)
+    again = h.parse_headers(forwarded)
+    assert again.problems == ()
+    assert again.original == original
+    assert again.state == state
+    ours = [k for k, _ in forwarded if h.is_ours(k)]
+    assert len(ours) == len(set(ours))
+
+
+@given(st.integers(min_value=-(10**30), max_value=10**30))
+def test_attempt_numbers_are_clamped(n: int) -> None:
+    parsed = h.parse_headers([(h.ATTEMPT, str(n).encode())])
+    if len(str(n)) <= h.MAX_NUMBER_BYTES:
+        assert parsed.problems == ()
+        assert parsed.state.attempt == max(0, min(h.MAX_ATTEMPT, n))
+    else:
+        assert parsed.malformed
+
+
+@given(st.binary(max_size=40).filter(lambda b: not b.strip().lstrip(b"+-").isdigit()))
+def test_non_numeric_attempt_or_due_is_malformed(value: bytes) -> None:
+    for key in (h.ATTEMPT, h.DUE):
+        parsed = h.parse_headers([(key, value)])
+        assert parsed.malformed
+        assert key in parsed.problems[0]
+
+
+def test_non_utf8_text_headers_are_read_with_replacement() -> None:
+    parsed = h.parse_headers([(h.ERROR_CLASS, b"\xff\xfeBoom"), (h.RETRIABLE, b"maybe")])
+    assert parsed.problems == ()
+    assert parsed.state.error_class is not None and parsed.state.error_class.endswith("Boom")
+    assert parsed.state.retriable is None
+
+
+def test_repeated_keys_last_wins_and_null_value_means_missing() -> None:
+    parsed = h.parse_headers([(h.ATTEMPT, b"2"), (h.ATTEMPT, b"5"), (h.DUE, b"1"), (h.DUE, None)])
+    assert parsed.state.attempt == 5
+    assert parsed.state.due_ms is None
+
+
+@settings(max_examples=300)
+@given(
+    due=st.none() | st.integers(0, 2**63 - 1),
+    ts=st.none() | st.integers(-(2**40), 2**45),
+    delay_ms=st.integers(1000, 7 * 24 * 3600 * 1000),
+    now_ms=st.integers(0, 2**44),
+)
+def test_effective_due_is_bounded(
+    due: int | None, ts: int | None, delay_ms: int, now_ms: int
+) -> None:
+    result = h.effective_due_ms(due, ts, delay_ms, now_ms)
+    ts_usable = ts is not None and 0 < ts <= now_ms + delay_ms
+    if ts_usable:
+        assert ts is not None and result is not None
+        assert result <= ts + delay_ms  # never later than the forward time plus the delay
+        if due is not None:
+            assert result == min(due, ts + delay_ms)  # never earlier than the header says
+    elif due is None:
+        assert result == now_ms
+    elif due > now_ms + delay_ms:
+        assert result is None  # absurd, and nothing to clamp it to: dead-letter
+    else:
+        assert result == due
+
+
+@given(st.text(max_size=300), st.integers(0, 200), st.booleans())
+def test_truncate_utf8_keeps_valid_utf8_within_the_limit(
+    text: str, limit: int, keep_tail: bool
+) -> None:
+    out = h.truncate_utf8(text, limit, keep_tail=keep_tail)
+    assert len(out) <= limit
+    decoded = out.decode("utf-8")
+    full = text.encode("utf-8")
+    if len(full) <= limit:
+        assert out == full
+    elif keep_tail:
+        assert full.endswith(out)
+    else:
+        assert full.startswith(out)
+    assert isinstance(decoded, str)
+
+
+def test_long_error_values_are_bounded_on_write() -> None:
+    state = h.RetryState(error_message="m" * 10_000, error_stack="frame\n" * 5000 + "END")
+    encoded = dict(h.encode_state(state))
+    assert len(encoded[h.ERROR_MESSAGE] or b"") == h.MAX_MESSAGE_BYTES
+    stack = encoded[h.ERROR_STACK] or b""
+    assert len(stack) == h.MAX_STACK_BYTES and stack.endswith(b"END")  # the tail is kept

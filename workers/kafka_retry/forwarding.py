@@ -1,0 +1,123 @@
+"""Asynchronous produce with delivery tracking: the one writer of tier and DLQ topics.
+
+`send` never blocks on the broker and never flushes; the caller learns that a record is
+durable (idempotent producer, acks=all) through `on_acked`, which runs inside `poll()` or
+`drain()` on the caller's thread. A record whose delivery failed is sent again (its input
+offset stays unstored meanwhile); a fatal producer error stops the owner, whose restart
+re-reads from the last committed offset.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+log = logging.getLogger(__name__)
+
+Acked = Callable[[], None]
+_Record = tuple[str, bytes | None, bytes | None, Sequence[tuple[str, bytes | None]], Acked]
+
+
+class FatalProducerError(RuntimeError):
+    """The producer cannot continue (e.g. an idempotence sequence error); restart the worker."""
+
+
+class Forwarder:
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        *,
+        on_failed_attempt: Callable[[KafkaError], None] | None = None,
+        producer: Any = None,
+    ) -> None:
+        self._producer = producer if producer is not None else Producer(dict(config))
+        self._on_failed_attempt = on_failed_attempt
+        self._redo: list[_Record] = []
+        self._in_flight = 0
+        self.fatal: KafkaError | None = None
+
+    @property
+    def in_flight(self) -> int:
+        """Records sent and not acknowledged yet (including ones waiting to be re-sent)."""
+        return self._in_flight
+
+    def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes | None]],
+        on_acked: Acked,
+    ) -> None:
+        self._in_flight += 1
+        self._produce((topic, key, value, headers, on_acked))
+
+    def poll(self, timeout: float = 0.0) -> None:
+        """Serve delivery reports (acks run here) and re-send failed records."""
+        self._producer.poll(timeout)
+        self._resend()
+        self._raise_if_fatal()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every record is acknowledged or `timeout` passes; True when drained."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._resend()
+            remaining = self._producer.flush(max(0.0, deadline - time.monotonic()))
+            self._raise_if_fatal()
+            if remaining == 0 and not self._redo:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+
+    def close(self, timeout: float) -> bool:
+        return self.drain(timeout)
+
+    def _produce(self, record: _Record) -> None:
+        topic, key, value, headers, on_acked = record
+
+        def delivered(err: KafkaError | None, _msg: Any) -> None:
+            if err is None:
+                self._in_flight -= 1
+                on_acked()
+                return
+            if self._on_failed_attempt is not None:
+                self._on_failed_attempt(err)
+            if err.fatal():
+                self.fatal = err
+                return
+            log.warning("forward to %s failed, sending again: %s", topic, err)
+            self._redo.append(record)
+
+        while True:
+            try:
+                self._producer.produce(
+                    topic,
+                    value=value,
+                    key=key,
+                    headers=cast(Any, headers if isinstance(headers, list) else list(headers)),
+                    on_delivery=delivered,
+                )
+                return
+            except BufferError:  # the local queue is full: serve delivery reports, retry
+                self._producer.poll(0.05)
+            except KafkaException as e:
+                err = e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
+                if err is not None and err.fatal():
+                    self.fatal = err
+                    self._raise_if_fatal()
+                raise
+
+    def _resend(self) -> None:
+        while self._redo:
+            batch, self._redo = self._redo, []
+            for record in batch:
+                self._produce(record)
+
+    def _raise_if_fatal(self) -> None:
+        if self.fatal is not None:
+            raise FatalProducerError(str(self.fatal))

@@ -1,0 +1,154 @@
+"""The `http` handler: POST each event to the service and judge the answer by its status.
+
+The body is the event's value, unchanged. Metadata travels in `X-Kafka-Retry-*` request
+headers (see docs/headers.md); the event's own Kafka headers travel as `X-Kafka-Header-<name>`
+when name and value are valid in HTTP. A non-2xx answer raises `HttpStatusError` (classified
+by status); timeouts and connection errors propagate as `TimeoutError`/`ConnectionError`
+(retriable). One keep-alive connection per handler, reopened after any error.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import re
+import threading
+import urllib.parse
+
+from kafka_retry.errors import HttpStatusError
+from kafka_retry.event import Event
+
+HTTP_PREFIX = "X-Kafka-Retry-"
+KEY = HTTP_PREFIX + "Key"
+KEY_ENCODING = HTTP_PREFIX + "Key-Encoding"  # "base64" when the key is not printable ASCII
+TOPIC = HTTP_PREFIX + "Topic"
+PARTITION = HTTP_PREFIX + "Partition"
+OFFSET = HTTP_PREFIX + "Offset"
+TIMESTAMP = HTTP_PREFIX + "Timestamp-Ms"
+ORIGINAL_TOPIC = HTTP_PREFIX + "Original-Topic"
+ORIGINAL_PARTITION = HTTP_PREFIX + "Original-Partition"
+ORIGINAL_OFFSET = HTTP_PREFIX + "Original-Offset"
+ORIGINAL_TIMESTAMP = HTTP_PREFIX + "Original-Timestamp-Ms"
+PIPELINE = HTTP_PREFIX + "Pipeline"
+CONSUMER_GROUP = HTTP_PREFIX + "Consumer-Group"
+ATTEMPT = HTTP_PREFIX + "Attempt"
+TIER = HTTP_PREFIX + "Tier"
+DUE = HTTP_PREFIX + "Due-Ms"
+REPLAY_ID = HTTP_PREFIX + "Replay-Id"
+LAST_ERROR_CLASS = HTTP_PREFIX + "Last-Error-Class"
+EVENT_HEADER_PREFIX = "X-Kafka-Header-"
+
+MAX_ERROR_BODY = 512
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_PRINTABLE = re.compile(rb"^[\x20-\x7e]*$")
+
+
+def request_headers(event: Event) -> dict[str, str]:
+    """The HTTP request headers that describe `event`."""
+    out = {
+        "Content-Type": _content_type(event),
+        TOPIC: event.topic,
+        PARTITION: str(event.partition),
+        OFFSET: str(event.offset),
+        ORIGINAL_TOPIC: event.original_topic,
+        PIPELINE: event.pipeline,
+        CONSUMER_GROUP: event.consumer_group,
+        ATTEMPT: str(event.attempt),
+        TIER: event.tier or "source",
+    }
+    optional = {
+        TIMESTAMP: event.timestamp_ms,
+        ORIGINAL_PARTITION: event.original_partition,
+        ORIGINAL_OFFSET: event.original_offset,
+        ORIGINAL_TIMESTAMP: event.original_timestamp_ms,
+        DUE: event.due_ms,
+        REPLAY_ID: event.replay_id,
+        LAST_ERROR_CLASS: event.last_error_class,
+    }
+    for name, value in optional.items():
+        if value is not None:
+            out[name] = str(value)
+    if event.key is not None:
+        if _PRINTABLE.match(event.key):
+            out[KEY] = event.key.decode("ascii")
+        else:
+            out[KEY] = base64.b64encode(event.key).decode("ascii")
+            out[KEY_ENCODING] = "base64"
+    out = {name: _header_text(value) for name, value in out.items()}
+    for name, raw in event.headers:
+        if raw is not None and _TOKEN.match(name) and _PRINTABLE.match(raw):
+            out[EVENT_HEADER_PREFIX + name] = raw.decode("ascii")
+    return out
+
+
+class HttpEventHandler:
+    """Callable handler; one instance per consumer thread (it keeps one connection)."""
+
+    def __init__(self, url: str, *, timeout_s: float = 10.0) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self._https = parsed.scheme == "https"
+        self._host = parsed.hostname
+        self._port = parsed.port
+        self._path = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
+        self._timeout = timeout_s
+        self._conn: http.client.HTTPConnection | None = None
+        self._lock = threading.Lock()
+        self.url = url
+
+    def __call__(self, event: Event) -> None:
+        body, headers = event.value or b"", request_headers(event)
+        with self._lock:
+            reused = self._conn is not None
+            try:
+                status, reason, data = self._post(body, headers)
+            except ConnectionError:
+                if not reused:
+                    raise
+                # The server closed an idle keep-alive connection: that says nothing about
+                # the event, so try once more on a fresh connection.
+                status, reason, data = self._post(body, headers)
+        if not 200 <= status < 300:
+            text = data[:MAX_ERROR_BODY].decode("utf-8", errors="replace")
+            raise HttpStatusError(status, reason, text)
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def _post(self, body: bytes, headers: dict[str, str]) -> tuple[int, str, bytes]:
+        conn = self._connection()
+        try:
+            conn.request("POST", self._path, body=body, headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+            if response.will_close:
+                self._drop()
+            return response.status, response.reason, data
+        except BaseException:
+            self._drop()  # a half-used connection must not serve the next event
+            raise
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            self._conn = cls(self._host, self._port, timeout=self._timeout)
+        return self._conn
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _content_type(event: Event) -> str:
+    raw = event.header("content-type") or event.header("Content-Type")
+    if raw is not None and _PRINTABLE.match(raw) and raw:
+        return raw.decode("ascii")
+    return "application/octet-stream"
+
+
+def _header_text(text: str) -> str:
+    """HTTP header values are one line of latin-1: replace anything else."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text)

@@ -1,0 +1,112 @@
+"""librdkafka settings for the data plane's clients.
+
+Extra settings (credentials, TLS) come from the pipeline's Secret as `KAFKA_CLIENT_<setting>`
+environment variables; they are added to every client and never logged (`describe` shows only
+their names). Settings that the delivery guarantee depends on are forced after them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+CLIENT_ENV_PREFIX = "KAFKA_CLIENT_"
+
+# Consumers of retry tiers pause often; every pause or seek drops the prefetched messages, so
+# keep prefetch small and refill it quickly.
+TIER_PREFETCH_KBYTES = "4096"
+TIER_FETCH_QUEUE_BACKOFF_MS = "50"
+
+_CONSUMER_DEFAULTS: dict[str, Any] = {
+    "auto.offset.reset": "earliest",  # a new group must not skip events waiting in a topic
+    "enable.auto.commit": True,  # commits what we store, nothing else
+    "auto.commit.interval.ms": 1000,
+    "partition.assignment.strategy": "cooperative-sticky",
+    "enable.partition.eof": False,
+}
+# At-least-once: offsets are stored by us, only for events whose outcome is durable.
+_CONSUMER_FORCED: dict[str, Any] = {"enable.auto.offset.store": False}
+
+_PRODUCER_DEFAULTS: dict[str, Any] = {"linger.ms": 5}
+_PRODUCER_FORCED: dict[str, Any] = {"enable.idempotence": True, "acks": "all"}
+
+
+def client_settings_from_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`KAFKA_CLIENT_sasl.password=x` → `{"sasl.password": "x"}`. An all-caps name with
+    underscores (`KAFKA_CLIENT_SASL_PASSWORD`) is read as the dotted lower-case setting."""
+    env = os.environ if environ is None else environ
+    settings: dict[str, str] = {}
+    for name, value in env.items():
+        if not name.startswith(CLIENT_ENV_PREFIX) or len(name) == len(CLIENT_ENV_PREFIX):
+            continue
+        key = name[len(CLIENT_ENV_PREFIX) :]
+        if "." not in key and key.isupper():
+            key = key.lower().replace("_", ".")
+        settings[key] = value
+    return settings
+
+
+def consumer_config(
+    bootstrap_servers: str,
+    group_id: str,
+    extra: Mapping[str, Any] | None = None,
+    *,
+    pauses_often: bool = False,
+) -> dict[str, Any]:
+    config: dict[str, Any] = {"bootstrap.servers": bootstrap_servers, **_CONSUMER_DEFAULTS}
+    if pauses_often:
+        config["queued.max.messages.kbytes"] = TIER_PREFETCH_KBYTES
+        config["fetch.queue.backoff.ms"] = TIER_FETCH_QUEUE_BACKOFF_MS
+    config.update(extra or {})
+    # KIP-848: the broker assigns partitions, unless the settings name an assignor.
+    kip848 = str(config.get("group.protocol", "classic")).lower() == "consumer"
+    if kip848 and "partition.assignment.strategy" not in (extra or {}):
+        config.pop("partition.assignment.strategy", None)
+    config["group.id"] = group_id
+    config.update(_CONSUMER_FORCED)
+    return config
+
+
+def producer_config(
+    bootstrap_servers: str, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    config: dict[str, Any] = {"bootstrap.servers": bootstrap_servers, **_PRODUCER_DEFAULTS}
+    for key, value in (extra or {}).items():
+        if not key.startswith(_CONSUMER_ONLY_PREFIXES):
+            config[key] = value
+    config.update(_PRODUCER_FORCED)
+    return config
+
+
+# Consumer settings that a shared extra-settings map may hold and a producer rejects or warns on.
+_CONSUMER_ONLY_PREFIXES = (
+    "group.",
+    "auto.offset.reset",
+    "enable.auto.",
+    "auto.commit.",
+    "session.timeout.ms",
+    "max.poll.interval.ms",
+    "heartbeat.interval.ms",
+    "partition.assignment.strategy",
+    "queued.",
+    "fetch.",
+    "isolation.level",
+    "enable.partition.eof",
+)
+
+
+def incremental_rebalance(config: Mapping[str, Any]) -> bool:
+    """Whether assignments arrive as increments (cooperative-sticky or KIP-848)."""
+    if str(config.get("group.protocol", "classic")).lower() == "consumer":
+        return True
+    return "cooperative" in str(config.get("partition.assignment.strategy", ""))
+
+
+def describe(config: Mapping[str, Any], secret_keys: set[str] | frozenset[str]) -> str:
+    """A loggable summary: values of `secret_keys` (everything from the Secret) hidden."""
+    parts = []
+    for key in sorted(config):
+        shown = "<set>" if key in secret_keys else config[key]
+        parts.append(f"{key}={shown}")
+    return " ".join(parts)

@@ -1,0 +1,98 @@
+"""The DLQReplay custom resource as the CLI and the operator both see it: building one,
+listing a pipeline's replays, and the rule for whose turn it is.
+
+One replay runs per pipeline at a time (they would race on the DLQ cursor): a replay starts
+when no other replay of its pipeline is Running and none created before it is still Pending;
+the others wait in phase Pending with reason `WaitingForReplay`, first come first served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kafka_retry.model import API_VERSION, GROUP, VERSION, DLQReplaySpec
+from kafka_retry_operator.children import LABEL_PIPELINE
+
+KIND = "DLQReplay"
+PLURAL = "dlqreplays"
+PIPELINE_PLURAL = "retrypipelines"
+PENDING, RUNNING = "Pending", "Running"
+SUCCEEDED, FAILED, CANCELLED = "Succeeded", "Failed", "Cancelled"
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
+
+@dataclass(frozen=True)
+class ReplayRef:
+    """What listing needs of one DLQReplay."""
+
+    name: str
+    namespace: str
+    pipeline: str
+    phase: str  # Pending until the operator says otherwise
+    created: str  # RFC 3339; compares in time order
+    progress: str
+    reason: str
+
+    @property
+    def active(self) -> bool:
+        return self.phase not in TERMINAL
+
+    @classmethod
+    def of(cls, obj: dict[str, Any]) -> ReplayRef:
+        meta = obj.get("metadata") or {}
+        spec = obj.get("spec") or {}
+        status = obj.get("status") or {}
+        conditions = status.get("conditions") or []
+        return cls(
+            name=str(meta.get("name", "")),
+            namespace=str(meta.get("namespace", "")),
+            pipeline=str(spec.get("pipeline", "")),
+            phase=str(status.get("phase") or PENDING),
+            created=str(meta.get("creationTimestamp") or ""),
+            progress=str(status.get("progress") or ""),
+            reason=str(conditions[0].get("reason", "")) if conditions else "",
+        )
+
+
+def new_replay(namespace: str, spec: DLQReplaySpec, *, name: str | None = None) -> dict[str, Any]:
+    """A DLQReplay object; without `name` the API server generates `<pipeline>-replay-xxxxx`."""
+    metadata: dict[str, Any] = {"namespace": namespace, "labels": {LABEL_PIPELINE: spec.pipeline}}
+    if name:
+        metadata["name"] = name
+    else:
+        metadata["generateName"] = f"{spec.pipeline[:50]}-replay-"
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec.wire()}
+
+
+def list_replays(api_client: Any, namespace: str, pipeline: str | None = None) -> list[ReplayRef]:
+    """The namespace's DLQReplays (of one pipeline), oldest first. Selected by spec, not by
+    label: a hand-written replay may have no label."""
+    from kubernetes import client
+
+    custom: Any = client.CustomObjectsApi(api_client)
+    found = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+    refs = [ReplayRef.of(obj) for obj in found.get("items", [])]
+    return order([r for r in refs if pipeline is None or r.pipeline == pipeline])
+
+
+def order(replays: Iterable[ReplayRef]) -> list[ReplayRef]:
+    return sorted(replays, key=lambda r: (r.created, r.name))
+
+
+def blocker(me: str, replays: Sequence[ReplayRef], claimed: Iterable[str] = ()) -> str | None:
+    """The name of the replay that `me` must wait for, or None if it is `me`'s turn.
+
+    `replays` are the pipeline's replays; `claimed` names those that a process has already
+    started but whose status may not say Running yet."""
+    ours = order(replays)
+    for r in ours:
+        if r.name != me and (r.phase == RUNNING or r.name in set(claimed)):
+            return r.name
+    for r in ours:
+        if r.name == me:
+            return None
+        if r.phase == PENDING:
+            return r.name
+    return None

@@ -1,0 +1,444 @@
+"""The consume → handle → forward loop shared by the live-lane SDK and the tier workers.
+
+One `StageRunner` consumes one stage's topic. On a tier it first waits for each event's due
+time (`DelayGate`); on the live lane events are due on arrival. The handler runs on the
+consumer's thread; a failure is classified and forwarded (next tier or DLQ) without waiting
+for the acknowledgement, so the loop moves on at once. An input offset is stored for commit
+only when everything before it is finished: handled, or forwarded and acknowledged
+(`OffsetTracker`). Every consumer call (consume, pause, seek, resume, store, commit) and every
+delivery report happen on the thread that calls `run()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from kafka_retry import headers as h
+from kafka_retry.classification import Classifier, Failure
+from kafka_retry.delay import DelayGate
+from kafka_retry.event import Event
+from kafka_retry.forwarding import Forwarder
+from kafka_retry.handlers import HandlerFn
+from kafka_retry.kafka_config import incremental_rebalance
+from kafka_retry.metrics import StageMetrics
+from kafka_retry.model import Topology
+from kafka_retry.offsets import OffsetTracker, Ticket, TopicPartitionKey
+from kafka_retry.routing import SUCCEEDED, Origin, Route, Router, Stage
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH = 500
+DEFAULT_POLL_CAP_S = 0.5
+DEFAULT_DRAIN_S = 20.0
+MALFORMED_CLASS = "kafka_retry.MalformedHeaders"
+
+
+@dataclass(slots=True)
+class RunnerStats:
+    """Counters a test or a probe can read; written on the consumer thread only."""
+
+    assigned: int = 0  # assignment callbacks that brought partitions
+    revoked: int = 0  # revoke callbacks that took partitions
+    lost: int = 0
+    handled: int = 0
+    forwarded: int = 0
+
+
+class StageRunner:
+    def __init__(
+        self,
+        topology: Topology,
+        stage: Stage,
+        handler: HandlerFn,
+        *,
+        consumer_config: Mapping[str, Any],
+        producer_config: Mapping[str, Any],
+        classifier: Classifier | None = None,
+        batch_size: int = DEFAULT_BATCH,
+        poll_cap_s: float = DEFAULT_POLL_CAP_S,
+        drain_timeout_s: float = DEFAULT_DRAIN_S,
+    ) -> None:
+        self.topology = topology
+        self.stage = stage
+        self._handler = handler
+        self._consumer_config = dict(consumer_config)
+        self._producer_config = dict(producer_config)
+        self._classifier = classifier or Classifier(topology.classification)
+        self._router = Router(topology, stage)
+        self._batch = batch_size
+        self._cap = poll_cap_s
+        self._drain_s = drain_timeout_s
+        self._incremental = incremental_rebalance(self._consumer_config)
+        self._max_poll_s = int(self._consumer_config.get("max.poll.interval.ms", 300000)) / 1000
+        # A batch is cut short (the rest re-read) when handling it nears max.poll.interval.ms.
+        self._batch_budget_s = self._max_poll_s / 2
+        self._metrics = StageMetrics(topology.pipeline, stage.name)
+        # Per-stage constants, looked up once rather than per event.
+        self._is_tier = stage.is_tier
+        self._tier_name = stage.name if stage.is_tier else None
+        self._failed_before = stage.index + 1  # failed attempts when a header does not say
+        self._tracker = OffsetTracker()
+        self._assigned: set[TopicPartitionKey] = set()
+        self._stopping = threading.Event()
+        self._joined = False
+        self._running = False
+        self._last_poll = time.monotonic()
+        self._forwarder: Forwarder | None = None
+        self._gate: DelayGate | None = None
+        self.stats = RunnerStats()
+
+    # ------------------------------------------------------------------ control and probes
+
+    def stop(self) -> None:
+        """Ask `run()` to finish the event in hand, drain forwards, commit and return.
+        Safe from any thread and from a signal handler."""
+        self._stopping.set()
+
+    def alive(self) -> bool:
+        """The loop has polled within `max.poll.interval.ms` (or has not started yet)."""
+        return not self._running or time.monotonic() - self._last_poll < self._max_poll_s
+
+    def ready(self) -> bool:
+        """Joined the group (an assignment arrived, possibly empty) and polling."""
+        return self._running and self._joined and self.alive() and not self._stopping.is_set()
+
+    def paused_partitions(self) -> int:
+        """Partitions held for a head that is not due yet."""
+        return len(self._gate) if self._gate is not None else 0
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        consumer = Consumer(self._consumer_config, logger=logging.getLogger("kafka_retry.rdkafka"))
+        forwarder = Forwarder(
+            self._producer_config,
+            on_failed_attempt=lambda _err: self._metrics.delivery_failures.inc(),
+        )
+        self._forwarder = forwarder
+        self._gate = DelayGate(consumer) if self.stage.is_tier else None
+        consumer.subscribe(
+            [self.stage.topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        self._running = True
+        log.info(
+            "consuming %s as %s (pipeline %s, stage %s)",
+            self.stage.topic,
+            self.stage.consumer_group,
+            self.topology.pipeline,
+            self.stage.name,
+        )
+        try:
+            self._loop(consumer, forwarder)
+        finally:
+            self._shutdown(consumer, forwarder)
+
+    def _loop(self, consumer: Any, forwarder: Forwarder) -> None:
+        gate = self._gate
+        while not self._stopping.is_set():
+            self._last_poll = time.monotonic()
+            timeout = self._cap
+            if gate is not None:
+                now_ms = int(time.time() * 1000)
+                gate.release_due(now_ms)
+                timeout = gate.poll_timeout(now_ms, self._cap)
+            messages = consumer.consume(self._batch, timeout)
+            polled = time.monotonic()
+            forwarder.poll(0)
+            for i, msg in enumerate(messages):
+                if self._stopping.is_set():
+                    break
+                if time.monotonic() - polled > self._batch_budget_s:
+                    self._rewind(consumer, messages[i:])
+                    break
+                self._process(msg)
+            forwarder.poll(0)
+            self._store(consumer)
+            if gate is not None:
+                self._metrics.paused.set(len(gate))
+
+    def _process(self, msg: Any) -> None:
+        err = msg.error()
+        if err is not None:
+            if err.fatal():
+                raise KafkaException(err)
+            log.warning("consumer error on %s: %s", self.stage.topic, err)
+            return
+        tp = (msg.topic(), msg.partition())
+        if tp not in self._assigned:
+            return  # revoked by a rebalance inside the consume() that returned it
+        offset = msg.offset()
+        gate = self._gate
+        if gate is not None:
+            if gate.is_held(tp):
+                return  # the rest of a batch behind a held head: re-read after it
+            if gate.expects() and not gate.check_resumed(tp, offset):
+                return
+        try:
+            raw_headers = msg.headers()
+        except Exception as e:  # undecodable header names
+            parsed = h.ParsedHeaders((), h.RetryState(), (f"unreadable headers: {e}",))
+        else:
+            parsed = h.parse_headers(raw_headers)
+        ts_type, ts = msg.timestamp()
+        timestamp_ms = ts if ts_type != 0 and ts >= 0 else None
+        now_ms = int(time.time() * 1000)
+
+        due_ms: int | None = None
+        if self._is_tier:
+            prior = parsed.state
+            problems = parsed.problems
+            if not problems:
+                due_ms = h.effective_due_ms(prior.due_ms, timestamp_ms, self.stage.delay_ms, now_ms)
+                if due_ms is None:
+                    problems = (f"header {h.DUE} is absurd: {prior.due_ms} ms, now {now_ms} ms",)
+            if problems:
+                self._dead_letter_malformed(msg, tp, parsed, timestamp_ms, problems, now_ms)
+                return
+            assert due_ms is not None and gate is not None
+            if due_ms > now_ms:
+                gate.hold(tp, offset, due_ms)
+                return
+            self._metrics.lateness.observe((now_ms - due_ms) / 1000.0)
+            failed = prior.attempt if prior.attempt is not None else self._failed_before
+            attempt = min(failed, h.MAX_ATTEMPT) + 1
+            origin = _origin(prior, tp, offset, timestamp_ms)
+        else:
+            prior = h.RetryState()
+            attempt = 1
+            origin = Origin(tp[0], tp[1], offset, timestamp_ms)
+
+        ticket = self._tracker.begin(tp, offset)
+        event = Event(
+            key=msg.key(),
+            value=msg.value(),
+            headers=parsed.original,
+            topic=tp[0],
+            partition=tp[1],
+            offset=offset,
+            timestamp_ms=timestamp_ms,
+            attempt=attempt,
+            tier=self._tier_name,
+            pipeline=self.topology.pipeline,
+            consumer_group=self.stage.consumer_group,
+            original_topic=origin.topic,
+            original_partition=origin.partition,
+            original_offset=origin.offset,
+            original_timestamp_ms=origin.timestamp_ms,
+            due_ms=due_ms,
+            replay_id=prior.replay_id,
+            last_error_class=prior.error_class,
+            last_error_message=prior.error_message,
+        )
+        started = time.perf_counter()
+        try:
+            self._handler(event)
+        except Exception as exc:
+            self._metrics.handler_seconds.observe(time.perf_counter() - started)
+            failure = self._classifier.classify(exc)
+            now_ms = int(time.time() * 1000)
+            route = self._router.route(failure.retriable, now_ms)
+            state = self._router.forward_state(
+                origin=origin, prior=prior, attempt=attempt, failure=failure, route=route,
+                now_ms=now_ms,
+            )  # fmt: skip
+            self._forward(msg, ticket, parsed.original, state, route)
+        else:
+            self._metrics.handler_seconds.observe(time.perf_counter() - started)
+            self._tracker.finish(ticket)
+            self._metrics.outcome[SUCCEEDED].inc()
+            self.stats.handled += 1
+
+    def _rewind(self, consumer: Any, rest: list[Any]) -> None:
+        """Seek each partition back to its first unprocessed message in `rest`, so a slow
+        handler never keeps the consumer from polling for longer than the interval allows."""
+        first: dict[TopicPartitionKey, int] = {}
+        for msg in rest:
+            if msg.error() is not None:
+                continue
+            tp = (msg.topic(), msg.partition())
+            held = self._gate is not None and self._gate.is_held(tp)  # held: already sought
+            if tp in self._assigned and tp not in first and not held:
+                first[tp] = msg.offset()
+        for (topic, partition), offset in first.items():
+            consumer.seek(TopicPartition(topic, partition, offset))
+        log.info("handling took long: %d partition(s) re-read after the next poll", len(first))
+
+    def _dead_letter_malformed(
+        self,
+        msg: Any,
+        tp: TopicPartitionKey,
+        parsed: h.ParsedHeaders,
+        timestamp_ms: int | None,
+        problems: tuple[str, ...],
+        now_ms: int,
+    ) -> None:
+        """Untrusted headers that cannot steer the event: to the DLQ, saying why."""
+        log.warning(
+            "malformed event %s[%d]@%d: %s", tp[0], tp[1], msg.offset(), "; ".join(problems)
+        )
+        ticket = self._tracker.begin(tp, msg.offset())
+        prior = parsed.state
+        failed = prior.attempt if prior.attempt is not None else self._failed_before
+        failure = Failure(False, MALFORMED_CLASS, "; ".join(problems), "")
+        route = self._router.malformed()
+        state = self._router.forward_state(
+            origin=_origin(prior, tp, msg.offset(), timestamp_ms), prior=prior, attempt=failed,
+            failure=failure, route=route, now_ms=now_ms,
+        )  # fmt: skip
+        self._forward(msg, ticket, parsed.original, state, route)
+
+    def _forward(
+        self,
+        msg: Any,
+        ticket: Ticket,
+        original: tuple[tuple[str, bytes | None], ...],
+        state: h.RetryState,
+        route: Route,
+    ) -> None:
+        counter = self._metrics.outcome[route.outcome]
+        tracker, stats = self._tracker, self.stats
+
+        def acked() -> None:
+            tracker.finish(ticket)
+            counter.inc()
+            stats.forwarded += 1
+
+        assert self._forwarder is not None
+        self._forwarder.send(
+            route.topic, msg.key(), msg.value(), h.build_headers(original, state), acked
+        )
+
+    # ------------------------------------------------------------------ offsets
+
+    def _store(self, consumer: Any) -> None:
+        advanced = self._tracker.take_advanced()
+        if not advanced:
+            return
+        offsets = [TopicPartition(t, p, o) for t, p, o in advanced]
+        try:
+            consumer.store_offsets(offsets=offsets)
+        except KafkaException as e:
+            if _code(e) != KafkaError._STATE:
+                raise
+            # A partition was revoked after its acknowledgement arrived; store the others.
+            for tp in offsets:
+                try:
+                    consumer.store_offsets(offsets=[tp])
+                except KafkaException as e2:
+                    if _code(e2) != KafkaError._STATE:
+                        raise
+
+    def _commit(self, consumer: Any, tps: list[TopicPartitionKey]) -> None:
+        offsets = [TopicPartition(t, p, o) for t, p, o in self._tracker.frontiers(tps)]
+        if not offsets:
+            return
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as e:
+            log.warning("commit of %d partition(s) failed: %s", len(offsets), e)
+
+    # ------------------------------------------------------------------ rebalances
+
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        try:
+            if self._incremental:
+                consumer.incremental_assign(partitions)
+            else:
+                consumer.assign(partitions)
+                self._assigned.clear()
+            if partitions:
+                # librdkafka keeps a pause across revoke and reassignment; start unpaused and
+                # re-read from the committed offset, where any held head still is.
+                consumer.resume(partitions)
+                self.stats.assigned += 1
+            self._assigned.update((p.topic, p.partition) for p in partitions)
+            self._joined = True
+            self._metrics.assigned.set(len(self._assigned))
+        except Exception:
+            log.exception("assignment of %s failed", partitions)
+            raise
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        try:
+            if self._gate is not None:
+                self._gate.forget(tps, resume=True)
+            assert self._forwarder is not None
+            # Finish what is in flight so the new owner does not repeat it.
+            self._forwarder.drain(self._drain_s)
+            self._store(consumer)
+            self._commit(consumer, tps)
+        except Exception:
+            log.exception("revocation of %s: could not drain and commit", tps)
+        finally:
+            self._release(tps)
+            if tps:
+                self.stats.revoked += 1
+
+    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        log.warning("partitions lost (no commit possible): %s", tps)
+        try:
+            if self._gate is not None:
+                self._gate.forget(tps, resume=True)
+        except Exception:
+            log.exception("resume of lost partitions failed")
+        finally:
+            self._release(tps)
+            if tps:
+                self.stats.lost += 1
+
+    def _release(self, tps: list[TopicPartitionKey]) -> None:
+        self._tracker.forget(tps)
+        self._assigned.difference_update(tps)
+        self._metrics.assigned.set(len(self._assigned))
+
+    # ------------------------------------------------------------------ shutdown
+
+    def _shutdown(self, consumer: Any, forwarder: Forwarder) -> None:
+        """Drain forwards, store and commit what is finished, leave the group."""
+        self._stopping.set()
+        try:
+            if not forwarder.drain(self._drain_s):
+                log.warning("%d forward(s) unacknowledged at shutdown", forwarder.in_flight)
+            self._store(consumer)
+            self._commit(consumer, sorted(self._assigned))
+        except Exception:
+            log.exception("drain at shutdown failed; uncommitted events will be re-read")
+        finally:
+            try:
+                consumer.close()
+            finally:
+                self._running = False
+                self._metrics.paused.set(0)
+                self._metrics.assigned.set(0)
+
+
+def _origin(
+    prior: h.RetryState, tp: TopicPartitionKey, offset: int, timestamp_ms: int | None
+) -> Origin:
+    """Where the event was first consumed: from the headers, or this record if they do not say
+    (an event produced straight to a tier)."""
+    if prior.original_topic:
+        return Origin(
+            prior.original_topic,
+            prior.original_partition,
+            prior.original_offset,
+            prior.original_timestamp_ms,
+        )
+    return Origin(tp[0], tp[1], offset, timestamp_ms)
+
+
+def _code(e: KafkaException) -> int | None:
+    err = e.args[0] if e.args else None
+    return err.code() if isinstance(err, KafkaError) else None

@@ -1,0 +1,141 @@
+"""The tier worker: `kafka-retry worker --tier NAME [--topology-file PATH]`.
+
+Contract with the operator's Deployments: the topology comes from `KAFKA_RETRY_TOPOLOGY` (or
+the file), extra librdkafka settings from `KAFKA_CLIENT_*` (never logged), and
+`KAFKA_RETRY_METRICS_PORT` (default 9400) serves /metrics, /healthz and /readyz.
+
+A suspended pipeline's worker idles: it joins no group and consumes nothing (events wait on
+their tier), stays healthy and ready, and exits 0 on SIGTERM. The operator scales it to 0
+anyway; idling keeps a pod that starts meanwhile from crash-looping.
+
+Exit codes: 0 after SIGTERM/SIGINT (drained and committed), 1 on a fatal Kafka error,
+2 for a bad topology or tier name, 3 when the handler cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from confluent_kafka import KafkaException
+
+from kafka_retry.forwarding import FatalProducerError
+from kafka_retry.handlers import HandlerFn, HandlerLoadError, build_handler
+from kafka_retry.kafka_config import (
+    client_settings_from_env,
+    consumer_config,
+    describe,
+    producer_config,
+)
+from kafka_retry.metrics import DEFAULT_PORT, PORT_ENV, HealthServer
+from kafka_retry.model import Topology
+from kafka_retry.routing import Stage
+from kafka_retry.runner import StageRunner
+from kafka_retry.topology_source import TOPOLOGY_ENV, load_topology
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_KAFKA, EXIT_CONFIG, EXIT_HANDLER = 0, 1, 2, 3
+LOG_LEVEL_ENV = "KAFKA_RETRY_LOG_LEVEL"
+
+
+def build_worker(
+    topology: Topology,
+    tier: str,
+    *,
+    handler: HandlerFn | None = None,
+    client_settings: Mapping[str, Any] | None = None,
+    **runner_options: Any,
+) -> StageRunner:
+    """The runner of one tier. `client_settings` are extra librdkafka settings (default: from
+    `KAFKA_CLIENT_*`); `handler` defaults to the topology's handler spec."""
+    stage = Stage.tier(topology, tier)
+    extra = client_settings_from_env() if client_settings is None else dict(client_settings)
+    config = consumer_config(
+        topology.bootstrap_servers, stage.consumer_group, extra, pauses_often=True
+    )
+    log.info("tier %s consumer settings: %s", tier, describe(config, frozenset(extra)))
+    return StageRunner(
+        topology,
+        stage,
+        handler if handler is not None else build_handler(topology.handler),
+        consumer_config=config,
+        producer_config=producer_config(topology.bootstrap_servers, extra),
+        **runner_options,
+    )
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("worker", help="run the tier worker of one retry tier")
+    p.add_argument("--tier", required=True, help="tier name, as in the pipeline's spec")
+    p.add_argument(
+        "--topology-file", help=f"topology JSON file (default: ${TOPOLOGY_ENV})", default=None
+    )
+    p.set_defaults(func=run_worker)
+
+
+def run_worker(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
+    env = os.environ if environ is None else environ
+    configure_logging(env)
+    try:
+        topology = load_topology(args.topology_file, env)
+        topology.tier(args.tier)
+    except Exception as e:
+        log.error("cannot load the topology: %s", e)
+        return EXIT_CONFIG
+    port = int(env.get(PORT_ENV, DEFAULT_PORT))
+    if topology.suspend:
+        return _idle(topology, args.tier, port)
+    try:
+        handler = build_handler(topology.handler)
+    except (HandlerLoadError, ValueError) as e:
+        log.error("cannot load the handler: %s", e)
+        return EXIT_HANDLER
+    settings = client_settings_from_env(env)
+    runner = build_worker(topology, args.tier, handler=handler, client_settings=settings)
+    server = HealthServer(port, runner.alive, runner.ready).start()
+    log.info("metrics and probes on port %d", server.port)
+    _on_signals(runner.stop)
+    try:
+        runner.run()
+    except (KafkaException, FatalProducerError) as e:
+        log.error("fatal Kafka error, exiting to re-read from the committed offsets: %s", e)
+        return EXIT_KAFKA
+    finally:
+        server.close()
+    log.info("stopped: in-flight forwards drained, offsets committed")
+    return EXIT_OK
+
+
+def configure_logging(environ: Mapping[str, str]) -> None:
+    logging.basicConfig(
+        level=environ.get(LOG_LEVEL_ENV, "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _idle(topology: Topology, tier: str, port: int) -> int:
+    log.info("pipeline %s is suspended: tier %s idles until stopped", topology.pipeline, tier)
+    stopped = threading.Event()
+    server = HealthServer(port, lambda: True, lambda: True).start()
+    _on_signals(stopped.set)
+    try:
+        while not stopped.wait(1.0):
+            pass
+    finally:
+        server.close()
+    return EXIT_OK
+
+
+def _on_signals(stop: Callable[[], None]) -> None:
+    def handle(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        stop()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
