@@ -48,3 +48,17 @@ kind: ## with Docker: a kind cluster with Kafka, the image, the chart and an exa
 crds: ## regenerate crds/ from the pydantic models (workers/kafka_retry/model.py)
 	$(PY) -m kafka_retry_operator.crd crds
 	@$(MAKE) --no-print-directory chart-crds  # the chart ships copies (charts/.../crds)
+
+# --------------------------------------------------------------------------- demo and docs
+.PHONY: demo
+demo: ## the local demo: operator, tier workers, an example service; a DLQ filled and replayed
+	@$(PY) hack/demo.py $(DEMO_ARGS)
+
+.PHONY: demo-down
+demo-down: ## stop what a demo left running, then the local servers
+	@$(PY) hack/demo.py down
+	$(PY) hack/localenv.py down
+
+.PHONY: docs
+docs: ## regenerate docs/api.md (the RetryPipeline and DLQReplay reference) from the models
+	$(PY) hack/apidocs.py docs/api.md

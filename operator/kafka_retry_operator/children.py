@@ -1,0 +1,203 @@
+"""The Kubernetes objects a pipeline owns, as pure functions of its spec: the topology
+ConfigMap and one tier-worker Deployment per tier.
+
+This is the operator's half of the contract with the tier worker (`kafka-retry worker`): the
+command and args, the topology in `KAFKA_RETRY_TOPOLOGY` from the ConfigMap, the metrics and
+probe port, and the Secret's librdkafka settings as `KAFKA_CLIENT_*` variables. Owner
+references are added by the caller (`kopf.adopt`), so these stay testable without a cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+from kafka_retry.kafka_config import CLIENT_ENV_PREFIX
+from kafka_retry.model import ResolvedTier, RetryPipelineSpec, Topology
+from kafka_retry.topology_source import CONFIGMAP_KEY, TOPOLOGY_ENV, configmap_name
+
+# The worker's probe and metrics port (kafka_retry.metrics.PORT_ENV / DEFAULT_PORT; not
+# imported, so the operator does not register the data plane's metrics).
+METRICS_PORT_ENV = "KAFKA_RETRY_METRICS_PORT"
+METRICS_PORT = 9400
+WORKER_CONTAINER = "worker"
+WORKER_COMMAND = ["kafka-retry", "worker"]
+# Images run as a fixed non-root user: runAsNonRoot cannot check a user given by name.
+WORKER_UID = 65532
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_PIPELINE = "kafkaretry.io/pipeline"
+LABEL_TIER = "kafkaretry.io/tier"
+WORKER_APP = "kafka-retry-worker"
+MANAGER = "kafka-retry-operator"
+TOPOLOGY_HASH_ANNOTATION = "kafkaretry.io/topology-hash"
+
+
+def deployment_name(pipeline: str, tier: str) -> str:
+    return f"{pipeline}-{tier}"
+
+
+def pipeline_labels(pipeline: str) -> dict[str, str]:
+    """Labels on everything a pipeline owns; select its workers with `LABEL_PIPELINE`."""
+    return {
+        LABEL_NAME: WORKER_APP,
+        LABEL_INSTANCE: pipeline,
+        LABEL_MANAGED_BY: MANAGER,
+        LABEL_PIPELINE: pipeline,
+    }
+
+
+def selector_labels(pipeline: str, tier: str) -> dict[str, str]:
+    """A Deployment's selector: immutable, so only labels that never change."""
+    return {LABEL_NAME: WORKER_APP, LABEL_INSTANCE: pipeline, LABEL_TIER: tier}
+
+
+def topology_hash(topology: Topology) -> str:
+    return hashlib.sha256(topology.to_json().encode()).hexdigest()[:16]
+
+
+def topology_configmap(namespace: str, pipeline: str, topology: Topology) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": configmap_name(pipeline),
+            "namespace": namespace,
+            "labels": {**pipeline_labels(pipeline), LABEL_COMPONENT: "topology"},
+        },
+        "data": {CONFIGMAP_KEY: topology.to_json()},
+    }
+
+
+def worker_image(spec: RetryPipelineSpec, default_image: str) -> str:
+    """A python handler runs in the service's image; an http handler in ours (or the one the
+    spec names)."""
+    if spec.handler.python is not None:
+        return spec.handler.python.image
+    return spec.workers.image or default_image
+
+
+def worker_resources(spec: RetryPipelineSpec, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    if spec.workers.resources is not None:
+        return spec.workers.resources.wire()
+    return {k: dict(v) for k, v in defaults.items()}
+
+
+def tier_deployment(
+    namespace: str,
+    pipeline: str,
+    spec: RetryPipelineSpec,
+    tier: ResolvedTier,
+    topology: Topology,
+    *,
+    default_image: str,
+    default_resources: Mapping[str, Any],
+    pull_policy: str = "IfNotPresent",
+) -> dict[str, Any]:
+    """The Deployment of one tier's workers."""
+    labels = {**pipeline_labels(pipeline), LABEL_COMPONENT: "tier-worker", LABEL_TIER: tier.name}
+    env: list[dict[str, Any]] = [
+        {
+            "name": TOPOLOGY_ENV,
+            "valueFrom": {
+                "configMapKeyRef": {"name": configmap_name(pipeline), "key": CONFIGMAP_KEY}
+            },
+        },
+        {"name": METRICS_PORT_ENV, "value": str(METRICS_PORT)},
+    ]
+    container: dict[str, Any] = {
+        "name": WORKER_CONTAINER,
+        "image": worker_image(spec, default_image),
+        "imagePullPolicy": pull_policy,
+        "command": list(WORKER_COMMAND),
+        "args": ["--tier", tier.name],
+        "env": env,
+        "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": "metrics"},
+            "initialDelaySeconds": 10,
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": "metrics"},
+            "periodSeconds": 5,
+            "failureThreshold": 2,
+        },
+        "resources": worker_resources(spec, default_resources),
+        "securityContext": {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        # A read-only root still needs somewhere for temporary files.
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    if spec.kafka.secret_ref is not None:
+        container["envFrom"] = [
+            {"prefix": CLIENT_ENV_PREFIX, "secretRef": {"name": spec.kafka.secret_ref.name}}
+        ]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": deployment_name(pipeline, tier.name),
+            "namespace": namespace,
+            "labels": labels,
+        },
+        "spec": {
+            "replicas": 0 if spec.suspend else spec.workers.replicas,
+            "selector": {"matchLabels": selector_labels(pipeline, tier.name)},
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    # A new topology (delay, handler, classification...) rolls the pods.
+                    "annotations": {TOPOLOGY_HASH_ANNOTATION: topology_hash(topology)},
+                },
+                "spec": {
+                    "automountServiceAccountToken": False,  # workers never call the API
+                    "terminationGracePeriodSeconds": 30,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": WORKER_UID,
+                        "runAsGroup": WORKER_UID,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [container],
+                    "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
+                },
+            },
+        },
+    }
+
+
+def desired_children(
+    namespace: str,
+    pipeline: str,
+    spec: RetryPipelineSpec,
+    topology: Topology,
+    *,
+    default_image: str,
+    default_resources: Mapping[str, Any],
+    pull_policy: str = "IfNotPresent",
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The ConfigMap and the Deployments, in tier order."""
+    deployments = [
+        tier_deployment(
+            namespace,
+            pipeline,
+            spec,
+            tier,
+            topology,
+            default_image=default_image,
+            default_resources=default_resources,
+            pull_policy=pull_policy,
+        )
+        for tier in topology.tiers
+    ]
+    return topology_configmap(namespace, pipeline, topology), deployments

@@ -1,0 +1,61 @@
+"""What the operator remembers about each pipeline between handler calls.
+
+A reconcile records the pipeline's resolved topology, its Kafka cluster and the outcome of
+its topic check; the sampler reads the records to know what to measure, and the status
+timer composes status from the record, the latest sample and the workers' Deployments. The
+record, not the (possibly older) status in a handler's body, is the truth for what the last
+reconcile found, so a timer tick can never write back a stale TopicsReady. After a restart
+the `resume` reconcile fills the fleet again.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from kafka_retry.model import Topology
+from kafka_retry_operator.conditions import Verdict
+from kafka_retry_operator.kafka_admin import Cluster
+
+PipelineKey = tuple[str, str]  # (namespace, name)
+
+
+def owner_id(key: PipelineKey) -> str:
+    return f"{key[0]}/{key[1]}"
+
+
+@dataclass(frozen=True)
+class PipelineRecord:
+    key: PipelineKey
+    generation: int
+    topology: Topology
+    cluster: Cluster | None  # None: no client could be made (bad settings, missing Secret)
+    replicas: int  # desired per tier, 0 when suspended
+    suspended: bool
+    topics: Verdict  # the TopicsReady verdict of the last reconcile
+
+
+class Fleet:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: dict[PipelineKey, PipelineRecord] = {}
+
+    def put(self, record: PipelineRecord) -> None:
+        with self._lock:
+            self._records[record.key] = record
+
+    def get(self, key: PipelineKey) -> PipelineRecord | None:
+        with self._lock:
+            return self._records.get(key)
+
+    def remove(self, key: PipelineKey) -> None:
+        with self._lock:
+            self._records.pop(key, None)
+
+    def records(self) -> list[PipelineRecord]:
+        with self._lock:
+            return list(self._records.values())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._records)

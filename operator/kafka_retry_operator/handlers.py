@@ -1,0 +1,222 @@
+"""The kopf handlers: thin, typed, and the only place that speaks kopf.
+
+- startup: operator settings and the long-lived parts (shared Kafka clients, the sampler).
+- reconcile (create/update/resume): parse the spec once, then `reconciler.reconcile`.
+- finalize (delete): topics per `deletionPolicy`; children go by owner references.
+- refresh_status (timer): status from memory (the sampler's batched measurements and the
+  Deployment index), written only when it changed; an Event when the DLQ grows.
+- tier_workers (index): the tier Deployments' replica counts, so no handler lists them.
+- worker_deleted: a tier Deployment deleted by hand makes its pipeline reconcile.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from kafka_retry.model import GROUP, VERSION, RetryPipelineSpec
+from kafka_retry_operator import children, reconciler
+from kafka_retry_operator import replay as replay  # registers the DLQReplay handlers
+from kafka_retry_operator import status as st
+from kafka_retry_operator.config import OperatorConfig
+from kafka_retry_operator.fleet import PipelineKey
+from kafka_retry_operator.kube import api_client
+from kafka_retry_operator.runtime import Runtime, runtime_of
+from kafka_retry_operator.topics import Retry
+
+PLURAL = "retrypipelines"
+# Read at import: kopf takes a timer's interval when the handler is registered.
+CONFIG = OperatorConfig.from_env()
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # Our annotations, not status, hold kopf's progress: status carries only our fields.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    # Handler logs become Kubernetes Events only from warnings up (no event spam at scale).
+    settings.posting.level = logging.WARNING
+    settings.execution.max_workers = CONFIG.max_workers
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+    # No cluster-wide scans of namespaces and CRDs: the namespaces are the ones given, the
+    # CRDs are installed before the operator starts, and a namespace-scoped install has no
+    # right to list either (kopf would retry those 403s for a minute before starting).
+    settings.scanning.disabled = True
+    rt = Runtime.create(CONFIG, api_client(pool_size=CONFIG.max_workers + 4))
+    rt.sampler.start()
+    memo.runtime = rt
+
+
+@kopf.on.cleanup()
+def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    runtime_of(memo).sampler.stop()
+
+
+WORKER_INDEX = "tier_workers"  # the name of the indexing function below
+
+
+@kopf.index("apps", "v1", "deployments", labels={children.LABEL_NAME: children.WORKER_APP})
+def tier_workers(
+    namespace: str | None,
+    labels: kopf.Labels,
+    meta: kopf.Meta,
+    spec: kopf.Spec,
+    status: kopf.Status,
+    **_: Any,
+) -> dict[PipelineKey, st.TierWorkers] | None:
+    pipeline = labels.get(children.LABEL_PIPELINE)
+    tier = labels.get(children.LABEL_TIER)
+    if not (namespace and pipeline and tier):
+        return None
+    workers = st.TierWorkers(
+        tier=tier,
+        desired=int(spec.get("replicas", 1)),
+        ready=int(status.get("readyReplicas") or 0),
+        updated=int(status.get("updatedReplicas") or 0),
+        current=int(status.get("observedGeneration") or 0) >= int(meta.get("generation") or 0),
+    )
+    return {(namespace, pipeline): workers}
+
+
+def _workers(kwargs: dict[str, Any], key: PipelineKey) -> dict[str, st.TierWorkers]:
+    """The pipeline's tier Deployments from the index (kopf passes it as a kwarg named after
+    the indexing function)."""
+    index: kopf.Index[PipelineKey, st.TierWorkers] = kwargs[WORKER_INDEX]
+    return {w.tier: w for w in index.get(key, [])}
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={children.LABEL_NAME: children.WORKER_APP})
+def worker_deleted(
+    event: kopf.RawEvent,
+    namespace: str | None,
+    labels: kopf.Labels,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    **_: Any,
+) -> None:
+    """A tier Deployment deleted by hand comes back: its pipeline is asked to reconcile (an
+    annotation change is a kopf update). Deployments of removed tiers, or of pipelines being
+    deleted, are not in the fleet's records and are left alone. An event handler, not a
+    delete handler: kopf then keeps no state (annotations, finalizers) on Deployments."""
+    if event.get("type") != "DELETED":
+        return
+    rt = runtime_of(memo)
+    pipeline, tier = labels.get(children.LABEL_PIPELINE), labels.get(children.LABEL_TIER)
+    record = rt.fleet.get((namespace or "", pipeline or ""))
+    if record is None or tier not in {t.name for t in record.topology.tiers}:
+        return
+    logger.warning(f"tier Deployment of {tier} was deleted: reconciling {pipeline}")
+    rt.kube.request_reconcile(namespace or "", pipeline or "")
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+def reconcile(
+    spec: kopf.Spec,
+    body: kopf.Body,
+    name: str,
+    namespace: str | None,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    retry: int,
+    logger: kopf.Logger,
+    **kwargs: Any,
+) -> None:
+    rt = runtime_of(memo)
+    key = (namespace or "", name)
+    try:
+        parsed = RetryPipelineSpec.model_validate(dict(spec))
+    except ValidationError as e:
+        reconciler.forget(rt, key)
+        message = _summary(e)
+        patch.status.update(st.invalid(message, body.metadata.get("generation"), status))
+        raise kopf.PermanentError(f"invalid spec: {message}") from None
+    record, verdict = reconciler.reconcile(rt, body, parsed, logger)
+    new = st.compose(
+        record,
+        rt.sampler.sample(key),
+        rt.sampler.health(record.cluster),
+        _workers(kwargs, key),
+        status,
+    )
+    patch.status.update(new)
+    if verdict.retry is Retry.LATER:
+        raise kopf.TemporaryError(
+            f"{verdict.reason}: {verdict.message}", delay=rt.config.backoff(retry)
+        )
+    if not verdict.ready:
+        raise kopf.PermanentError(f"{verdict.reason}: {verdict.message}")
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, retries=20)
+def finalize(
+    spec: kopf.Spec,
+    name: str,
+    namespace: str | None,
+    memo: kopf.Memo,
+    retry: int,
+    logger: kopf.Logger,
+    **_: Any,
+) -> None:
+    rt = runtime_of(memo)
+    try:
+        parsed: RetryPipelineSpec | None = RetryPipelineSpec.model_validate(dict(spec))
+    except ValidationError:
+        parsed = None  # never reconciled: nothing of ours to delete
+    failed = reconciler.finalize(rt, (namespace or "", name), parsed, logger)
+    if failed:
+        detail = "; ".join(f"{t}: {e}" for t, e in sorted(failed.items()))
+        raise kopf.TemporaryError(f"cannot delete topics: {detail}", delay=rt.config.backoff(retry))
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=CONFIG.status_interval, idle=None)
+async def refresh_status(
+    name: str,
+    namespace: str | None,
+    body: kopf.Body,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    **kwargs: Any,
+) -> None:
+    rt = runtime_of(memo)
+    key = (namespace or "", name)
+    record = rt.fleet.get(key)
+    if record is None:  # not reconciled (yet), or its spec is invalid
+        return
+    new = st.compose(
+        record,
+        rt.sampler.sample(key),
+        rt.sampler.health(record.cluster),
+        _workers(kwargs, key),
+        status,
+    )
+    if st.differs(status, new):
+        patch.status.update(new)
+    grew = st.dlq_growth(status, new)
+    if grew:
+        kopf.event(
+            body,
+            type="Warning",
+            reason="DLQGrew",
+            message=f"DLQ depth grew from {grew[0]} to {grew[1]} events "
+            f"(topic {record.topology.dlq_topic})",
+        )
+
+
+def _summary(error: ValidationError) -> str:
+    """`spec.tiers.0.delaySeconds: Input should be ...; ...` (wire field names)."""
+    parts = []
+    for e in error.errors()[:5]:
+        where = ".".join(str(p) for p in ("spec", *e["loc"]))
+        parts.append(f"{where}: {e['msg']}")
+    return "; ".join(parts)

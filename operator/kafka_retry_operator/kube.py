@@ -1,0 +1,117 @@
+"""The operator's own Kubernetes API calls (kopf does the watching and the status patches).
+
+Children are written with server-side apply under one field manager: the operator states the
+whole object it wants, fields it stops setting are removed, and an unchanged object is not
+written at all, so reconciling again (or after a restart) never duplicates or churns anything.
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client
+from kubernetes import config as kube_config
+from kubernetes.client.exceptions import ApiException
+
+from kafka_retry.model import GROUP, VERSION
+from kafka_retry_operator.children import LABEL_PIPELINE, LABEL_TIER, MANAGER
+
+APPLY = "application/apply-patch+yaml"
+MERGE = "application/merge-patch+json"
+# Not under `kafkaretry.io/`: kopf leaves its own storage prefix out of what it diffs.
+RECONCILE_REQUESTED = f"operator.{GROUP}/reconcile-requested"
+
+
+class SecretNotFound(LookupError):
+    pass
+
+
+def api_client(pool_size: int = 16) -> client.ApiClient:
+    """In a pod: the service account; elsewhere: $KUBECONFIG or ~/.kube/config. One
+    connection per handler thread, so parallel reconciles never wait for a connection."""
+    config: Any = kube_config  # partly untyped upstream
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:
+        config.load_kube_config(client_configuration=configuration)
+    configuration.connection_pool_maxsize = pool_size
+    return client.ApiClient(configuration)
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient) -> None:
+        self.core = client.CoreV1Api(api)
+        self.apps = client.AppsV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+
+    def secret_settings(self, namespace: str, name: str) -> dict[str, str]:
+        """The Secret's keys and decoded values (librdkafka settings). Never log the result."""
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                raise SecretNotFound(f"Secret {namespace}/{name} not found") from None
+            raise
+        data = secret.data or {}
+        return {k: base64.b64decode(v).decode() for k, v in data.items()}
+
+    def apply_configmap(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        self.core.patch_namespaced_config_map(
+            meta["name"],
+            meta["namespace"],
+            body,
+            field_manager=MANAGER,
+            force=True,
+            _content_type=APPLY,
+        )
+
+    def apply_deployment(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        self.apps.patch_namespaced_deployment(
+            meta["name"],
+            meta["namespace"],
+            body,
+            field_manager=MANAGER,
+            force=True,
+            _content_type=APPLY,
+        )
+
+    def worker_deployments(self, namespace: str, pipeline: str) -> dict[str, tuple[str, str]]:
+        """The pipeline's tier Deployments now in the cluster: tier -> (name, owner uid)."""
+        found = self.apps.list_namespaced_deployment(
+            namespace, label_selector=f"{LABEL_PIPELINE}={pipeline}"
+        )
+        result: dict[str, tuple[str, str]] = {}
+        for d in found.items:
+            meta = d.metadata
+            if meta is None or not meta.name:
+                continue
+            tier = (meta.labels or {}).get(LABEL_TIER)
+            owners = [o.uid for o in meta.owner_references or [] if o.controller]
+            if tier:
+                result[tier] = (meta.name, owners[0] if owners else "")
+        return result
+
+    def delete_deployment(self, namespace: str, name: str) -> None:
+        try:
+            self.apps.delete_namespaced_deployment(name, namespace, propagation_policy="Background")
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    def request_reconcile(self, namespace: str, pipeline: str) -> None:
+        """Touch an annotation of the pipeline: kopf sees a change and runs its update handler,
+        serialized with any other handling of that pipeline."""
+        stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
+        body = {"metadata": {"annotations": {RECONCILE_REQUESTED: stamp}}}
+        try:
+            self.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, "retrypipelines", pipeline, body, _content_type=MERGE
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise

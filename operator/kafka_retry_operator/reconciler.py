@@ -1,0 +1,142 @@
+"""One reconcile of a RetryPipeline, and its clean-up on deletion.
+
+Order matters: the topics first (workers of a missing topic would only crash-loop), then the
+topology ConfigMap, then one Deployment per tier, then the Deployments of tiers no longer in
+the spec are removed. Every step is idempotent, so a retry or a restart of the operator
+converges without duplicating anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from kafka_retry.model import RetryPipelineSpec, Topology
+from kafka_retry_operator import children, conditions, topics
+from kafka_retry_operator.fleet import PipelineKey, PipelineRecord, owner_id
+from kafka_retry_operator.kafka_admin import Cluster, InvalidKafkaSettings
+from kafka_retry_operator.kube import SecretNotFound
+from kafka_retry_operator.runtime import Runtime
+from kafka_retry_operator.topics import Retry, TopicsVerdict
+
+KAFKA_SECRET_NOT_FOUND = "KafkaSecretNotFound"
+INVALID_KAFKA_SETTINGS = "InvalidKafkaSettings"
+
+
+def connect(
+    rt: Runtime, key: PipelineKey, spec: RetryPipelineSpec
+) -> tuple[Cluster | None, TopicsVerdict | None]:
+    """Bind the pipeline to its cluster's shared AdminClient, with the Secret's settings."""
+    settings: dict[str, str] = {}
+    if spec.kafka.secret_ref is not None:
+        try:
+            settings = rt.kube.secret_settings(key[0], spec.kafka.secret_ref.name)
+        except SecretNotFound as e:
+            rt.admins.release(owner_id(key))
+            return None, TopicsVerdict(False, KAFKA_SECRET_NOT_FOUND, str(e), Retry.LATER)
+    try:
+        return rt.admins.bind(owner_id(key), spec.kafka.bootstrap_servers, settings), None
+    except InvalidKafkaSettings as e:
+        rt.admins.release(owner_id(key))
+        return None, TopicsVerdict(False, INVALID_KAFKA_SETTINGS, str(e), Retry.LATER)
+
+
+def reconcile(
+    rt: Runtime, body: kopf.Body, spec: RetryPipelineSpec, logger: logging.Logger | Any
+) -> tuple[PipelineRecord, TopicsVerdict]:
+    namespace, name = body.metadata.namespace or "", body.metadata.name or ""
+    key = (namespace, name)
+    topology = spec.topology(namespace, name)
+    cluster, verdict = connect(rt, key, spec)
+    if cluster is not None:
+        admin = rt.admins.admin(cluster)
+        assert admin is not None  # just bound
+        verdict = topics.ensure(
+            admin,
+            topics.plan(spec, topology),
+            spec.source.topic,
+            spec.kafka.bootstrap_servers,
+            rt.config.kafka_timeout,
+        )
+    assert verdict is not None
+    if verdict.created or verdict.grown:
+        logger.info(f"topics created: {list(verdict.created)}, grown: {list(verdict.grown)}")
+    record = PipelineRecord(
+        key=key,
+        generation=int(body.metadata.get("generation") or 0),
+        topology=topology,
+        cluster=cluster,
+        replicas=0 if spec.suspend else spec.workers.replicas,
+        suspended=spec.suspend,
+        topics=conditions.Verdict.of(
+            conditions.TOPICS_READY, verdict.ready, verdict.reason, verdict.message
+        ),
+    )
+    # Recorded before the children change, so that a Deployment this reconcile removes is
+    # already unknown when its deletion is seen (see handlers.worker_deleted).
+    rt.fleet.put(record)
+    if verdict.usable:
+        apply_children(rt, body, spec, topology)
+    rt.sampler.wake()
+    return record, verdict
+
+
+def apply_children(
+    rt: Runtime, body: kopf.Body, spec: RetryPipelineSpec, topology: Topology
+) -> None:
+    namespace, name = body.metadata.namespace or "", body.metadata.name or ""
+    configmap, deployments = children.desired_children(
+        namespace,
+        name,
+        spec,
+        topology,
+        default_image=rt.config.worker_image,
+        default_resources=rt.config.worker_resources,
+        pull_policy=rt.config.worker_pull_policy,
+    )
+    kopf.adopt([configmap, *deployments], owner=body)
+    rt.kube.apply_configmap(configmap)
+    for deployment in deployments:
+        rt.kube.apply_deployment(deployment)
+    wanted = {t.name for t in topology.tiers}
+    for tier, (deployment_name, owner_uid) in rt.kube.worker_deployments(namespace, name).items():
+        if tier not in wanted and owner_uid == body.metadata.uid:
+            rt.kube.delete_deployment(namespace, deployment_name)
+
+
+def forget(rt: Runtime, key: PipelineKey) -> None:
+    """Stop measuring a pipeline and release its cluster's client."""
+    rt.fleet.remove(key)
+    rt.sampler.forget(key)
+    rt.admins.release(owner_id(key))
+
+
+def finalize(
+    rt: Runtime, key: PipelineKey, spec: RetryPipelineSpec | None, logger: logging.Logger | Any
+) -> dict[str, str]:
+    """Clean-up on deletion; answers the topics that could not be deleted (retry later).
+
+    With `deletionPolicy: Delete` the tier workers are stopped first (so none writes to a
+    topic being deleted), then the tier and DLQ topics go; the source topic never does. The
+    ConfigMap and Deployments are garbage-collected through their owner references."""
+    rt.fleet.remove(key)
+    rt.sampler.forget(key)
+    if spec is None or spec.topics.deletion_policy != "Delete":
+        rt.admins.release(owner_id(key))
+        return {}
+    namespace, name = key
+    for _tier, (deployment_name, _uid) in rt.kube.worker_deployments(namespace, name).items():
+        rt.kube.delete_deployment(namespace, deployment_name)
+    cluster, verdict = connect(rt, key, spec)
+    admin = rt.admins.admin(cluster) if cluster is not None else None
+    if admin is None:
+        return {"*": verdict.message if verdict else "no Kafka client"}
+    topology = spec.topology(namespace, name)
+    names = [t.topic for t in topology.tiers] + [topology.dlq_topic]
+    failed = topics.delete(admin, names, rt.config.kafka_timeout)
+    if not failed:
+        logger.info(f"deleted topics {names} (deletionPolicy: Delete)")
+        rt.admins.release(owner_id(key))
+    return failed

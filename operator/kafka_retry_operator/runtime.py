@@ -1,0 +1,36 @@
+"""The operator's long-lived parts, made once at startup and handed to handlers via kopf's memo."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kafka_retry_operator.config import OperatorConfig
+from kafka_retry_operator.fleet import Fleet
+from kafka_retry_operator.kafka_admin import AdminRegistry
+from kafka_retry_operator.kube import Kube
+from kafka_retry_operator.sampler import Sampler
+
+
+@dataclass
+class Runtime:
+    config: OperatorConfig
+    kube: Kube
+    admins: AdminRegistry
+    fleet: Fleet
+    sampler: Sampler
+
+    @classmethod
+    def create(cls, config: OperatorConfig, api: Any) -> Runtime:
+        admins = AdminRegistry()
+        fleet = Fleet()
+        sampler = Sampler(fleet, admins, config.status_interval, config.kafka_timeout)
+        return cls(config, Kube(api), admins, fleet, sampler)
+
+
+def runtime_of(memo: Any) -> Runtime:
+    """The Runtime in kopf's memo (set by the startup handler)."""
+    rt = getattr(memo, "runtime", None)
+    if not isinstance(rt, Runtime):
+        raise RuntimeError("the operator's startup handler has not run")
+    return rt

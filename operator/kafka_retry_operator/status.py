@@ -1,0 +1,170 @@
+"""A pipeline's `status`, composed from what the operator knows (pure functions).
+
+Inputs: the record of the last reconcile (topics verdict, generation), the latest sample
+(lag, DLQ depth), the cluster's health as seen by the sampler, and the tier Deployments'
+replica counts. The previous status supplies what must not churn: lastTransitionTime of
+unchanged conditions, the last known lag and depth while Kafka cannot be measured, and
+dlq.lastUpdated while the DLQ does not change. So an unchanged pipeline composes an identical
+status, and the timer writes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kafka_retry.model import (
+    DlqStatus,
+    RetryPipelineStatus,
+    TierStatus,
+    TopicsStatus,
+)
+from kafka_retry_operator import conditions as c
+from kafka_retry_operator.fleet import PipelineRecord
+from kafka_retry_operator.sampler import ClusterHealth, Sample
+from kafka_retry_operator.topics import KAFKA_UNREACHABLE
+
+INVALID_SPEC = "InvalidSpec"
+
+
+@dataclass(frozen=True)
+class TierWorkers:
+    """One tier Deployment's replica counts, as indexed from the cluster."""
+
+    tier: str
+    desired: int
+    ready: int
+    updated: int
+    current: bool  # the Deployment's status is of its latest generation
+
+
+def workers_verdict(record: PipelineRecord, workers: Mapping[str, TierWorkers]) -> c.Verdict:
+    tiers = [t.name for t in record.topology.tiers]
+    behind = []
+    for name in tiers:
+        w = workers.get(name)
+        if w is None:
+            behind.append(f"{name}: no Deployment yet")
+        elif not (
+            w.current
+            and w.desired == record.replicas
+            and w.ready >= record.replicas
+            and w.updated >= record.replicas
+        ):
+            behind.append(f"{name}: {w.ready}/{record.replicas} ready, {w.updated} up to date")
+    if behind:
+        ok = len(tiers) - len(behind)
+        message = f"{ok}/{len(tiers)} tiers ready; " + "; ".join(behind)
+        return c.Verdict.of(c.WORKERS_READY, False, "WorkersNotReady", message)
+    if record.suspended:
+        return c.Verdict.of(c.WORKERS_READY, True, "Suspended", "spec.suspend: scaled to 0")
+    if record.replicas == 0:
+        return c.Verdict.of(c.WORKERS_READY, True, "ScaledToZero", "spec.workers.replicas is 0")
+    return c.Verdict.of(
+        c.WORKERS_READY, True, "WorkersReady", f"{len(tiers)} tiers x {record.replicas} ready"
+    )
+
+
+def topics_verdict(record: PipelineRecord, health: ClusterHealth | None) -> c.Verdict:
+    """The last reconcile's verdict, unless the cluster has become unreachable since."""
+    if record.topics.ok and health is not None and not health.reachable:
+        return c.Verdict.of(c.TOPICS_READY, False, KAFKA_UNREACHABLE, health.error)
+    return record.topics
+
+
+def compose(
+    record: PipelineRecord,
+    sample: Sample | None,
+    health: ClusterHealth | None,
+    workers: Mapping[str, TierWorkers],
+    previous: Mapping[str, Any],
+    at: str | None = None,
+) -> dict[str, Any]:
+    at = at or c.now()
+    topics = topics_verdict(record, health)
+    workers_ready = workers_verdict(record, workers)
+    suspended = record.suspended and topics.ok and workers_ready.ok
+    ready = c.ready(
+        [topics, workers_ready],
+        ok_reason="Suspended" if suspended else "Ready",
+        ok_message="tier workers stopped; events wait on their tiers" if suspended else "",
+    )
+    conditions = c.stamp(
+        [ready, topics, workers_ready], _list(previous.get("conditions")), record.generation, at
+    )
+    old_tiers = {t.get("name"): t for t in _list(previous.get("tiers"))}
+    tiers = []
+    for t in record.topology.tiers:
+        lag = sample.tier_lag.get(t.name) if sample else None
+        if lag is None:
+            lag = old_tiers.get(t.name, {}).get("lag")
+        w = workers.get(t.name)
+        tiers.append(
+            TierStatus(name=t.name, topic=t.topic, lag=lag, ready_replicas=w.ready if w else 0)
+        )
+    return RetryPipelineStatus(
+        observed_generation=record.generation,
+        conditions=conditions,
+        topics=TopicsStatus(
+            source=record.topology.source_topic,
+            tiers=[t.topic for t in record.topology.tiers],
+            dlq=record.topology.dlq_topic,
+        ),
+        tiers=tiers,
+        dlq=_dlq(sample, previous.get("dlq"), at),
+        tier_count=len(tiers),
+    ).wire()
+
+
+def _dlq(sample: Sample | None, previous: Any, at: str) -> DlqStatus | None:
+    old = previous if isinstance(previous, Mapping) else {}
+    if sample is None or sample.dlq_depth is None:
+        return DlqStatus.model_validate(old) if old else None
+    oldest = _rfc3339(sample.dlq_oldest_ms) if sample.dlq_oldest_ms is not None else None
+    same = old.get("depth") == sample.dlq_depth and old.get("oldestTimestamp") == oldest
+    return DlqStatus(
+        depth=sample.dlq_depth,
+        oldest_timestamp=oldest,
+        last_updated=old.get("lastUpdated") if same and old.get("lastUpdated") else at,
+    )
+
+
+def invalid(
+    message: str, generation: int | None, previous: Mapping[str, Any], at: str | None = None
+) -> dict[str, Any]:
+    """The status of a spec that cannot be parsed: only conditions and observedGeneration."""
+    verdicts = [
+        c.Verdict(c.READY, "False", INVALID_SPEC, message),
+        c.Verdict(c.TOPICS_READY, "Unknown", INVALID_SPEC, "spec is invalid"),
+        c.Verdict(c.WORKERS_READY, "Unknown", INVALID_SPEC, "spec is invalid"),
+    ]
+    return RetryPipelineStatus(
+        observed_generation=generation,
+        conditions=c.stamp(verdicts, _list(previous.get("conditions")), generation, at),
+    ).wire()
+
+
+def differs(previous: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether writing `new` would change anything (keys absent from `new` are not ours)."""
+    return any(previous.get(k) != v for k, v in new.items())
+
+
+def dlq_growth(previous: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(before, after) when the DLQ depth grew; a first measurement counts from 0."""
+    before = (previous.get("dlq") or {}).get("depth") or 0
+    after = (new.get("dlq") or {}).get("depth")
+    if after is not None and after > before:
+        return before, after
+    return None
+
+
+def _list(value: Any) -> list[Mapping[str, Any]]:
+    if isinstance(value, Iterable) and not isinstance(value, str | bytes | Mapping):
+        return [v for v in value if isinstance(v, Mapping)]
+    return []
+
+
+def _rfc3339(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"

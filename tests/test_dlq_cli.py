@@ -1,0 +1,227 @@
+"""`kafka-retry dlq ...` against the real broker, as a subprocess, without a cluster
+(`--topology-file`): list, show, purge, direct replay, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dataplane_support import make_topology
+from dlq_support import NOW_MS, cli, error_class, fill_dlq, replayed_records, source_of
+from kafka_retry import headers as h
+from kafka_retry.dlq import KafkaAccess, partition_states
+from kafka_retry.model import Topology
+from operator_support import crds  # noqa: F401 - fixture
+
+COUNT = 40
+
+
+@pytest.fixture
+def dlq_pipeline(
+    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path
+) -> tuple[Topology, list[str]]:
+    """A pipeline (3 partitions) with COUNT events in its DLQ, the first half an hour older."""
+    topo = make_topology(kafka_bootstrap, make_topic, partitions=3)
+    path = tmp_path / "topology.json"
+    path.write_text(topo.to_json())
+    old = NOW_MS - 3_600_000
+    fill_dlq(
+        kafka_bootstrap, topo.dlq_topic, COUNT, source_topic=topo.source_topic,
+        timestamp_ms=lambda i: old + i if i < COUNT // 2 else NOW_MS + i,
+    )  # fmt: skip
+    return topo, ["--topology-file", str(path)]
+
+
+def _json(*args: str) -> Any:
+    proc = cli(*args, "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _depth(bootstrap: str, topo: Topology) -> int:
+    return sum(s.waiting for s in partition_states(KafkaAccess(bootstrap), topo.dlq_topic))
+
+
+def test_list_shows_events_with_their_headers(
+    dlq_pipeline: tuple[Topology, list[str]],
+) -> None:
+    topo, where = dlq_pipeline
+    proc = cli("dlq", "list", "billing", *where, "--limit", "0")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == [
+        "TIME", "PARTITION:OFFSET", "KEY", "ERROR", "MESSAGE", "ATTEMPTS", "ORIGIN"
+    ]  # fmt: skip
+    assert len(lines) == COUNT + 1
+    assert any("BadOrder" in line and "order e0 failed" in line for line in lines)
+    assert f"{COUNT} waiting events shown; DLQ depth {COUNT}" in proc.stderr
+
+    events = _json("dlq", "list", "billing", *where, "--limit", "0")
+    assert sorted(e["key"] for e in events) == sorted(f"k{i % 13}" for i in range(COUNT))
+    by_offset = {e["original"]["offset"]: e for e in events}
+    e7 = by_offset[7]
+    assert e7["errorClass"] == error_class(7) and e7["errorMessage"] == "order e7 failed"
+    assert (e7["attempts"], e7["tier"], e7["dlqReason"]) == (3, "retry-2", h.REASON_EXHAUSTED)
+    assert e7["original"]["topic"] == topo.source_topic and e7["waiting"] is True
+    headers = {x["key"]: x["value"] for x in e7["headers"]}
+    assert headers["trace-id"] == "t7", "the original header is listed"
+    assert headers[h.ERROR_CLASS] == error_class(7)
+    # Oldest first, and --limit keeps the oldest.
+    times = [e["timestamp"] for e in events]
+    assert times == sorted(times)
+    first = _json("dlq", "list", "billing", *where, "--limit", "5")
+    assert [e["original"]["offset"] for e in first] == [0, 1, 2, 3, 4]
+
+
+def test_list_filters(dlq_pipeline: tuple[Topology, list[str]]) -> None:
+    _, where = dlq_pipeline
+    bad = _json("dlq", "list", "billing", *where, "--error-class", "BadOrder", "--limit", "0")
+    assert sorted(e["original"]["offset"] for e in bad) == list(range(0, COUNT, 4))
+    full = _json("dlq", "list", "billing", *where, "--error-class", error_class(1), "--limit", "0")
+    assert len(full) == COUNT - len(bad)
+    keyed = _json("dlq", "list", "billing", *where, "--key", "k1", "--key", "k2", "--limit", "0")
+    assert sorted(e["original"]["offset"] for e in keyed) == [1, 2, 14, 15, 27, 28]
+    recent = _json("dlq", "list", "billing", *where, "--since", "10m", "--limit", "0")
+    assert sorted(e["original"]["offset"] for e in recent) == list(range(COUNT // 2, COUNT))
+    older = _json("dlq", "list", "billing", *where, "--until", "10m", "--key", "k0")
+    assert [e["original"]["offset"] for e in older] == [0, 13]
+    yaml_out = cli("dlq", "list", "billing", *where, "--key", "k3", "-o", "yaml")
+    assert yaml_out.returncode == 0 and "errorClass:" in yaml_out.stdout
+
+    nothing = cli("dlq", "list", "billing", *where, "--key", "no-such-key")
+    assert nothing.returncode == 3
+    assert "0 matching waiting events shown" in nothing.stderr
+
+
+def test_show_prints_all_headers_and_the_payload(
+    dlq_pipeline: tuple[Topology, list[str]], kafka_bootstrap: str
+) -> None:
+    topo, where = dlq_pipeline
+    first = _json("dlq", "list", "billing", *where, "--limit", "1")[0]
+    position = f"{first['partition']}:{first['offset']}"
+    proc = cli("dlq", "show", "billing", position, *where)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert f"Event {position} of {topo.dlq_topic}: waiting" in out
+    assert "Error class:    billing.errors.BadOrder" in out
+    assert "trace-id: t0" in out and f"{h.DLQ_REASON}: non-retriable" in out
+    assert "ReadTimeout: slow" in out, "the stack"
+    assert 'Payload (JSON, 12 bytes):\n  {\n    "id": "e0"\n  }' in out
+    event = _json("dlq", "show", "billing", position, *where)
+    assert event["value"] == '{"id": "e0"}' and event["errorStack"].startswith("Traceback")
+
+    # A binary payload is shown as hex (and base64 in JSON).
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    producer.produce(topo.dlq_topic, key=b"\x00\xff", value=bytes(range(20)), partition=2)
+    producer.flush(10)
+    high = max(s.high for s in partition_states(KafkaAccess(kafka_bootstrap), topo.dlq_topic)
+               if s.partition == 2)  # fmt: skip
+    shown = cli("dlq", "show", "billing", f"2:{high - 1}", *where)
+    assert "Key:            0x00ff" in shown.stdout
+    assert "Payload (binary, 20 bytes, hex):\n  0000  00 01 02 03" in shown.stdout
+    event = _json("dlq", "show", "billing", f"2:{high - 1}", *where)
+    assert event["valueBase64"] == "AAECAwQFBgcICQoLDA0ODxAREhM=" and event["keyBase64"] == "AP8="
+
+    missing = cli("dlq", "show", "billing", "0:100000", *where)
+    assert missing.returncode == 3 and "no event at 0:100000" in missing.stderr
+
+
+def test_purge_before_an_offset_removes_exactly_those_events(
+    dlq_pipeline: tuple[Topology, list[str]], kafka_bootstrap: str
+) -> None:
+    topo, where = dlq_pipeline
+    before = {e["original"]["offset"] for e in _json("dlq", "list", "billing", *where,
+                                                     "--limit", "0")}  # fmt: skip
+    in_p0 = sorted(
+        (e for e in _json("dlq", "list", "billing", *where, "--limit", "0") if e["partition"] == 0),
+        key=lambda e: e["offset"],
+    )
+    assert len(in_p0) >= 4
+
+    refused = cli("dlq", "purge", "billing", *where, "--before-offset", "0:3", input="n\n")
+    assert refused.returncode == 1 and "Delete 3 event(s)" in refused.stderr
+    assert _depth(kafka_bootstrap, topo) == COUNT, "nothing purged without a yes"
+
+    proc = cli("dlq", "purge", "billing", *where, "--before-offset", "0:3", input="y\n")
+    assert proc.returncode == 0, proc.stderr
+    assert f"purged 3 event(s) from {topo.dlq_topic}; DLQ depth now {COUNT - 3}" in proc.stdout
+    after = {e["original"]["offset"] for e in _json("dlq", "list", "billing", *where,
+                                                    "--limit", "0")}  # fmt: skip
+    assert before - after == {e["original"]["offset"] for e in in_p0[:3]}
+    assert _depth(kafka_bootstrap, topo) == COUNT - 3
+
+    # Everything that reached the DLQ more than 10 minutes ago (the older half).
+    proc = cli("dlq", "purge", "billing", *where, "--before-time", "10m", "--yes")
+    assert proc.returncode == 0, proc.stderr
+    left = {e["original"]["offset"] for e in _json("dlq", "list", "billing", *where,
+                                                   "--limit", "0")}  # fmt: skip
+    assert left == set(range(COUNT // 2, COUNT))
+    again = cli("dlq", "purge", "billing", *where, "--before-time", "10m", "--yes")
+    assert again.returncode == 3 and "nothing to purge" in again.stderr
+
+
+def test_direct_replay_with_a_filter_keeps_skipped_events_counted(
+    dlq_pipeline: tuple[Topology, list[str]], kafka_bootstrap: str
+) -> None:
+    topo, where = dlq_pipeline
+    target = topo.tiers[0].topic
+    proc = cli("dlq", "replay", "billing", *where, "--direct", "--error-class", "BadOrder")
+    assert proc.returncode == 0, proc.stderr
+    assert "Succeeded: 10 replayed, 30 skipped" in proc.stdout
+    replay_id = proc.stdout.split()[0].removeprefix("dlqreplay/")
+    records = replayed_records(kafka_bootstrap, target, replay_id, expect=10)
+    assert sorted(json.loads(r.value or b"")["id"] for r in records) == sorted(
+        f"e{i}" for i in range(0, COUNT, 4)
+    )
+    for r in records:
+        assert r.header(h.ATTEMPT) == "1" and r.header(h.DLQ_REASON) is None
+        assert r.header(h.ERROR_CLASS) == "billing.errors.BadOrder", "the last error is kept"
+        assert next(k for k, _ in r.headers if not h.is_ours(k)) == "trace-id"
+    # Skipped events still wait; replayed ones are behind the cursor only up to the first
+    # skipped event of their partition (a contiguous prefix), the rest stay counted.
+    states = partition_states(KafkaAccess(kafka_bootstrap), topo.dlq_topic)
+    past = sum(s.waiting for s in states) - 30
+    assert 0 <= past <= 10
+    if past:
+        assert f"note: {past} replayed event(s) come after skipped ones" in proc.stderr
+    for s in states:
+        prefix = [r for r in records if source_of(r)[0] == s.partition and
+                  source_of(r)[1] < s.head]  # fmt: skip
+        assert len(prefix) == s.head, "the cursor passed only replayed events"
+
+    # An unfiltered replay takes the rest: the DLQ is empty.
+    proc = cli("dlq", "replay", "billing", *where, "--direct")
+    assert proc.returncode == 0, proc.stderr
+    assert _depth(kafka_bootstrap, topo) == 0
+    nothing = cli("dlq", "replay", "billing", *where, "--direct")
+    assert nothing.returncode == 3 and "nothing matched" in nothing.stderr
+
+
+def test_errors_are_one_clear_line(
+    dlq_pipeline: tuple[Topology, list[str]], kubeconfig: str, namespace: str,
+    crds: None,  # noqa: F811
+) -> None:  # fmt: skip
+    _, where = dlq_pipeline
+    cases = [
+        (["dlq", "list", "billing", *where, "--bootstrap-servers", "127.0.0.1:1",
+          "--kafka-timeout", "2"], "cannot reach Kafka at 127.0.0.1:1"),
+        (["dlq", "replay", "billing", *where, "--direct", "--target-tier", "nope"],
+         "has no tier 'nope'"),
+        (["dlq", "list", "billing", "--kubeconfig", kubeconfig, "-n", namespace],
+         f"RetryPipeline {namespace}/billing not found"),
+        (["status", "billing", "--kubeconfig", kubeconfig, "-n", namespace],
+         f"RetryPipeline {namespace}/billing not found"),
+        (["dlq", "cancel", "nope", "--kubeconfig", kubeconfig, "-n", namespace],
+         f"DLQReplay {namespace}/nope not found"),
+    ]  # fmt: skip
+    for args, message in cases:
+        proc = cli(*args)
+        assert proc.returncode == 1, (args, proc.stderr)
+        assert proc.stderr == f"kafka-retry: {proc.stderr.removeprefix('kafka-retry: ')}"
+        assert message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr

@@ -1,0 +1,288 @@
+"""The operator's pure parts: children builders (the contract with the tier worker),
+conditions, status composition, the depth formula, topic plans, settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kafka_retry.model import RetryPipelineSpec, Topology
+from kafka_retry_operator import children, depth, topics
+from kafka_retry_operator import conditions as c
+from kafka_retry_operator import status as st
+from kafka_retry_operator.config import OperatorConfig
+from kafka_retry_operator.fleet import PipelineRecord
+from kafka_retry_operator.sampler import ClusterHealth, Sample
+
+SPEC: dict[str, Any] = {
+    "kafka": {"bootstrapServers": "kafka:9092", "secretRef": {"name": "kafka-client"}},
+    "source": {"topic": "orders", "consumerGroup": "billing"},
+    "tiers": [{"name": "retry-1", "delaySeconds": 30}, {"name": "retry-2", "delaySeconds": 300}],
+    "dlq": {"retentionHours": 48},
+    "topics": {"partitions": 3},
+    "handler": {"python": {"image": "billing:1.4", "callable": "billing.h:handle"}},
+    "workers": {"replicas": 2},
+}
+
+
+def _spec(**overrides: Any) -> RetryPipelineSpec:
+    return RetryPipelineSpec.model_validate({**SPEC, **overrides})
+
+
+def _deployment(spec: RetryPipelineSpec, tier: int = 0) -> dict[str, Any]:
+    topo = spec.topology("shop", "billing-orders")
+    return children.tier_deployment(
+        "shop",
+        "billing-orders",
+        spec,
+        topo.tiers[tier],
+        topo,
+        default_image="op:1",
+        default_resources={"requests": {"cpu": "10m"}},
+    )
+
+
+# --------------------------------------------------------------------------- children
+
+
+def test_deployment_follows_the_worker_contract() -> None:
+    d = _deployment(_spec())
+    assert d["metadata"]["name"] == "billing-orders-retry-1"
+    labels = d["metadata"]["labels"]
+    assert labels["app.kubernetes.io/name"] == "kafka-retry-worker"
+    assert labels["app.kubernetes.io/instance"] == "billing-orders"
+    assert labels["kafkaretry.io/pipeline"] == "billing-orders"
+    assert labels["kafkaretry.io/tier"] == "retry-1"
+    pod = d["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["kafka-retry", "worker"]
+    assert container["args"] == ["--tier", "retry-1"]
+    assert container["image"] == "billing:1.4"  # python handler: the service's image
+    env = {e["name"]: e for e in container["env"]}
+    assert env["KAFKA_RETRY_TOPOLOGY"]["valueFrom"]["configMapKeyRef"] == {
+        "name": "billing-orders-topology",
+        "key": "topology.json",
+    }
+    assert env["KAFKA_RETRY_METRICS_PORT"]["value"] == "9400"
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["envFrom"] == [
+        {"prefix": "KAFKA_CLIENT_", "secretRef": {"name": "kafka-client"}}
+    ]
+    assert d["spec"]["replicas"] == 2
+    assert d["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_deployment_is_locked_down() -> None:
+    pod = _deployment(_spec())["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_contract_constants_match_the_data_plane() -> None:
+    from kafka_retry import metrics
+    from kafka_retry.kafka_config import CLIENT_ENV_PREFIX
+
+    assert children.METRICS_PORT_ENV == metrics.PORT_ENV
+    assert children.METRICS_PORT == metrics.DEFAULT_PORT
+    assert CLIENT_ENV_PREFIX == "KAFKA_CLIENT_"
+
+
+def test_http_handler_image_and_resources() -> None:
+    http = {"http": {"url": "http://svc/events"}}
+    spec = _spec(handler=http, kafka={"bootstrapServers": "k:1"})
+    (container,) = _deployment(spec)["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "op:1"
+    assert container["resources"] == {"requests": {"cpu": "10m"}}
+    assert "envFrom" not in container
+    own = _spec(
+        handler=http,
+        workers={"image": "mine:2", "resources": {"limits": {"memory": "1Gi"}}},
+    )
+    (container,) = _deployment(own)["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "mine:2"
+    assert container["resources"] == {"limits": {"memory": "1Gi"}}
+
+
+def test_suspend_scales_to_zero() -> None:
+    assert _deployment(_spec(suspend=True))["spec"]["replicas"] == 0
+
+
+def test_a_topology_change_changes_the_pod_template() -> None:
+    a = _deployment(_spec())
+    b = _deployment(_spec(tiers=[{"name": "retry-1", "delaySeconds": 31}]))
+    key = children.TOPOLOGY_HASH_ANNOTATION
+    a_hash = a["spec"]["template"]["metadata"]["annotations"][key]
+    assert a_hash != b["spec"]["template"]["metadata"]["annotations"][key]
+    assert a == _deployment(_spec()), "builders are deterministic"
+
+
+def test_configmap_holds_the_topology() -> None:
+    spec = _spec()
+    topo = spec.topology("shop", "billing-orders")
+    cm = children.topology_configmap("shop", "billing-orders", topo)
+    assert cm["metadata"]["name"] == "billing-orders-topology"
+    assert Topology.from_json(cm["data"]["topology.json"]) == topo
+
+
+# --------------------------------------------------------------------------- topics
+
+
+def test_topic_plan() -> None:
+    spec = _spec()
+    plans = topics.plan(spec, spec.topology("shop", "p"))
+    assert [p.name for p in plans] == [
+        "billing.orders.retry-1",
+        "billing.orders.retry-2",
+        "billing.orders.dlq",
+    ]
+    assert {p.partitions for p in plans} == {3}
+    assert plans[-1].config["retention.ms"] == str(48 * 3600 * 1000)
+    assert all(p.config["cleanup.policy"] == "delete" for p in plans)
+    assert int(plans[0].config["retention.ms"]) >= 7 * 24 * 3600 * 1000
+    assert topics.tier_retention_ms(7 * 24 * 3600) > 2 * 7 * 24 * 3600 * 1000
+
+
+# --------------------------------------------------------------------------- depth
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "committed", "expected"),
+    [
+        (0, 10, None, 10),  # no cursor: everything from the low watermark waits
+        (0, 10, 4, 6),  # replayed/purged up to 4
+        (5, 10, 2, 5),  # retention removed 0..4: the cursor behind it counts from low
+        (0, 10, 10, 0),
+        (0, 10, 12, 0),  # never negative
+        (7, 7, None, 0),
+    ],
+)
+def test_waiting(low: int, high: int, committed: int | None, expected: int) -> None:
+    assert depth.waiting(low, high, committed) == expected
+
+
+def test_backlog_sums_partitions_and_reports_heads() -> None:
+    marks = {("d", 0): (0, 5), ("d", 1): (2, 2), ("d", 2): (1, 4)}
+    b = depth.backlog("d", 3, marks, {("d", 0): 3, ("d", 1): None, ("d", 2): None})
+    assert b == depth.Backlog(2 + 0 + 3, {0: 3, 2: 1})
+    assert depth.backlog("d", 4, marks, {}) is None  # a partition unknown: no partial sum
+    assert depth.cursor_group("billing.orders.dlq") == "billing.orders.dlq.cursor"
+
+
+# --------------------------------------------------------------------------- conditions
+
+
+def test_transition_time_changes_only_when_status_flips() -> None:
+    first = c.stamp([c.Verdict("Ready", "False", "A", "one")], [], 1, at="T1")
+    previous = [x.wire() for x in first]
+    same = c.stamp([c.Verdict("Ready", "False", "B", "two")], previous, 2, at="T2")
+    assert same[0].last_transition_time == "T1"
+    assert (same[0].reason, same[0].message, same[0].observed_generation) == ("B", "two", 2)
+    flipped = c.stamp([c.Verdict("Ready", "True", "Ready")], previous, 2, at="T3")
+    assert flipped[0].last_transition_time == "T3"
+
+
+def test_ready_summarizes_parts() -> None:
+    ok = c.Verdict.of("TopicsReady", True, "TopicsReady")
+    bad = c.Verdict.of("WorkersReady", False, "WorkersNotReady", "0/1")
+    assert c.ready([ok, ok]).status == "True"
+    r = c.ready([ok, bad])
+    assert (r.status, r.reason) == ("False", "WorkersNotReady")
+    assert "WorkersReady: 0/1" in r.message
+
+
+# --------------------------------------------------------------------------- status
+
+
+def _record(**kw: Any) -> PipelineRecord:
+    spec = _spec()
+    values: dict[str, Any] = {
+        "key": ("shop", "billing-orders"),
+        "generation": 3,
+        "topology": spec.topology("shop", "billing-orders"),
+        "cluster": None,
+        "replicas": 2,
+        "suspended": False,
+        "topics": c.Verdict.of("TopicsReady", True, "TopicsReady", "3 topics ready"),
+    }
+    values.update(kw)
+    return PipelineRecord(**values)
+
+
+def _workers(ready: int = 2) -> dict[str, st.TierWorkers]:
+    return {t: st.TierWorkers(t, 2, ready, 2, True) for t in ("retry-1", "retry-2")}
+
+
+def test_compose_ready_status() -> None:
+    sample = Sample(0.0, {"retry-1": 4, "retry-2": 0}, 7, 1_700_000_000_000)
+    s = st.compose(_record(), sample, ClusterHealth(True), _workers(), {}, at="T1")
+    assert s["observedGeneration"] == 3
+    assert s["tierCount"] == 2
+    assert s["topics"] == {
+        "source": "orders",
+        "tiers": ["billing.orders.retry-1", "billing.orders.retry-2"],
+        "dlq": "billing.orders.dlq",
+    }
+    assert s["tiers"][0] == {
+        "name": "retry-1",
+        "topic": "billing.orders.retry-1",
+        "lag": 4,
+        "readyReplicas": 2,
+    }
+    assert s["dlq"] == {
+        "depth": 7,
+        "oldestTimestamp": "2023-11-14T22:13:20.000Z",
+        "lastUpdated": "T1",
+    }
+    ready = {x["type"]: x for x in s["conditions"]}
+    assert ready["Ready"]["status"] == "True"
+    assert ready["WorkersReady"]["status"] == "True"
+    # Unchanged inputs compose an unchanged status: nothing to write.
+    again = st.compose(_record(), sample, ClusterHealth(True), _workers(), s, at="T2")
+    assert not st.differs(s, again)
+    assert st.dlq_growth(s, again) is None
+
+
+def test_compose_not_ready_and_unreachable() -> None:
+    s = st.compose(_record(), None, ClusterHealth(False, "down"), _workers(ready=1), {}, at="T")
+    conds = {x["type"]: x for x in s["conditions"]}
+    assert conds["TopicsReady"]["reason"] == "KafkaUnreachable"
+    assert conds["WorkersReady"]["reason"] == "WorkersNotReady"
+    assert conds["Ready"]["status"] == "False"
+    assert "dlq" not in s  # never measured
+
+
+def test_suspended_is_ready_with_reason() -> None:
+    workers = {t: st.TierWorkers(t, 0, 0, 0, True) for t in ("retry-1", "retry-2")}
+    s = st.compose(_record(replicas=0, suspended=True), None, None, workers, {}, at="T")
+    conds = {x["type"]: x for x in s["conditions"]}
+    assert (conds["Ready"]["status"], conds["Ready"]["reason"]) == ("True", "Suspended")
+
+
+def test_dlq_growth() -> None:
+    assert st.dlq_growth({}, {"dlq": {"depth": 3}}) == (0, 3)
+    assert st.dlq_growth({"dlq": {"depth": 3}}, {"dlq": {"depth": 5}}) == (3, 5)
+    assert st.dlq_growth({"dlq": {"depth": 5}}, {"dlq": {"depth": 2}}) is None
+
+
+def test_invalid_status() -> None:
+    s = st.invalid("spec.tiers: bad", 4, {})
+    assert s["observedGeneration"] == 4
+    ready = next(x for x in s["conditions"] if x["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec")
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    config = OperatorConfig(max_backoff=10)
+    assert [config.backoff(r) for r in range(5)] == [2, 4, 8, 10, 10]
+    assert (
+        OperatorConfig.from_env({"KAFKA_RETRY_OPERATOR_STATUS_INTERVAL": "1"}).status_interval == 1
+    )
