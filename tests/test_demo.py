@@ -1,0 +1,231 @@
+"""`make demo` end to end, in its non-interactive mode (`hack/demo.py --no-live`): the real
+broker and API server, the operator, the pod runner's tier workers, the example order service,
+a DLQ filled by the service's bug and replayed after the fix. Each test runs the demo in a
+namespace and topic prefix of its own, so it can run beside anything else."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import localenv
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = [sys.executable, str(ROOT / "hack" / "demo.py")]
+
+
+def _summary(stdout: str) -> dict[str, Any]:
+    """The demo's last line: its JSON summary."""
+    last = stdout.strip().splitlines()[-1]
+    summary = json.loads(last)
+    assert summary["demo"] == "summary", last
+    return dict(summary)
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Processes whose command line or environment mentions `text` (the demo's namespace is
+    in the operator's, pod runner's and service's arguments and in the tier workers'
+    topology variable)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            blob = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if text.encode() in blob:
+            found.append(f"{proc.name}: {(proc / 'cmdline').read_bytes()!r}")
+    return found
+
+
+def _wait_gone(text: str, timeout: float = 30) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while (left := _processes_mentioning(text)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+def _topics(kafka_admin: Any, prefix: str) -> list[str]:
+    return sorted(t for t in kafka_admin.list_topics(timeout=10).topics if t.startswith(prefix))
+
+
+def _namespace_gone(kubectl: Any, namespace: str, timeout: float = 60) -> bool:
+    """Deleted, or at least being deleted (the namespace controller finishes the job)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = kubectl("get", "namespace", namespace, "-o", "json", check=False)
+        if out.returncode != 0 or json.loads(out.stdout)["status"]["phase"] == "Terminating":
+            return True
+        time.sleep(0.5)
+    return False
+
+
+@pytest.fixture
+def demo_names(unique: str, kubectl: Any, kafka_admin: Any) -> Iterator[tuple[str, str]]:
+    """A namespace and topic prefix for one demo run; whatever a failed run leaves is removed."""
+    namespace, prefix = f"demo-{unique}", f"demo-{unique}-"
+    yield namespace, prefix
+    subprocess.run([*DEMO, "down", "--namespace", namespace], capture_output=True, timeout=60)
+    left = kubectl("get", "retrypipelines", "-n", namespace, "-o", "name", check=False)
+    for obj in left.stdout.split():
+        kubectl("patch", obj, "-n", namespace, "--type=merge", "-p",
+                '{"metadata":{"finalizers":null}}', check=False)  # fmt: skip
+    kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+    topics = _topics(kafka_admin, prefix)
+    if topics:
+        for f in kafka_admin.delete_topics(topics).values():
+            with contextlib.suppress(Exception):  # cleanup is best effort
+                f.result(timeout=30)
+
+
+def _start(namespace: str, prefix: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*DEMO, "--no-live", "--namespace", namespace, "--prefix", prefix, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def _read_until(proc: subprocess.Popen[str], marker: str, timeout: float) -> str:
+    """The demo's output up to the first line containing `marker`."""
+    assert proc.stdout is not None
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    proc.kill()
+    raise AssertionError(f"no {marker!r} in the demo's output:\n{''.join(seen)}")
+
+
+@pytest.mark.timeout(180)
+def test_demo_replays_the_dlq_and_loses_nothing(
+    demo_names: tuple[str, str], kubectl: Any, kafka_admin: Any
+) -> None:
+    namespace, prefix = demo_names
+    started = time.monotonic()
+    proc = subprocess.run(
+        [*DEMO, "--no-live", "--namespace", namespace, "--prefix", prefix,
+         "--events", "60", "--delays", "1,2", "--rate", "40"],
+        capture_output=True, text=True, timeout=170, cwd=ROOT,
+    )  # fmt: skip
+    took = time.monotonic() - started
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    s = _summary(proc.stdout)
+
+    assert s["ok"] is True, output
+    assert s["events"] == 60
+    assert s["lost"] == 0
+    assert s["handled"] == 60, "every order charged: first time, after a retry or replayed"
+    assert s["handled_first_time"] + s["handled_after_retry"] + s["replayed"] == 60
+    # The example's mix (examples/order_service/orders.py): per 20 orders, 2 hit the bug,
+    # 3 fail once at payments (handled on retry-1) and 2 fail twice (handled on retry-2).
+    assert s["dead_lettered"] == 6 and s["replayed"] == 6
+    assert s["handled_after_retry_by_tier"] == {"retry-1": 9, "retry-2": 6}
+    assert s["handled_first_time"] == 39
+    assert s["replay"] == {"name": "coupon-fix", "phase": "Succeeded", "replayed": 6}
+    assert s["dlq_depth"] == 0
+    assert s["lateness_ms"]["count"] == 21 and s["lateness_ms"]["early"] == 0, (
+        "no retry is processed before its tier's delay has passed"
+    )
+    assert took < 120, f"the demo took {took:.0f}s"
+
+    # It cleans up after itself: processes, topics, namespace; the shared servers stay.
+    assert not _wait_gone(namespace)
+    assert _topics(kafka_admin, prefix) == []
+    assert _namespace_gone(kubectl, namespace)
+    assert all(server.pid() for server in localenv.ALL), "the shared servers keep running"
+    assert not (localenv.RUN / "demo" / f"{namespace}.json").exists()
+    assert "make demo-down" in output
+
+
+@pytest.mark.timeout(150)
+def test_ctrl_c_stops_everything_the_demo_started(
+    demo_names: tuple[str, str], kubectl: Any, kafka_admin: Any
+) -> None:
+    namespace, prefix = demo_names
+    proc = _start(namespace, prefix, "--events", "2000", "--rate", "20")
+    try:
+        _read_until(proc, "producing", timeout=90)
+        time.sleep(3)  # orders flowing, retries waiting on their tiers
+        assert _processes_mentioning(namespace), "the demo's processes run"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out
+    summary = _summary(out)
+    assert summary["error"] == "interrupted" and summary["ok"] is False
+    assert "cleaning up" in out
+    assert not _wait_gone(namespace), "operator, pod runner, tier workers and service stopped"
+    assert _topics(kafka_admin, prefix) == []
+    assert _namespace_gone(kubectl, namespace)
+    assert all(server.pid() for server in localenv.ALL), "Ctrl-C never stops the shared servers"
+
+
+@pytest.mark.timeout(150)
+def test_demo_down_stops_what_a_killed_demo_left(demo_names: tuple[str, str], kubectl: Any) -> None:
+    namespace, prefix = demo_names
+    proc = _start(namespace, prefix, "--events", "2000", "--rate", "20")
+    try:
+        _read_until(proc, "producing", timeout=90)
+    finally:
+        proc.kill()  # no clean-up: its children live on
+        proc.wait()
+    assert _processes_mentioning(namespace)
+    down = subprocess.run(
+        [*DEMO, "down", "--namespace", namespace], capture_output=True, text=True, timeout=90
+    )
+    assert down.returncode == 0, down.stderr
+    assert "order-service" in down.stdout and "operator" in down.stdout
+    assert not _wait_gone(namespace)
+    assert all(server.pid() for server in localenv.ALL), "`demo.py down` leaves the servers"
+
+
+def test_demo_help_and_makefile_targets() -> None:
+    """`make demo` passes DEMO_ARGS to hack/demo.py; `make demo-down` stops demo processes,
+    then the servers (checked with `make -n`: running it would stop the shared servers)."""
+    help_text = subprocess.run([*DEMO, "--help"], capture_output=True, text=True, check=True).stdout
+    for flag in (
+        "--events",
+        "--rate",
+        "--delays",
+        "--namespace",
+        "--prefix",
+        "--no-live",
+        "--keep",
+    ):
+        assert flag in help_text
+    plan = subprocess.run(
+        ["make", "-n", "demo-down"], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.splitlines()
+    assert [line.split()[1:] for line in plan] == [
+        ["hack/demo.py", "down"],
+        ["hack/localenv.py", "down"],
+    ]
+    plan = subprocess.run(
+        ["make", "-n", "demo", "DEMO_ARGS=--events 5"],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    ).stdout  # fmt: skip
+    assert "hack/demo.py --events 5" in plan
