@@ -218,14 +218,18 @@ def test_demo_help_and_makefile_targets() -> None:
     ):
         assert flag in help_text
     plan = subprocess.run(
-        ["make", "-n", "demo-down"], capture_output=True, text=True, check=True, cwd=ROOT
+        ["make", "--no-print-directory", "-n", "demo-down"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
     ).stdout.splitlines()
     assert [line.split()[1:] for line in plan] == [
         ["hack/demo.py", "down"],
         ["hack/localenv.py", "down"],
     ]
     plan = subprocess.run(
-        ["make", "-n", "demo", "DEMO_ARGS=--events 5"],
+        ["make", "--no-print-directory", "-n", "demo", "DEMO_ARGS=--events 5"],
         capture_output=True, text=True, check=True, cwd=ROOT,
     ).stdout  # fmt: skip
     assert "hack/demo.py --events 5" in plan

@@ -52,7 +52,13 @@ def _commands() -> Iterator[list[str]]:
 
 
 def _make_targets() -> set[str]:
-    out = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["make", "--no-print-directory", "help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
 
 
