@@ -61,6 +61,8 @@ OPERATOR_ENV = {
     "KAFKA_RETRY_OPERATOR_STATUS_INTERVAL": "1",
     "KAFKA_RETRY_OPERATOR_KAFKA_TIMEOUT": "3",
     "KAFKA_RETRY_OPERATOR_MAX_BACKOFF": "3",
+    # Its Prometheus endpoint is not needed here; 0 turns it off, so no port can clash.
+    "KAFKA_RETRY_METRICS_PORT": "0",
 }
 
 

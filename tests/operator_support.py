@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,8 +46,15 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: flo
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class OperatorProcess:
-    """`kafka-retry-operator -n <namespace>` as a subprocess, logging to a file."""
+    """`kafka-retry-operator -n <namespace>` as a subprocess, logging to a file. Its /metrics
+    is on a free local port (`metrics_url`): operators of concurrent runs share this machine."""
 
     def __init__(
         self,
@@ -61,7 +69,12 @@ class OperatorProcess:
         self.namespaces = namespaces
         self.verbose = verbose
         self.log_path = log_path
-        self.env = {**os.environ, "KUBECONFIG": kubeconfig, **FAST_ENV, **env}
+        metrics = {
+            "KAFKA_RETRY_METRICS_PORT": str(free_port()),
+            "KAFKA_RETRY_METRICS_ADDRESS": "127.0.0.1",
+        }
+        self.env = {**os.environ, "KUBECONFIG": kubeconfig, **FAST_ENV, **metrics, **env}
+        self.metrics_url = f"http://127.0.0.1:{self.env['KAFKA_RETRY_METRICS_PORT']}/metrics"
         self.proc: subprocess.Popen[bytes] | None = None
         self.peak_rss_kb = 0
 

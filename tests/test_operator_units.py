@@ -3,17 +3,24 @@ conditions, status composition, the depth formula, topic plans, settings."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from kafka_retry.model import RetryPipelineSpec, Topology
 from kafka_retry_operator import children, depth, topics
 from kafka_retry_operator import conditions as c
 from kafka_retry_operator import status as st
-from kafka_retry_operator.config import OperatorConfig
+from kafka_retry_operator.config import ConfigError, OperatorConfig
 from kafka_retry_operator.fleet import PipelineRecord
 from kafka_retry_operator.sampler import ClusterHealth, Sample
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SPEC: dict[str, Any] = {
     "kafka": {"bootstrapServers": "kafka:9092", "secretRef": {"name": "kafka-client"}},
@@ -85,6 +92,85 @@ def test_deployment_is_locked_down() -> None:
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"] == {"drop": ["ALL"]}
+
+
+def _security(**overrides: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(pod, container) security contexts of a Deployment built with these overrides."""
+    spec = _spec()
+    topo = spec.topology("shop", "billing-orders")
+    d = children.tier_deployment(
+        "shop",
+        "billing-orders",
+        spec,
+        topo.tiers[0],
+        topo,
+        default_image="op:1",
+        default_resources={},
+        **overrides,
+    )
+    pod = d["spec"]["template"]["spec"]
+    return pod["securityContext"], pod["containers"][0]["securityContext"]
+
+
+def test_security_contexts_default_to_restricted() -> None:
+    pod, container = _security()
+    assert pod == children.RESTRICTED_POD_SECURITY_CONTEXT
+    assert container == children.RESTRICTED_SECURITY_CONTEXT
+    assert _security(pod_security_context={}, security_context={}) == (pod, container)
+
+
+def test_a_partial_override_cannot_weaken_the_restricted_defaults() -> None:
+    pod, container = _security(
+        pod_security_context={"runAsUser": 1000, "fsGroup": 1000, "seccompProfile": {}},
+        security_context={"capabilities": {"add": ["NET_BIND_SERVICE"]}},
+    )
+    assert pod == {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": children.WORKER_UID,
+        "fsGroup": 1000,
+        "seccompProfile": {"type": "RuntimeDefault"},  # `{}` merges: nothing removed
+    }
+    assert container == {
+        **children.RESTRICTED_SECURITY_CONTEXT,
+        "capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]},
+    }
+
+
+def test_weakening_a_default_takes_saying_so() -> None:
+    """Merge-patch semantics (RFC 7386): a value replaces, `null` removes, lists replace."""
+    pod, container = _security(
+        pod_security_context={"seccompProfile": None},
+        security_context={"readOnlyRootFilesystem": False, "capabilities": {"drop": ["NET_RAW"]}},
+    )
+    assert "seccompProfile" not in pod and pod["runAsNonRoot"] is True
+    assert container["readOnlyRootFilesystem"] is False
+    assert container["capabilities"] == {"drop": ["NET_RAW"]}
+    assert container["allowPrivilegeEscalation"] is False
+    # The defaults themselves are never modified by an override.
+    assert _security() == (
+        dict(children.RESTRICTED_POD_SECURITY_CONTEXT),
+        dict(children.RESTRICTED_SECURITY_CONTEXT),
+    )
+    assert children.RESTRICTED_SECURITY_CONTEXT["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_merge_patch() -> None:
+    base = {"a": 1, "b": {"c": 2, "d": [1]}, "e": "x"}
+    patch = {"a": None, "b": {"d": [2], "f": {"g": None, "h": 3}}, "e": {"i": None}}
+    assert children.merge_patch(base, patch) == {"b": {"c": 2, "d": [2], "f": {"h": 3}}, "e": {}}
+    assert base == {"a": 1, "b": {"c": 2, "d": [1]}, "e": "x"}
+
+
+def test_the_charts_worker_defaults_are_the_restricted_defaults() -> None:
+    values = yaml.safe_load((ROOT / "charts/kafka-retry-operator/values.yaml").read_text())
+    workers = values["workers"]
+    pod, container = _security(
+        pod_security_context=workers["podSecurityContext"],
+        security_context=workers["securityContext"],
+    )
+    assert pod == children.RESTRICTED_POD_SECURITY_CONTEXT
+    assert container == children.RESTRICTED_SECURITY_CONTEXT
 
 
 def test_contract_constants_match_the_data_plane() -> None:
@@ -286,3 +372,51 @@ def test_backoff_grows_and_is_capped() -> None:
     assert (
         OperatorConfig.from_env({"KAFKA_RETRY_OPERATOR_STATUS_INTERVAL": "1"}).status_interval == 1
     )
+
+
+def test_settings_from_the_environment() -> None:
+    default = OperatorConfig.from_env({})
+    assert (default.metrics_port, default.metrics_address) == (9400, "0.0.0.0")
+    assert default.worker_pod_security_context == {} == default.worker_security_context
+    config = OperatorConfig.from_env(
+        {
+            "KAFKA_RETRY_METRICS_PORT": "0",
+            "KAFKA_RETRY_METRICS_ADDRESS": "127.0.0.1",
+            "KAFKA_RETRY_WORKER_POD_SECURITY_CONTEXT": json.dumps({"fsGroup": 2000}),
+            "KAFKA_RETRY_WORKER_SECURITY_CONTEXT": " ",
+        }
+    )
+    assert (config.metrics_port, config.metrics_address) == (0, "127.0.0.1")
+    assert config.worker_pod_security_context == {"fsGroup": 2000}
+    assert config.worker_security_context == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("KAFKA_RETRY_WORKER_SECURITY_CONTEXT", "{runAsNonRoot: true}", "invalid JSON"),
+        ("KAFKA_RETRY_WORKER_POD_SECURITY_CONTEXT", "[]", "expected a JSON object"),
+        ("KAFKA_RETRY_WORKER_RESOURCES", "{", "invalid JSON"),
+        ("KAFKA_RETRY_METRICS_PORT", "metrics", "not an integer"),
+        ("KAFKA_RETRY_METRICS_PORT", "70000", "not a port number"),
+        ("KAFKA_RETRY_OPERATOR_STATUS_INTERVAL", "15s", "not a number"),
+    ],
+)
+def test_unusable_settings_are_named(name: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as e:
+        OperatorConfig.from_env({name: value})
+    assert str(e.value).startswith(f"{name}: ")
+
+
+def test_the_operator_refuses_to_start_on_an_unusable_setting() -> None:
+    """Settings are read when the handlers are imported: a clear message, no traceback."""
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "kafka-retry-operator"), "-n", "nowhere"],
+        env={"KAFKA_RETRY_WORKER_SECURITY_CONTEXT": "{oops"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "KAFKA_RETRY_WORKER_SECURITY_CONTEXT: invalid JSON" in proc.stderr
+    assert "Traceback" not in proc.stderr

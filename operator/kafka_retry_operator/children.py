@@ -9,6 +9,7 @@ references are added by the caller (`kopf.adopt`), so these stay testable withou
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +26,20 @@ WORKER_CONTAINER = "worker"
 WORKER_COMMAND = ["kafka-retry", "worker"]
 # Images run as a fixed non-root user: runAsNonRoot cannot check a user given by name.
 WORKER_UID = 65532
+# The "restricted" Pod Security Standard. Deployers' overrides (config.py) are merged onto
+# these with `merge_patch`, so a partial override cannot drop a protection by omission.
+RESTRICTED_POD_SECURITY_CONTEXT: Mapping[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": WORKER_UID,
+    "runAsGroup": WORKER_UID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+RESTRICTED_SECURITY_CONTEXT: Mapping[str, Any] = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
 
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
@@ -87,6 +102,25 @@ def worker_resources(spec: RetryPipelineSpec, defaults: Mapping[str, Any]) -> di
     return {k: dict(v) for k, v in defaults.items()}
 
 
+def merge_patch(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """`patch` applied to `base` as a JSON merge patch (RFC 7386): objects merge key by key,
+    recursively; a `null` removes the key; anything else (scalars, lists) replaces it.
+
+    Why merge rather than replace: `{"runAsUser": 1000}` must not silently lose runAsNonRoot
+    and seccomp, nor `{"capabilities": {"add": [...]}}` the `drop: [ALL]`. Weakening a default
+    takes saying so (`"readOnlyRootFilesystem": false`, or `null` to remove it)."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, Mapping):
+            below = merged.get(key)
+            merged[key] = merge_patch(below if isinstance(below, Mapping) else {}, value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
 def tier_deployment(
     namespace: str,
     pipeline: str,
@@ -97,8 +131,11 @@ def tier_deployment(
     default_image: str,
     default_resources: Mapping[str, Any],
     pull_policy: str = "IfNotPresent",
+    pod_security_context: Mapping[str, Any] | None = None,
+    security_context: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The Deployment of one tier's workers."""
+    """The Deployment of one tier's workers. The security contexts are overrides merged onto
+    the restricted defaults (`merge_patch`); none means exactly the defaults."""
     labels = {**pipeline_labels(pipeline), LABEL_COMPONENT: "tier-worker", LABEL_TIER: tier.name}
     env: list[dict[str, Any]] = [
         {
@@ -129,12 +166,7 @@ def tier_deployment(
             "failureThreshold": 2,
         },
         "resources": worker_resources(spec, default_resources),
-        "securityContext": {
-            "runAsNonRoot": True,
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": merge_patch(RESTRICTED_SECURITY_CONTEXT, security_context or {}),
         # A read-only root still needs somewhere for temporary files.
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
@@ -162,12 +194,9 @@ def tier_deployment(
                 "spec": {
                     "automountServiceAccountToken": False,  # workers never call the API
                     "terminationGracePeriodSeconds": 30,
-                    "securityContext": {
-                        "runAsNonRoot": True,
-                        "runAsUser": WORKER_UID,
-                        "runAsGroup": WORKER_UID,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
+                    "securityContext": merge_patch(
+                        RESTRICTED_POD_SECURITY_CONTEXT, pod_security_context or {}
+                    ),
                     "containers": [container],
                     "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
                 },
@@ -185,6 +214,8 @@ def desired_children(
     default_image: str,
     default_resources: Mapping[str, Any],
     pull_policy: str = "IfNotPresent",
+    pod_security_context: Mapping[str, Any] | None = None,
+    security_context: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The ConfigMap and the Deployments, in tier order."""
     deployments = [
@@ -197,6 +228,8 @@ def desired_children(
             default_image=default_image,
             default_resources=default_resources,
             pull_policy=pull_policy,
+            pod_security_context=pod_security_context,
+            security_context=security_context,
         )
         for tier in topology.tiers
     ]

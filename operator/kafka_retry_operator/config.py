@@ -1,7 +1,9 @@
 """Operator settings, read once from the environment (the Helm chart sets them).
 
 Environment variables rather than flags because kopf's timers take their interval when the
-handlers are registered, at import time, before any command line is parsed.
+handlers are registered, at import time, before any command line is parsed. A value that
+cannot be read is a `ConfigError` naming the variable: the operator refuses to start rather
+than run with a default the deployer did not ask for.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+N = TypeVar("N", int, float)
 
 DEFAULT_WORKER_IMAGE = "ghcr.io/kafka-retry-operator/kafka-retry-operator:0.1.0"
 DEFAULT_WORKER_RESOURCES: dict[str, Any] = {
@@ -25,6 +29,17 @@ ENV_STATUS_INTERVAL = "KAFKA_RETRY_OPERATOR_STATUS_INTERVAL"
 ENV_KAFKA_TIMEOUT = "KAFKA_RETRY_OPERATOR_KAFKA_TIMEOUT"
 ENV_MAX_BACKOFF = "KAFKA_RETRY_OPERATOR_MAX_BACKOFF"
 ENV_MAX_WORKERS = "KAFKA_RETRY_OPERATOR_MAX_WORKERS"
+# JSON objects merged key by key onto the restricted defaults (children.merge_patch).
+ENV_WORKER_POD_SECURITY_CONTEXT = "KAFKA_RETRY_WORKER_POD_SECURITY_CONTEXT"
+ENV_WORKER_SECURITY_CONTEXT = "KAFKA_RETRY_WORKER_SECURITY_CONTEXT"
+# The operator's own /metrics (the same port variable as the tier workers'); port 0: off.
+ENV_METRICS_PORT = "KAFKA_RETRY_METRICS_PORT"
+ENV_METRICS_ADDRESS = "KAFKA_RETRY_METRICS_ADDRESS"
+DEFAULT_METRICS_PORT = 9400
+
+
+class ConfigError(ValueError):
+    """A setting in the environment that cannot be used; the message names the variable."""
 
 
 @dataclass(frozen=True)
@@ -42,21 +57,58 @@ class OperatorConfig:
     max_backoff: float = 120.0
     # Threads for synchronous handlers: reconciles of different pipelines run in parallel.
     max_workers: int = 16
+    # Overrides of the tier workers' restricted security contexts, merged onto them.
+    worker_pod_security_context: Mapping[str, Any] = field(default_factory=dict)
+    worker_security_context: Mapping[str, Any] = field(default_factory=dict)
+    # Where the operator serves /metrics; port 0 serves nothing.
+    metrics_port: int = DEFAULT_METRICS_PORT
+    metrics_address: str = "0.0.0.0"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
         env = os.environ if env is None else env
-        resources = env.get(ENV_WORKER_RESOURCES)
+        port = _number(env, ENV_METRICS_PORT, int, DEFAULT_METRICS_PORT)
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{ENV_METRICS_PORT}: {port} is not a port number (0 turns it off)")
         return cls(
             worker_image=env.get(ENV_WORKER_IMAGE) or DEFAULT_WORKER_IMAGE,
-            worker_resources=json.loads(resources) if resources else DEFAULT_WORKER_RESOURCES,
+            worker_resources=_json_object(env, ENV_WORKER_RESOURCES) or DEFAULT_WORKER_RESOURCES,
             worker_pull_policy=env.get(ENV_WORKER_PULL_POLICY) or "IfNotPresent",
-            status_interval=float(env.get(ENV_STATUS_INTERVAL) or 15.0),
-            kafka_timeout=float(env.get(ENV_KAFKA_TIMEOUT) or 10.0),
-            max_backoff=float(env.get(ENV_MAX_BACKOFF) or 120.0),
-            max_workers=int(env.get(ENV_MAX_WORKERS) or 16),
+            status_interval=_number(env, ENV_STATUS_INTERVAL, float, 15.0),
+            kafka_timeout=_number(env, ENV_KAFKA_TIMEOUT, float, 10.0),
+            max_backoff=_number(env, ENV_MAX_BACKOFF, float, 120.0),
+            max_workers=_number(env, ENV_MAX_WORKERS, int, 16),
+            worker_pod_security_context=_json_object(env, ENV_WORKER_POD_SECURITY_CONTEXT),
+            worker_security_context=_json_object(env, ENV_WORKER_SECURITY_CONTEXT),
+            metrics_port=port,
+            metrics_address=env.get(ENV_METRICS_ADDRESS) or "0.0.0.0",
         )
 
     def backoff(self, retry: int) -> float:
         """Seconds before retry number `retry` (0-based) of a failed reconcile."""
         return float(min(self.max_backoff, 2.0 * 2 ** min(retry, 16)))
+
+
+def _json_object(env: Mapping[str, str], name: str) -> dict[str, Any]:
+    """The variable as a JSON object; unset or empty is `{}`."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{name}: invalid JSON ({e}): {raw[:200]}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _number(env: Mapping[str, str], name: str, kind: type[N], default: N) -> N:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"{name}: {raw!r} is not {what}") from None

@@ -1,12 +1,14 @@
 """The kopf handlers: thin, typed, and the only place that speaks kopf.
 
-- startup: operator settings and the long-lived parts (shared Kafka clients, the sampler).
+- startup: operator settings and the long-lived parts (shared Kafka clients, the sampler,
+  the /metrics endpoint).
 - reconcile (create/update/resume): parse the spec once, then `reconciler.reconcile`.
 - finalize (delete): topics per `deletionPolicy`; children go by owner references.
 - refresh_status (timer): status from memory (the sampler's batched measurements and the
   Deployment index), written only when it changed; an Event when the DLQ grows.
 - tier_workers (index): the tier Deployments' replica counts, so no handler lists them.
 - worker_deleted: a tier Deployment deleted by hand makes its pipeline reconcile.
+- pipeline_gone: a pipeline deleted without its finalizer running is forgotten too.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from kafka_retry.model import GROUP, VERSION, RetryPipelineSpec
 from kafka_retry_operator import children, reconciler
 from kafka_retry_operator import replay as replay  # registers the DLQReplay handlers
 from kafka_retry_operator import status as st
-from kafka_retry_operator.config import OperatorConfig
+from kafka_retry_operator.config import ENV_METRICS_PORT, OperatorConfig
 from kafka_retry_operator.fleet import PipelineKey
 from kafka_retry_operator.kube import api_client
 from kafka_retry_operator.runtime import Runtime, runtime_of
@@ -50,13 +52,23 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # right to list either (kopf would retry those 403s for a minute before starting).
     settings.scanning.disabled = True
     rt = Runtime.create(CONFIG, api_client(pool_size=CONFIG.max_workers + 4))
+    if CONFIG.metrics_port:
+        try:
+            rt.metrics.serve(CONFIG.metrics_port, CONFIG.metrics_address)
+        except OSError as e:  # a port in use: say so and stop, rather than run unobserved
+            where = f"{CONFIG.metrics_address}:{CONFIG.metrics_port}"
+            raise kopf.PermanentError(
+                f"cannot serve /metrics on {where} (set {ENV_METRICS_PORT}): {e}"
+            ) from e
     rt.sampler.start()
     memo.runtime = rt
 
 
 @kopf.on.cleanup()
 def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    runtime_of(memo).sampler.stop()
+    rt = runtime_of(memo)
+    rt.sampler.stop()
+    rt.metrics.close()
 
 
 WORKER_INDEX = "tier_workers"  # the name of the indexing function below
@@ -133,28 +145,32 @@ def reconcile(
 ) -> None:
     rt = runtime_of(memo)
     key = (namespace or "", name)
-    try:
-        parsed = RetryPipelineSpec.model_validate(dict(spec))
-    except ValidationError as e:
-        reconciler.forget(rt, key)
-        message = _summary(e)
-        patch.status.update(st.invalid(message, body.metadata.get("generation"), status))
-        raise kopf.PermanentError(f"invalid spec: {message}") from None
-    record, verdict = reconciler.reconcile(rt, body, parsed, logger)
-    new = st.compose(
-        record,
-        rt.sampler.sample(key),
-        rt.sampler.health(record.cluster),
-        _workers(kwargs, key),
-        status,
-    )
-    patch.status.update(new)
-    if verdict.retry is Retry.LATER:
-        raise kopf.TemporaryError(
-            f"{verdict.reason}: {verdict.message}", delay=rt.config.backoff(retry)
+    with rt.metrics.reconciling():
+        try:
+            parsed = RetryPipelineSpec.model_validate(dict(spec))
+        except ValidationError as e:
+            reconciler.forget(rt, key)
+            message = _summary(e)
+            invalid = st.invalid(message, body.metadata.get("generation"), status)
+            patch.status.update(invalid)
+            rt.metrics.pipeline_status(key, invalid)
+            raise kopf.PermanentError(f"invalid spec: {message}") from None
+        record, verdict = reconciler.reconcile(rt, body, parsed, logger)
+        new = st.compose(
+            record,
+            rt.sampler.sample(key),
+            rt.sampler.health(record.cluster),
+            _workers(kwargs, key),
+            status,
         )
-    if not verdict.ready:
-        raise kopf.PermanentError(f"{verdict.reason}: {verdict.message}")
+        patch.status.update(new)
+        rt.metrics.pipeline_status(key, new)
+        if verdict.retry is Retry.LATER:
+            raise kopf.TemporaryError(
+                f"{verdict.reason}: {verdict.message}", delay=rt.config.backoff(retry)
+            )
+        if not verdict.ready:
+            raise kopf.PermanentError(f"{verdict.reason}: {verdict.message}")
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, retries=20)
@@ -176,6 +192,19 @@ def finalize(
     if failed:
         detail = "; ".join(f"{t}: {e}" for t, e in sorted(failed.items()))
         raise kopf.TemporaryError(f"cannot delete topics: {detail}", delay=rt.config.backoff(retry))
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def pipeline_gone(
+    event: kopf.RawEvent, name: str, namespace: str | None, memo: kopf.Memo, **_: Any
+) -> None:
+    """A pipeline gone without `finalize` (its finalizer stripped by hand) is forgotten all the
+    same: no longer measured, no series left on /metrics. After `finalize`, a no-op."""
+    if event.get("type") == "DELETED":
+        rt = runtime_of(memo)
+        key = (namespace or "", name)
+        reconciler.forget(rt, key)
+        rt.metrics.forget(key)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=CONFIG.status_interval, idle=None)
@@ -202,6 +231,7 @@ async def refresh_status(
     )
     if st.differs(status, new):
         patch.status.update(new)
+    rt.metrics.pipeline_status(key, new, record)
     grew = st.dlq_growth(status, new)
     if grew:
         kopf.event(

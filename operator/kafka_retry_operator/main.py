@@ -4,18 +4,21 @@
     kafka-retry-operator -n shop -n billing   # only these namespaces
 
 Standalone: one replica, no kopf peering objects. Kubernetes credentials come from the pod's
-service account, else $KUBECONFIG. Settings are environment variables (see config.py).
+service account, else $KUBECONFIG. Settings are environment variables (see config.py);
+Prometheus metrics are served on $KAFKA_RETRY_METRICS_PORT (default 9400, 0: off).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Sequence
 
 import kopf
 
 from kafka_retry_operator import __version__
+from kafka_retry_operator.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (args.verbose or args.debug):
         # kopf's per-handler success lines, at scale, are noise.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    from kafka_retry_operator import handlers  # noqa: F401 - registers the handlers
+    try:
+        from kafka_retry_operator import handlers  # noqa: F401 - registers the handlers
+    except ConfigError as e:  # read at import (see config.py): no traceback for a typo
+        print(f"kafka-retry-operator: invalid setting: {e}", file=sys.stderr)
+        return 2
 
     kopf.run(
         standalone=True,

@@ -95,6 +95,8 @@ def apply_children(
         default_image=rt.config.worker_image,
         default_resources=rt.config.worker_resources,
         pull_policy=rt.config.worker_pull_policy,
+        pod_security_context=rt.config.worker_pod_security_context,
+        security_context=rt.config.worker_security_context,
     )
     kopf.adopt([configmap, *deployments], owner=body)
     rt.kube.apply_configmap(configmap)
@@ -123,6 +125,7 @@ def finalize(
     ConfigMap and Deployments are garbage-collected through their owner references."""
     rt.fleet.remove(key)
     rt.sampler.forget(key)
+    rt.metrics.forget(key)
     if spec is None or spec.topics.deletion_policy != "Delete":
         rt.admins.release(owner_id(key))
         return {}

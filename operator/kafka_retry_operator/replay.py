@@ -93,6 +93,8 @@ class _Jobs:
     def observe(self, rt: Runtime, event_type: str | None, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
         uid = str(meta.get("uid") or "")
+        phase = (body.get("status") or {}).get("phase")
+        rt.metrics.replay_phase(uid, None if event_type == "DELETED" else phase or rr.PENDING)
         with self._lock:
             job = self._jobs.get(uid)
             if event_type == "DELETED":
@@ -103,7 +105,6 @@ class _Jobs:
             if job is not None:
                 job.latest = copy.deepcopy(dict(body))  # spec.cancel is seen from here
                 return
-            phase = (body.get("status") or {}).get("phase")
             if uid in self._finished or phase in rr.TERMINAL:
                 return
             job = ReplayJob(rt, str(meta.get("namespace") or ""), str(meta.get("name")), body)

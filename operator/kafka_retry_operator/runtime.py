@@ -9,6 +9,7 @@ from kafka_retry_operator.config import OperatorConfig
 from kafka_retry_operator.fleet import Fleet
 from kafka_retry_operator.kafka_admin import AdminRegistry
 from kafka_retry_operator.kube import Kube
+from kafka_retry_operator.metrics import OperatorMetrics
 from kafka_retry_operator.sampler import Sampler
 
 
@@ -19,13 +20,14 @@ class Runtime:
     admins: AdminRegistry
     fleet: Fleet
     sampler: Sampler
+    metrics: OperatorMetrics
 
     @classmethod
     def create(cls, config: OperatorConfig, api: Any) -> Runtime:
         admins = AdminRegistry()
         fleet = Fleet()
         sampler = Sampler(fleet, admins, config.status_interval, config.kafka_timeout)
-        return cls(config, Kube(api), admins, fleet, sampler)
+        return cls(config, Kube(api), admins, fleet, sampler, OperatorMetrics(fleet, sampler))
 
 
 def runtime_of(memo: Any) -> Runtime:

@@ -47,6 +47,15 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class PassStats:
+    """The last full pass over every cluster (exported as operator metrics)."""
+
+    duration_s: float
+    pipelines: int  # measured in it (those bound to a cluster)
+    finished_at: float  # wall-clock seconds
+
+
+@dataclass(frozen=True)
 class ClusterHealth:
     reachable: bool
     error: str = ""
@@ -69,6 +78,7 @@ class Sampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sampler")
+        self._last_pass: PassStats | None = None
         self.passes = 0
 
     # ------------------------------------------------------------------ reading
@@ -82,6 +92,10 @@ class Sampler:
             return None
         with self._lock:
             return self._health.get(cluster)
+
+    def last_pass(self) -> PassStats | None:
+        with self._lock:
+            return self._last_pass
 
     def forget(self, key: PipelineKey) -> None:
         with self._lock:
@@ -121,15 +135,27 @@ class Sampler:
 
     def run_once(self) -> None:
         """One pass over every cluster in use; clusters are measured in parallel."""
+        started = time.monotonic()
+        records = self._fleet.records()
         by_cluster: dict[Cluster, list[PipelineRecord]] = {}
-        for record in self._fleet.records():
+        for record in records:
             if record.cluster is not None:
                 by_cluster.setdefault(record.cluster, []).append(record)
+        with self._lock:  # a pass in flight when a pipeline was deleted may have re-added it
+            for key in self._samples.keys() - {r.key for r in records}:
+                del self._samples[key]
         for gone in set(self._peekers) - set(by_cluster):
             self._peekers.pop(gone).close()
         futures = [self._pool.submit(self._measure, c, rs) for c, rs in by_cluster.items()]
         for f in futures:
             f.result()
+        stats = PassStats(
+            duration_s=time.monotonic() - started,
+            pipelines=sum(len(rs) for rs in by_cluster.values()),
+            finished_at=time.time(),
+        )
+        with self._lock:
+            self._last_pass = stats
         self.passes += 1
 
     def _measure(self, cluster: Cluster, records: list[PipelineRecord]) -> None:
