@@ -485,7 +485,6 @@ class Demo:
         self.stop_producing = threading.Event()
         self.recent: deque[str] = deque(maxlen=8)
         self.narrated: set[str] = set()  # orders whose tier charge is in `recent` already
-        self.lateness_ms: list[float] = []  # per tier charge: charged at - due (ms)
         self.phase = "starting"
         self.final: Snapshot | None = None
         self.summary: dict[str, Any] = {"demo": "summary", "namespace": self.namespace, "ok": False}
@@ -524,7 +523,7 @@ class Demo:
 
     def _stage_groups(self) -> dict[str, str]:
         """stage -> the consumer group whose committed offsets say what still waits."""
-        from kafka_retry_operator.depth import cursor_group
+        from kafka_retry.depth import cursor_group
 
         t = self.topology
         return {
@@ -871,8 +870,8 @@ class Demo:
     # ------------------------------------------------------------------ watching
 
     def snapshot(self) -> Snapshot:
-        from kafka_retry_operator import depth
-        from kafka_retry_operator.kafka_admin import committed, watermarks
+        from kafka_retry import depth
+        from kafka_retry.offset_queries import committed, watermarks
 
         cluster = self._cluster()
         topics, groups = self._stage_topics(), self._stage_groups()
@@ -933,13 +932,11 @@ class Demo:
                     where += f" (due in {self.topology.tier(m.dest).delay_seconds}s)"
                 text = f"{m.order}  {where}  {m.error}"
             self.recent.append(f"{when}  {text}")
-        failed_at, due = dict(self.feed.failed_at), dict(self.feed.due)
+        failed_at = dict(self.feed.failed_at)
         for order, charge in snap.tally.handled.items():
             if charge.stage == "source" or order in self.narrated:
                 continue
             self.narrated.add(order)
-            if order in due:
-                self.lateness_ms.append(charge.at * 1000 - due[order])
             if charge.replay_id:
                 how = f"after the replay (attempt {charge.attempt})"
             else:
@@ -1010,7 +1007,14 @@ class Demo:
         handled_ids = set(t.handled) & produced_ids
         lost = s.produced - len(handled_ids)
         replayed_by_replay = int(((s.replay or {}).get("status") or {}).get("replayed") or 0)
-        lateness = sorted(self.lateness_ms)
+        # Measured at the end, when the feed has seen every forward (during the run it may lag
+        # the ledger): each charge after a failure against the due time of its last forward.
+        due = dict(self.feed.due) if self.feed is not None else {}
+        lateness = sorted(
+            charge.at * 1000 - due[order]
+            for order, charge in t.handled.items()
+            if charge.stage != "source" and order in due
+        )
         # Charged before the due time; a few ms of slack for where the ledger reads its clock.
         early = sum(1 for ms in lateness if ms < -5)
         late: dict[str, int | None] = {"count": len(lateness), "early": early}

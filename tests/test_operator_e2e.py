@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from dataplane_support import Running, produce_ids
+from kafka_retry import depth
 from kafka_retry.model import Topology
-from kafka_retry_operator import depth
 from operator_support import (
     Kubectl,
     OperatorProcess,

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
+from kafka_retry import depth
 from kafka_retry.model import RetryPipelineSpec, Topology
-from kafka_retry_operator import children, depth, topics
+from kafka_retry_operator import children, topics
 from kafka_retry_operator import conditions as c
 from kafka_retry_operator import status as st
 from kafka_retry_operator.config import ConfigError, OperatorConfig

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kafka_retry.kafka_config import CLIENT_ENV_PREFIX
-from kafka_retry.model import ResolvedTier, RetryPipelineSpec, Topology
+from kafka_retry.model import LABEL_PIPELINE, LABEL_TIER, ResolvedTier, RetryPipelineSpec, Topology
 from kafka_retry.topology_source import CONFIGMAP_KEY, TOPOLOGY_ENV, configmap_name
 
 # The worker's probe and metrics port (kafka_retry.metrics.PORT_ENV / DEFAULT_PORT; not
@@ -45,8 +45,6 @@ LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-LABEL_PIPELINE = "kafkaretry.io/pipeline"
-LABEL_TIER = "kafkaretry.io/tier"
 WORKER_APP = "kafka-retry-worker"
 MANAGER = "kafka-retry-operator"
 TOPOLOGY_HASH_ANNOTATION = "kafkaretry.io/topology-hash"

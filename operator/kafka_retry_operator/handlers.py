@@ -19,7 +19,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from kafka_retry.model import GROUP, VERSION, RetryPipelineSpec
+from kafka_retry.model import GROUP, LABEL_PIPELINE, LABEL_TIER, VERSION, RetryPipelineSpec
 from kafka_retry_operator import children, reconciler
 from kafka_retry_operator import replay as replay  # registers the DLQReplay handlers
 from kafka_retry_operator import status as st
@@ -83,8 +83,8 @@ def tier_workers(
     status: kopf.Status,
     **_: Any,
 ) -> dict[PipelineKey, st.TierWorkers] | None:
-    pipeline = labels.get(children.LABEL_PIPELINE)
-    tier = labels.get(children.LABEL_TIER)
+    pipeline = labels.get(LABEL_PIPELINE)
+    tier = labels.get(LABEL_TIER)
     if not (namespace and pipeline and tier):
         return None
     workers = st.TierWorkers(
@@ -120,7 +120,7 @@ def worker_deleted(
     if event.get("type") != "DELETED":
         return
     rt = runtime_of(memo)
-    pipeline, tier = labels.get(children.LABEL_PIPELINE), labels.get(children.LABEL_TIER)
+    pipeline, tier = labels.get(LABEL_PIPELINE), labels.get(LABEL_TIER)
     record = rt.fleet.get((namespace or "", pipeline or ""))
     if record is None or tier not in {t.name for t in record.topology.tiers}:
         return

@@ -1,5 +1,5 @@
-"""One Kafka AdminClient per cluster, shared by every pipeline on it, and the batched offset
-queries that lag and DLQ depth are computed from.
+"""One Kafka AdminClient per cluster, shared by every pipeline on it (the batched offset
+queries it serves are in `kafka_retry.offset_queries`).
 
 A cluster is its bootstrap servers plus the librdkafka settings from the pipeline's Secret
 (different credentials are a different client). Pipelines `bind` to a cluster when they are
@@ -14,20 +14,18 @@ import hashlib
 import logging
 import re
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
 
 log = logging.getLogger(__name__)
 # librdkafka's own log lines (connection failures...) go here, not to stderr.
 librdkafka_log = logging.getLogger("kafka_retry_operator.librdkafka")
 
 CLIENT_ID = "kafka-retry-operator"
-
-TP = tuple[str, int]  # (topic, partition): hashable, unlike confluent's TopicPartition
 
 
 @dataclass(frozen=True)
@@ -118,71 +116,3 @@ def _new_admin(config: dict[str, Any]) -> AdminClient:
         raise InvalidKafkaSettings(
             f"librdkafka rejected the Kafka settings (property {name!r})"
         ) from None
-
-
-# --------------------------------------------------------------------------- batched queries
-
-
-def watermarks(
-    admin: AdminClient, partitions: Iterable[TP], timeout: float
-) -> dict[TP, tuple[int, int]]:
-    """(low, high) watermark of each partition: two `list_offsets` calls for all of them.
-    Partitions whose query failed are left out."""
-    tps = sorted(set(partitions))
-    if not tps:
-        return {}
-    specs: Any = OffsetSpec  # its factories are untyped upstream
-    low = _offsets(admin, tps, specs.earliest(), timeout)
-    high = _offsets(admin, tps, specs.latest(), timeout)
-    return {tp: (low[tp], high[tp]) for tp in tps if tp in low and tp in high}
-
-
-def _offsets(admin: AdminClient, tps: Sequence[TP], spec: Any, timeout: float) -> dict[TP, int]:
-    request = {TopicPartition(t, p): spec for t, p in tps}
-    futures = admin.list_offsets(request, request_timeout=timeout)
-    result: dict[TP, int] = {}
-    for tp, future in futures.items():
-        try:
-            result[(tp.topic, tp.partition)] = int(future.result(timeout=timeout).offset)
-        except Exception as e:  # one partition's error must not hide the others
-            log.debug("list_offsets %s[%d]: %s", tp.topic, tp.partition, e)
-    return result
-
-
-def committed(
-    admin: AdminClient, groups: Mapping[str, Iterable[TP]], timeout: float
-) -> dict[str, dict[TP, int | None]]:
-    """Each group's committed offset (None: none committed) for the given partitions.
-
-    The admin API takes one group per request; all requests are sent before any answer is
-    awaited, so a pass costs one round trip, not one per group. A group whose query failed
-    is left out."""
-    futures = {}
-    for group, tps in groups.items():
-        request = [ConsumerGroupTopicPartitions(group, [TopicPartition(t, p) for t, p in tps])]
-        futures[group] = admin.list_consumer_group_offsets(request, request_timeout=timeout)[group]
-    result: dict[str, dict[TP, int | None]] = {}
-    for group, future in futures.items():
-        try:
-            answer = future.result(timeout=timeout)
-        except Exception as e:
-            log.debug("list_consumer_group_offsets %s: %s", group, e)
-            continue
-        result[group] = {
-            (tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None)
-            for tp in answer.topic_partitions
-            if tp.error is None
-        }
-    return result
-
-
-def partition_counts(admin: AdminClient, timeout: float) -> dict[str, int]:
-    """Every topic of the cluster and its partition count: one metadata request.
-
-    Raises KafkaException when the cluster cannot be reached within `timeout`."""
-    metadata = admin.list_topics(timeout=timeout)
-    return {
-        name: len(topic.partitions)
-        for name, topic in metadata.topics.items()
-        if topic.error is None
-    }

@@ -7,7 +7,6 @@ written at all, so reconciling again (or after a restart) never duplicates or ch
 
 from __future__ import annotations
 
-import base64
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,17 +14,14 @@ from kubernetes import client
 from kubernetes import config as kube_config
 from kubernetes.client.exceptions import ApiException
 
-from kafka_retry.model import GROUP, VERSION
-from kafka_retry_operator.children import LABEL_PIPELINE, LABEL_TIER, MANAGER
+from kafka_retry import kafka_secret
+from kafka_retry.model import GROUP, LABEL_PIPELINE, LABEL_TIER, VERSION
+from kafka_retry_operator.children import MANAGER
 
 APPLY = "application/apply-patch+yaml"
 MERGE = "application/merge-patch+json"
 # Not under `kafkaretry.io/`: kopf leaves its own storage prefix out of what it diffs.
 RECONCILE_REQUESTED = f"operator.{GROUP}/reconcile-requested"
-
-
-class SecretNotFound(LookupError):
-    pass
 
 
 def api_client(pool_size: int = 16) -> client.ApiClient:
@@ -49,14 +45,7 @@ class Kube:
 
     def secret_settings(self, namespace: str, name: str) -> dict[str, str]:
         """The Secret's keys and decoded values (librdkafka settings). Never log the result."""
-        try:
-            secret = self.core.read_namespaced_secret(name, namespace)
-        except ApiException as e:
-            if e.status == 404:
-                raise SecretNotFound(f"Secret {namespace}/{name} not found") from None
-            raise
-        data = secret.data or {}
-        return {k: base64.b64decode(v).decode() for k, v in data.items()}
+        return kafka_secret.secret_settings(self.core.api_client, namespace, name)
 
     def apply_configmap(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]

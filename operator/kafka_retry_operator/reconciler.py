@@ -13,11 +13,11 @@ from typing import Any
 
 import kopf
 
+from kafka_retry.kafka_secret import SecretNotFound
 from kafka_retry.model import RetryPipelineSpec, Topology
 from kafka_retry_operator import children, conditions, topics
 from kafka_retry_operator.fleet import PipelineKey, PipelineRecord, owner_id
 from kafka_retry_operator.kafka_admin import Cluster, InvalidKafkaSettings
-from kafka_retry_operator.kube import SecretNotFound
 from kafka_retry_operator.runtime import Runtime
 from kafka_retry_operator.topics import Retry, TopicsVerdict
 

@@ -36,10 +36,10 @@ from pydantic import ValidationError
 from kafka_retry import replay_resource as rr
 from kafka_retry.dlq import DlqError, EventFilter, KafkaAccess, TopicNotFound
 from kafka_retry.dlq_replay import Checkpoint, InvalidTarget, Outcome, Replayer, ReplayResult
+from kafka_retry.kafka_secret import SecretNotFound
 from kafka_retry.model import GROUP, VERSION, DLQReplaySpec, DLQReplayStatus, RetryPipelineSpec
 from kafka_retry_operator import conditions as c
 from kafka_retry_operator.kafka_admin import InvalidKafkaSettings
-from kafka_retry_operator.kube import SecretNotFound
 from kafka_retry_operator.runtime import Runtime, runtime_of
 
 log = logging.getLogger(__name__)

@@ -21,15 +21,12 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaException
 
-from kafka_retry_operator import depth
+from kafka_retry import depth
+from kafka_retry.offset_queries import TP, committed, partition_counts, watermarks
 from kafka_retry_operator.fleet import Fleet, PipelineKey, PipelineRecord
 from kafka_retry_operator.kafka_admin import (
-    TP,
     AdminRegistry,
     Cluster,
-    committed,
-    partition_counts,
-    watermarks,
 )
 
 log = logging.getLogger(__name__)

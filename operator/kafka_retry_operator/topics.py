@@ -24,7 +24,7 @@ from confluent_kafka.admin import (
 )
 
 from kafka_retry.model import RetryPipelineSpec, Topology
-from kafka_retry_operator.kafka_admin import partition_counts
+from kafka_retry.offset_queries import partition_counts
 
 log = logging.getLogger(__name__)
 

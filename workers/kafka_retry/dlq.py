@@ -1,7 +1,7 @@
 """A pipeline's dead-letter queue as typed records: which events wait, reading and filtering
 them, and purging them with Kafka's delete-records.
 
-"Waiting" is the control plane's definition, reused from `kafka_retry_operator.depth` rather
+"Waiting" is the control plane's definition, reused from `kafka_retry.depth` rather
 than restated: per partition, the events from max(committed offset of the cursor group
 `<dlq>.cursor`, low watermark) up to the high watermark. A replay advances the cursor over
 the events it replayed (see `dlq_replay`); a purge moves the low watermark and leaves the
@@ -22,11 +22,11 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from kafka_retry import depth
 from kafka_retry import headers as h
 from kafka_retry.kafka_config import consumer_config, producer_config
 from kafka_retry.model import ReplayFilter
-from kafka_retry_operator import depth
-from kafka_retry_operator.kafka_admin import committed, watermarks
+from kafka_retry.offset_queries import committed, watermarks
 
 log = logging.getLogger(__name__)
 # librdkafka's own lines (connection refused, ...) go here, so a CLI can keep them off stderr.

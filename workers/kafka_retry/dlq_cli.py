@@ -300,13 +300,13 @@ def locate(args: argparse.Namespace) -> Pipeline:
     bootstrap = args.bootstrap_servers or topology.bootstrap_servers
 
     def from_secret() -> KafkaAccess:
-        from kafka_retry_operator.kube import Kube, SecretNotFound
+        from kafka_retry.kafka_secret import SecretNotFound, secret_settings
 
         settings: dict[str, Any] = {}
         if spec.kafka.secret_ref is not None:
             secret = spec.kafka.secret_ref.name
             try:
-                settings.update(Kube(api).secret_settings(namespace, secret))
+                settings.update(secret_settings(api, namespace, secret))
             except SecretNotFound as e:
                 raise CliError(str(e)) from None
             except ApiException as e:
@@ -838,8 +838,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _live_status(pipeline: Pipeline) -> dict[str, Any]:
     """Without the cluster: lag and depth measured now, in the RetryPipeline status shape."""
-    from kafka_retry_operator.depth import backlog
-    from kafka_retry_operator.kafka_admin import committed, watermarks
+    from kafka_retry.depth import backlog
+    from kafka_retry.offset_queries import committed, watermarks
 
     access, topo = pipeline.access, pipeline.topology
     states = dlq.partition_states(access, topo.dlq_topic)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaException
 
+from kafka_retry import depth
 from kafka_retry import headers as h
 from kafka_retry.dlq import (
     DlqError,
@@ -50,8 +51,7 @@ from kafka_retry.model import (
     ResolvedTier,
     Topology,
 )
-from kafka_retry_operator import depth
-from kafka_retry_operator.kafka_admin import committed
+from kafka_retry.offset_queries import committed
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,9 @@ from pydantic.alias_generators import to_camel
 GROUP = "kafkaretry.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
+# Labels on every object a pipeline owns (workers, ConfigMap) and on its DLQReplays.
+LABEL_PIPELINE = f"{GROUP}/pipeline"
+LABEL_TIER = f"{GROUP}/tier"
 
 # Kafka's own rule for topic names (kafka.common.internals.Topic).
 TOPIC_PATTERN = r"^[a-zA-Z0-9._-]{1,249}$"
@@ -416,7 +419,7 @@ class DlqStatus(ApiModel):
     depth: int = Field(
         default=0,
         description="Events still waiting in the DLQ: not yet replayed or purged (see "
-        "kafka_retry_operator.depth).",
+        "kafka_retry.depth).",
     )
     oldest_timestamp: str | None = Field(
         default=None, description="When the oldest waiting event reached the DLQ (RFC 3339)."

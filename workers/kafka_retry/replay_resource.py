@@ -12,8 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kafka_retry.model import API_VERSION, GROUP, VERSION, DLQReplaySpec
-from kafka_retry_operator.children import LABEL_PIPELINE
+from kafka_retry.model import API_VERSION, GROUP, LABEL_PIPELINE, VERSION, DLQReplaySpec
 
 KIND = "DLQReplay"
 PLURAL = "dlqreplays"

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from kafka_retry_operator.kafka_admin import TP, committed, partition_counts, watermarks
+from kafka_retry.offset_queries import TP, committed, partition_counts, watermarks
 
 CURSOR_SUFFIX = ".cursor"
 
