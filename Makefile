@@ -62,3 +62,27 @@ demo-down: ## stop what a demo left running, then the local servers
 .PHONY: docs
 docs: ## regenerate docs/api.md (the RetryPipeline and DLQReplay reference) from the models
 	$(PY) hack/apidocs.py docs/api.md
+
+# --------------------------------------------------------------------------- benchmarks
+# Ratios measured side by side in one run, never pass/fail; JSON in bench/results/ (git-ignored).
+# Pass options with BENCH_ARGS, e.g. `make bench-operator BENCH_ARGS="--sizes 50"`.
+BENCH = @py=$(PY); $$py hack/localenv.py up >/dev/null && $$py
+
+.PHONY: bench-isolation
+bench-isolation: ## benchmark: live-lane throughput and latency with failures vs in-place retries
+	$(BENCH) bench/isolation.py $(BENCH_ARGS)
+
+.PHONY: bench-tier
+bench-tier: ## benchmark: tier worker rate vs a bare confluent-kafka loop
+	$(BENCH) bench/tier_throughput.py $(BENCH_ARGS)
+
+.PHONY: bench-delay
+bench-delay: ## benchmark: lateness of tier events against their due time, under load
+	$(BENCH) bench/delay_precision.py $(BENCH_ARGS)
+
+.PHONY: bench-operator
+bench-operator: ## benchmark: 50/200/500 pipelines under one operator: Ready, refresh, memory
+	$(BENCH) bench/operator_scale.py $(BENCH_ARGS)
+
+.PHONY: bench
+bench: bench-isolation bench-tier bench-delay bench-operator ## all four benchmarks (about 4 min)

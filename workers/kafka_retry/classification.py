@@ -23,6 +23,7 @@ from kafka_retry.model import Classification
 
 MAX_CHAIN = 32  # a cause chain longer than this is cut short (and cycles are skipped)
 MAX_STACK_FRAMES = 30
+_TYPES_KEPT = 256  # exception types whose verdict a Classifier remembers
 
 _DEFAULT_RETRIABLE_STATUSES = frozenset({408, 429})
 # Failures of the transport rather than of the event: worth another try later.
@@ -69,6 +70,7 @@ class Classifier:
         self._retriable_statuses = frozenset(rules.retriable_http_statuses)
         self._non_retriable_statuses = frozenset(rules.non_retriable_http_statuses)
         self._unknown_retriable = rules.unknown_errors == "Retriable"
+        self._by_type: dict[type[BaseException], tuple[bool, str]] = {}
 
     def http_success(self, status: int) -> bool:
         return 200 <= status < 300
@@ -94,7 +96,22 @@ class Classifier:
         return self._unknown_retriable
 
     def classify(self, exc: BaseException) -> Failure:
-        """Never raises: a failure to describe the exception must not lose the event."""
+        """Never raises: a failure to describe the exception must not lose the event.
+
+        Runs for every failed event. An exception without cause or context, other than an
+        HTTP status error (judged by its status), is judged by its type alone: the verdict and
+        the class name are kept per type, and only the message and the stack are per event."""
+        if exc.__cause__ is None and exc.__context__ is None:
+            known = self._by_type.get(type(exc))
+            if known is None and not isinstance(exc, HttpStatusError):
+                known = self._judge_type(exc)
+            if known is not None:
+                message = _safe_str(exc)
+                try:
+                    stack = _frames(exc.__traceback__) + f"{known[1]}: {message}\n"
+                except Exception:
+                    stack = ""
+                return Failure(known[0], known[1], message, stack)
         try:
             retriable = self.is_retriable(exc)
         except Exception:  # a hostile __eq__/__hash__ somewhere in a custom exception
@@ -105,6 +122,17 @@ class Classifier:
             message=_safe_str(exc),
             stack=_safe_stack(exc),
         )
+
+    def _judge_type(self, exc: BaseException) -> tuple[bool, str] | None:
+        """(verdict, class name) of a chainless exception's type, kept for the next ones."""
+        try:
+            known = (self.is_retriable(exc), qualified_name(type(exc)))
+        except Exception:  # judged per event, as a hostile exception may answer differently
+            return None
+        if len(self._by_type) >= _TYPES_KEPT:
+            self._by_type.clear()
+        self._by_type[type(exc)] = known
+        return known
 
     def _builtin(self, exc: BaseException) -> bool | None:
         if isinstance(exc, RetriableError):
@@ -154,23 +182,35 @@ def _safe_stack(exc: BaseException) -> str:
 
 
 _CHAINED = "\nwhich led to:\n\n"
-_FRAMES_CACHE: dict[tuple[tuple[CodeType, int], ...], str] = {}
+# Frames text by code location. The key is each frame's code object id and instruction offset:
+# hashing a code object hashes its constants and names, and a line number is decoded from the
+# code's line table, which together were most of the cost of a failure. The value keeps the
+# code objects, so that an id cannot be reused by another code object while its entry exists.
+_FRAMES_CACHE: dict[tuple[int, ...], tuple[str, tuple[CodeType, ...]]] = {}  # (id, offset)*
 _FRAMES_CACHE_SIZE = 512
 
 
 def _frames(tb: TracebackType | None) -> str:
-    key: list[tuple[CodeType, int]] = []
+    key: list[int] = []
+    walk = tb
+    while walk is not None:
+        key.append(id(walk.tb_frame.f_code))
+        key.append(walk.tb_lasti)
+        walk = walk.tb_next
+    frozen = tuple(key) if len(key) <= 2 * MAX_STACK_FRAMES else tuple(key[-2 * MAX_STACK_FRAMES :])
+    hit = _FRAMES_CACHE.get(frozen)
+    if hit is not None:
+        return hit[0]
+    tbs: list[TracebackType] = []
     while tb is not None:
-        key.append((tb.tb_frame.f_code, tb.tb_lineno))
+        tbs.append(tb)
         tb = tb.tb_next
-    frozen = tuple(key[-MAX_STACK_FRAMES:])
-    text = _FRAMES_CACHE.get(frozen)
-    if text is None:
-        summary = traceback.StackSummary.from_list(
-            [(code.co_filename, lineno, code.co_name, None) for code, lineno in frozen]
-        )
-        text = "Traceback (most recent call last):\n" + "".join(summary.format())
-        if len(_FRAMES_CACHE) >= _FRAMES_CACHE_SIZE:
-            _FRAMES_CACHE.clear()
-        _FRAMES_CACHE[frozen] = text
+    tbs = tbs[-MAX_STACK_FRAMES:]
+    summary = traceback.StackSummary.from_list(
+        [(t.tb_frame.f_code.co_filename, t.tb_lineno, t.tb_frame.f_code.co_name, None) for t in tbs]
+    )
+    text = "Traceback (most recent call last):\n" + "".join(summary.format())
+    if len(_FRAMES_CACHE) >= _FRAMES_CACHE_SIZE:
+        _FRAMES_CACHE.clear()
+    _FRAMES_CACHE[frozen] = (text, tuple(t.tb_frame.f_code for t in tbs))
     return text

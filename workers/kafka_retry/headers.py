@@ -11,9 +11,10 @@ goes to the DLQ with that reason) and absurd numbers are clamped.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import operator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 PREFIX = "kafka-retry."
 
@@ -99,22 +100,117 @@ def is_ours(key: str) -> bool:
 
 def parse_headers(raw: Iterable[tuple[str, bytes | None]] | None) -> ParsedHeaders:
     """Split and validate; never raises. For repeated keys of ours the last one wins."""
-    original: list[tuple[str, bytes | None]] = []
-    ours: dict[str, bytes | None] = {}
-    for key, value in raw or ():
-        if key.startswith(PREFIX):
-            ours[key] = value
+    return _READ_ALL.parse(raw)
+
+
+class _Plan(NamedTuple):
+    """How to read one layout: positions of the original headers, and of ours to read by kind
+    (text: (position, field, size bound, keep the tail); integers: (position, field, low,
+    high, strict); booleans: (position, field))."""
+
+    original: tuple[int, ...]
+    leading: int | None  # len(original) when they are the first headers, in order
+    texts: tuple[tuple[int, str, int, bool], ...]
+    integers: tuple[tuple[int, str, int, int, bool], ...]
+    booleans: tuple[tuple[int, str], ...]
+
+
+class HeaderReader:
+    """`parse_headers`, reading only some `fields` of `RetryState` (None: all); our other
+    headers are dropped unread, as if unknown. Only `attempt` and `due_ms` can make an event
+    malformed, so a reader that includes them judges malformedness the same as a full one.
+
+    Runs once per consumed event. The layout of the headers (which keys in which order)
+    repeats from event to event, the producer's own headers and then ours as we write them, so
+    how to split a layout (positions of the original headers; which of ours to read, the last
+    of a repeated key) is worked out once and kept; per event only the values are read, in a
+    few inline steps for a well-formed value."""
+
+    _PLANS_KEPT = 64  # layouts; untrusted producers could send endless variants
+
+    def __init__(self, fields: Iterable[str] | None = None) -> None:
+        wanted = None if fields is None else frozenset(fields)
+        unknown = (wanted or frozenset()) - {row[0] for row in _FIELDS.values()}
+        if unknown:
+            raise ValueError(f"not RetryState fields: {sorted(unknown)}")
+        self._fields = {k: row for k, row in _FIELDS.items() if wanted is None or row[0] in wanted}
+        self._plans: dict[tuple[str, ...], _Plan] = {}
+        self._last: tuple[tuple[str, ...], _Plan] = ((), _Plan((), None, (), (), ()))
+
+    def parse(self, raw: Iterable[tuple[str, bytes | None]] | None) -> ParsedHeaders:
+        state = RetryState()
+        if not raw:
+            return ParsedHeaders((), state)
+        if not isinstance(raw, list | tuple):
+            raw = list(raw)
+        keys = tuple(map(_KEY, raw))
+        last_keys, plan = self._last
+        if keys != last_keys:  # comparing is cheaper than hashing the new key strings
+            plan = self._plans.get(keys) or self._plan(keys)
+            self._last = (keys, plan)
+        if plan.leading is not None:  # the common layout: the producer's headers, then ours
+            original = tuple(raw[: plan.leading])
         else:
-            original.append((key, value))
-    if not ours:
-        return ParsedHeaders(tuple(original), RetryState())
-    problems: list[str] = []
-    fields: dict[str, Any] = {}
-    for key, value in ours.items():
-        reader = _READERS.get(key)
-        if reader is not None and value is not None:  # unknown keys of ours are dropped
-            fields[reader[0]] = reader[1](value, key, problems)
-    return ParsedHeaders(tuple(original), RetryState(**fields), tuple(problems))
+            original = tuple([(keys[i], raw[i][1]) for i in plan.original])
+        for i, name, limit, tail in plan.texts:
+            value = raw[i][1]
+            if value is not None:  # a null value: as if missing
+                if len(value) > limit:
+                    value = value[-limit:] if tail else value[:limit]
+                setattr(state, name, value.decode("utf-8", "replace"))
+        problems: list[str] | None = None
+        for i, name, low, high, strict in plan.integers:
+            value = raw[i][1]
+            if value is None:
+                continue
+            if len(value) <= MAX_NUMBER_BYTES and value.isdigit():
+                number: int | None = int(value)
+            else:
+                number = _digits(value)
+            if number is None:
+                if strict:
+                    if problems is None:
+                        problems = []
+                    problems.append(f"header {keys[i]} is not a decimal integer: {_quote(value)}")
+            elif low <= number <= high:
+                setattr(state, name, number)
+            elif strict:  # clamped; a lenient field out of range is unknown
+                setattr(state, name, low if number < low else high)
+        for i, name in plan.booleans:
+            value = raw[i][1]
+            if value is not None:
+                setattr(state, name, _bool(value))
+        # tuple.__new__: the NamedTuple's own __new__ is a Python function, a call per event.
+        return tuple.__new__(ParsedHeaders, (original, state, tuple(problems) if problems else ()))
+
+    def _plan(self, keys: tuple[str, ...]) -> _Plan:
+        original: list[int] = []
+        last: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            if key.startswith(PREFIX):
+                last[key] = i
+            else:
+                original.append(i)
+        texts: list[tuple[int, str, int, bool]] = []
+        integers: list[tuple[int, str, int, int, bool]] = []
+        booleans: list[tuple[int, str]] = []
+        for key, i in last.items():
+            row = self._fields.get(key)
+            if row is None:
+                continue
+            name, kind, low, high = row
+            if kind is _TEXT:
+                texts.append((i, name, low, bool(high)))
+            elif kind is _BOOL:
+                booleans.append((i, name))
+            else:
+                integers.append((i, name, low, high, kind is _STRICT))
+        leading = len(original) if original == list(range(len(original))) else None
+        plan = _Plan(tuple(original), leading, tuple(texts), tuple(integers), tuple(booleans))
+        if len(self._plans) >= self._PLANS_KEPT:
+            self._plans.clear()
+        self._plans[keys] = plan
+        return plan
 
 
 def encode_state(state: RetryState) -> HeaderList:
@@ -163,6 +259,106 @@ def build_headers(original: Sequence[tuple[str, bytes | None]], state: RetryStat
     return [*original, *encode_state(state)]
 
 
+class StageEncoder:
+    """Writes our headers for the forwards of one stage. What is the same on every forward
+    from it (pipeline, consumer group, stage name) is encoded once; texts that repeat from
+    forward to forward (origin topics, error classes, reasons, and the last error's message
+    and stack: an outage fails event after event the same way) are encoded once and reused.
+    `forward(...)` equals `build_headers(original, RetryState(...))`."""
+
+    __slots__ = ("_consumer_group", "_last_error", "_pipeline", "_seen", "_tier")
+
+    _SEEN_KEPT = 256  # texts per header
+
+    def __init__(self, pipeline: str, consumer_group: str, tier: str) -> None:
+        self._pipeline = (PIPELINE, _enc(pipeline, MAX_TEXT_BYTES))
+        self._consumer_group = (CONSUMER_GROUP, _enc(consumer_group, MAX_TEXT_BYTES))
+        self._tier = (TIER, _enc(tier, MAX_TEXT_BYTES))
+        self._seen: dict[str, dict[str, tuple[str, bytes]]] = {
+            ORIGINAL_TOPIC: {}, ERROR_CLASS: {}, DLQ_REASON: {}
+        }  # fmt: skip
+        # (message, stack, their headers) of the last forward with both.
+        self._last_error: tuple[str, str, tuple[str, bytes], tuple[str, bytes]] | None = None
+
+    def _text(self, key: str, text: str) -> tuple[str, bytes]:
+        seen = self._seen[key]
+        header = seen.get(text)
+        if header is None:
+            if len(seen) >= self._SEEN_KEPT:
+                seen.clear()
+            header = seen[text] = (key, _enc(text, MAX_TEXT_BYTES))
+        return header
+
+    def _error(self, message: str, stack: str) -> tuple[tuple[str, bytes], tuple[str, bytes]]:
+        last = self._last_error
+        if last is None or last[0] != message or last[1] != stack:
+            last = self._last_error = (
+                message, stack, (ERROR_MESSAGE, _enc(message, MAX_MESSAGE_BYTES)),
+                (ERROR_STACK, truncate_utf8(stack, MAX_STACK_BYTES, keep_tail=True)),
+            )  # fmt: skip
+        return last[2], last[3]
+
+    def forward(
+        self,
+        original: Sequence[tuple[str, bytes | None]],
+        original_topic: str | None,
+        original_partition: int | None,
+        original_offset: int | None,
+        original_timestamp_ms: int | None,
+        attempt: int | None,
+        due_ms: int | None,
+        failed_at_ms: int | None,
+        error_class: str | None,
+        error_message: str | None,
+        error_stack: str | None,
+        retriable: bool | None,
+        dlq_reason: str | None,
+        replay_id: str | None,
+    ) -> HeaderList:
+        """The original headers, then ours in `encode_state`'s order (this stage's pipeline,
+        consumer group and tier)."""
+        out: HeaderList = list(original)
+        add = out.append
+        if original_topic is not None:
+            add(self._text(ORIGINAL_TOPIC, original_topic))
+        if original_partition is not None:
+            add((ORIGINAL_PARTITION, b"%d" % original_partition))
+        if original_offset is not None:
+            add((ORIGINAL_OFFSET, b"%d" % original_offset))
+        if original_timestamp_ms is not None:
+            add((ORIGINAL_TIMESTAMP, b"%d" % original_timestamp_ms))
+        add(self._pipeline)
+        add(self._consumer_group)
+        if attempt is not None:
+            add((ATTEMPT, b"%d" % attempt))
+        if due_ms is not None:
+            add((DUE, b"%d" % due_ms))
+        add(self._tier)
+        if failed_at_ms is not None:
+            add((FAILED_AT, b"%d" % failed_at_ms))
+        if error_class is not None:
+            add(self._text(ERROR_CLASS, error_class))
+        if error_message is not None and error_stack is not None:
+            message_header, stack_header = self._error(error_message, error_stack)
+            add(message_header)
+            add(stack_header)
+        elif error_message is not None:
+            add((ERROR_MESSAGE, _enc(error_message, MAX_MESSAGE_BYTES)))
+        elif error_stack is not None:
+            add((ERROR_STACK, truncate_utf8(error_stack, MAX_STACK_BYTES, keep_tail=True)))
+        if retriable is not None:
+            add(_RETRIABLE_TRUE if retriable else _RETRIABLE_FALSE)
+        if dlq_reason is not None:
+            add(self._text(DLQ_REASON, dlq_reason))
+        if replay_id is not None:
+            add((REPLAY_ID, _enc(replay_id, MAX_TEXT_BYTES)))
+        return out
+
+
+_RETRIABLE_TRUE = (RETRIABLE, b"true")
+_RETRIABLE_FALSE = (RETRIABLE, b"false")
+
+
 def effective_due_ms(
     due_ms: int | None, timestamp_ms: int | None, delay_ms: int, now_ms: int
 ) -> int | None:
@@ -200,7 +396,11 @@ def truncate_utf8(text: str, max_bytes: int, *, keep_tail: bool = False) -> byte
 
 
 def _quote(value: bytes) -> str:
+    """A bounded excerpt: at most MAX_PROBLEM_VALUE bytes, and as many characters once escaped
+    (a byte can take four, `\\x00`)."""
     shown = repr(value[:MAX_PROBLEM_VALUE])
+    if len(shown) > 2 * MAX_PROBLEM_VALUE:
+        return shown[: 2 * MAX_PROBLEM_VALUE] + "..."
     return shown + ("..." if len(value) > MAX_PROBLEM_VALUE else "")
 
 
@@ -218,29 +418,6 @@ def _digits(value: bytes) -> int | None:
     return int(text)
 
 
-def _strict_int(value: bytes, key: str, low: int, high: int, problems: list[str]) -> int | None:
-    """Fields that steer the pipeline: unreadable means malformed; out of range is clamped."""
-    number = _digits(value)
-    if number is None:
-        problems.append(f"header {key} is not a decimal integer: {_quote(value)}")
-        return None
-    return max(low, min(high, number))
-
-
-def _lenient_int(value: bytes, low: int, high: int) -> int | None:
-    """Informational fields: unreadable or out of range means unknown."""
-    number = _digits(value)
-    if number is None or not low <= number <= high:
-        return None
-    return number
-
-
-def _text(value: bytes, limit: int, *, keep_tail: bool = False) -> str:
-    if len(value) > limit:
-        value = value[-limit:] if keep_tail else value[:limit]
-    return value.decode("utf-8", errors="replace")
-
-
 def _bool(value: bytes) -> bool | None:
     text = value.strip().lower()
     if text == b"true":
@@ -250,38 +427,28 @@ def _bool(value: bytes) -> bool | None:
     return None
 
 
-_Reader = tuple[str, Callable[[bytes, str, list[str]], object]]
 _INT64 = 2**63 - 1
-
-
-def _lenient(low: int, high: int) -> Callable[[bytes, str, list[str]], object]:
-    return lambda v, _k, _p: _lenient_int(v, low, high)
-
-
-def _strict(low: int, high: int) -> Callable[[bytes, str, list[str]], object]:
-    return lambda v, k, p: _strict_int(v, k, low, high, p)
-
-
-def _texts(limit: int, keep_tail: bool = False) -> Callable[[bytes, str, list[str]], object]:
-    return lambda v, _k, _p: _text(v, limit, keep_tail=keep_tail)
-
-
-# header → (RetryState field, reader); and the order and size bound in which they are written.
-_READERS: dict[str, _Reader] = {
-    ORIGINAL_TOPIC: ("original_topic", _texts(MAX_TEXT_BYTES)),
-    ORIGINAL_PARTITION: ("original_partition", _lenient(0, 2**31 - 1)),
-    ORIGINAL_OFFSET: ("original_offset", _lenient(0, _INT64)),
-    ORIGINAL_TIMESTAMP: ("original_timestamp_ms", _lenient(0, _INT64)),
-    PIPELINE: ("pipeline", _texts(MAX_TEXT_BYTES)),
-    CONSUMER_GROUP: ("consumer_group", _texts(MAX_TEXT_BYTES)),
-    ATTEMPT: ("attempt", _strict(0, MAX_ATTEMPT)),
-    DUE: ("due_ms", _strict(0, _INT64)),
-    TIER: ("tier", _texts(MAX_TEXT_BYTES)),
-    FAILED_AT: ("failed_at_ms", _lenient(0, _INT64)),
-    ERROR_CLASS: ("error_class", _texts(MAX_TEXT_BYTES)),
-    ERROR_MESSAGE: ("error_message", _texts(MAX_MESSAGE_BYTES)),
-    ERROR_STACK: ("error_stack", _texts(MAX_STACK_BYTES, keep_tail=True)),
-    RETRIABLE: ("retriable", lambda v, _k, _p: _bool(v)),
-    DLQ_REASON: ("dlq_reason", _texts(MAX_TEXT_BYTES)),
-    REPLAY_ID: ("replay_id", _texts(MAX_TEXT_BYTES)),
+# How each header of ours is read: text (cut to a size bound), a lenient integer (unreadable
+# or out of range: unknown), a strict one (unreadable: malformed; out of range: clamped), or a
+# boolean. Rows: header -> (RetryState field, kind, low or size bound, high or keep-tail).
+_TEXT, _LENIENT, _STRICT, _BOOL = "text", "lenient", "strict", "bool"
+_FIELDS: dict[str, tuple[str, str, int, int]] = {
+    ORIGINAL_TOPIC: ("original_topic", _TEXT, MAX_TEXT_BYTES, 0),
+    ORIGINAL_PARTITION: ("original_partition", _LENIENT, 0, 2**31 - 1),
+    ORIGINAL_OFFSET: ("original_offset", _LENIENT, 0, _INT64),
+    ORIGINAL_TIMESTAMP: ("original_timestamp_ms", _LENIENT, 0, _INT64),
+    PIPELINE: ("pipeline", _TEXT, MAX_TEXT_BYTES, 0),
+    CONSUMER_GROUP: ("consumer_group", _TEXT, MAX_TEXT_BYTES, 0),
+    ATTEMPT: ("attempt", _STRICT, 0, MAX_ATTEMPT),
+    DUE: ("due_ms", _STRICT, 0, _INT64),
+    TIER: ("tier", _TEXT, MAX_TEXT_BYTES, 0),
+    FAILED_AT: ("failed_at_ms", _LENIENT, 0, _INT64),
+    ERROR_CLASS: ("error_class", _TEXT, MAX_TEXT_BYTES, 0),
+    ERROR_MESSAGE: ("error_message", _TEXT, MAX_MESSAGE_BYTES, 0),
+    ERROR_STACK: ("error_stack", _TEXT, MAX_STACK_BYTES, 1),
+    RETRIABLE: ("retriable", _BOOL, 0, 0),
+    DLQ_REASON: ("dlq_reason", _TEXT, MAX_TEXT_BYTES, 0),
+    REPLAY_ID: ("replay_id", _TEXT, MAX_TEXT_BYTES, 0),
 }
+_READ_ALL = HeaderReader()
+_KEY = operator.itemgetter(0)

@@ -17,6 +17,9 @@ CLIENT_ENV_PREFIX = "KAFKA_CLIENT_"
 # keep prefetch small and refill it quickly.
 TIER_PREFETCH_KBYTES = "4096"
 TIER_FETCH_QUEUE_BACKOFF_MS = "50"
+# librdkafka acts on a resume at its fetcher's next turn, after an outstanding long-poll fetch
+# returns: keep that wait short (default 500 ms) so that a resumed partition is fetched soon.
+TIER_FETCH_WAIT_MAX_MS = "100"
 
 _CONSUMER_DEFAULTS: dict[str, Any] = {
     "auto.offset.reset": "earliest",  # a new group must not skip events waiting in a topic
@@ -58,6 +61,7 @@ def consumer_config(
     if pauses_often:
         config["queued.max.messages.kbytes"] = TIER_PREFETCH_KBYTES
         config["fetch.queue.backoff.ms"] = TIER_FETCH_QUEUE_BACKOFF_MS
+        config["fetch.wait.max.ms"] = TIER_FETCH_WAIT_MAX_MS
     config.update(extra or {})
     # KIP-848: the broker assigns partitions, unless the settings name an assignor.
     kip848 = str(config.get("group.protocol", "classic")).lower() == "consumer"

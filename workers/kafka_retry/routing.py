@@ -7,6 +7,7 @@ an event with malformed headers goes to the DLQ with a reason.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -71,6 +72,7 @@ class Router:
         self._next_topic, is_dlq = topology.next_topic(stage.index)
         self._exhausted = Route(dlq, DEAD_LETTERED, None, h.REASON_EXHAUSTED) if is_dlq else None
         self._next_delay_ms = 0 if is_dlq else topology.tiers[stage.index + 1].delay_seconds * 1000
+        self._encoder = h.StageEncoder(topology.pipeline, self._stage_group(), stage.name)
 
     def route(self, retriable: bool, now_ms: int) -> Route:
         if not retriable:
@@ -111,6 +113,24 @@ class Router:
             dlq_reason=route.dlq_reason,
             replay_id=prior.replay_id,
         )
+
+    def forward_headers(
+        self,
+        original: Sequence[tuple[str, bytes | None]],
+        origin: Origin,
+        prior: h.RetryState,
+        attempt: int,
+        failure: Failure,
+        route: Route,
+        now_ms: int,
+    ) -> h.HeaderList:
+        """`build_headers(original, forward_state(...))`, the way the per-event path wants it:
+        no intermediate `RetryState`, this stage's constant headers encoded once."""
+        return self._encoder.forward(
+            original, origin.topic, origin.partition, origin.offset, origin.timestamp_ms,
+            attempt, route.due_ms, now_ms, failure.error_class, failure.message, failure.stack,
+            failure.retriable, route.dlq_reason, prior.replay_id,
+        )  # fmt: skip
 
     def _stage_group(self) -> str:
         """The service's group on the source topic, whose failures these are."""

@@ -11,6 +11,7 @@ delivery report happen on the thread that calls `run()`.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -30,14 +31,41 @@ from kafka_retry.kafka_config import incremental_rebalance
 from kafka_retry.metrics import StageMetrics
 from kafka_retry.model import Topology
 from kafka_retry.offsets import OffsetTracker, Ticket, TopicPartitionKey
-from kafka_retry.routing import SUCCEEDED, Origin, Route, Router, Stage
+from kafka_retry.routing import OUTCOMES, SUCCEEDED, Origin, Route, Router, Stage
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 500
 DEFAULT_POLL_CAP_S = 0.5
 DEFAULT_DRAIN_S = 20.0
+ACK_WAIT_S = 0.005  # longest consume() wait while forwards are unacknowledged
 MALFORMED_CLASS = "kafka_retry.MalformedHeaders"
+_NO_STATE = h.RetryState()  # never written to: the live lane's "no prior failure"
+# What a tier reads of an event's retry state: due time and attempt (the only fields that can
+# make it malformed), where it came from, and what the handler and the next forward carry on.
+_TIER_FIELDS = (
+    "attempt", "due_ms", "original_topic", "original_partition", "original_offset",
+    "original_timestamp_ms", "replay_id", "error_class", "error_message",
+)  # fmt: skip
+
+
+# Young-generation threshold of the cyclic garbage collector in a worker process (default 700).
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def tune_gc_for_worker() -> None:
+    """For a process that exists to run one loop (`kafka-retry worker`), called once before it.
+
+    A forward keeps a few dozen objects alive until the broker acknowledges it, some
+    milliseconds later. With the default thresholds they outlive two young collections and
+    reach the old generation, whose full collections then walk the whole heap: 15% of a
+    forwarding worker's CPU, measured (bench/tier_throughput.py). Collecting the young
+    generation less often lets them die young; freezing what start-up allocated (modules,
+    clients, the topology) keeps full collections short. Not for the SDK: a service's process
+    is the service's to tune."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 @dataclass(slots=True)
@@ -80,10 +108,22 @@ class StageRunner:
         # A batch is cut short (the rest re-read) when handling it nears max.poll.interval.ms.
         self._batch_budget_s = self._max_poll_s / 2
         self._metrics = StageMetrics(topology.pipeline, stage.name)
-        # Per-stage constants, looked up once rather than per event.
+        # Per-stage constants and metric children, looked up once rather than per event.
         self._is_tier = stage.is_tier
         self._tier_name = stage.name if stage.is_tier else None
+        self._pipeline = topology.pipeline
+        self._group = stage.consumer_group
+        self._delay_ms = stage.delay_ms
         self._failed_before = stage.index + 1  # failed attempts when a header does not say
+        # Our headers on a tier: only what steers the event or reaches its handler is read;
+        # on the live lane none (ours on a source record are not ours to trust or keep).
+        self._read_headers = h.HeaderReader(_TIER_FIELDS if stage.is_tier else ()).parse
+        self._lateness = self._metrics.lateness
+        self._handler_seconds = self._metrics.handler_seconds
+        self._outcome = self._metrics.outcome
+        # Outcomes since the last `_count()`: successes, and forwards acknowledged by outcome.
+        self._succeeded = 0
+        self._acked: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
         self._tracker = OffsetTracker()
         self._assigned: set[TopicPartitionKey] = set()
         self._stopping = threading.Event()
@@ -151,7 +191,11 @@ class StageRunner:
                 now_ms = int(time.time() * 1000)
                 gate.release_due(now_ms)
                 timeout = gate.poll_timeout(now_ms, self._cap)
-            messages = consumer.consume(self._batch, timeout)
+            if forwarder.in_flight:
+                # Acknowledgements are served between consume calls: wait for them, not up to
+                # the cap, so offsets are stored as soon as forwards are durable.
+                timeout = min(timeout, ACK_WAIT_S)
+            messages = self._consume(consumer, timeout)
             polled = time.monotonic()
             forwarder.poll(0)
             for i, msg in enumerate(messages):
@@ -163,10 +207,26 @@ class StageRunner:
                 self._process(msg)
             forwarder.poll(0)
             self._store(consumer)
+            self._count()
             if gate is not None:
                 self._metrics.paused.set(len(gate))
 
+    def _consume(self, consumer: Any, timeout: float) -> list[Any]:
+        """Up to a batch of what has arrived, waiting at most `timeout` for the first message
+        but never for a batch to fill: `consume(n, timeout)` returns only when it has n
+        messages or the timeout has passed, which at a moderate rate adds up to the whole
+        timeout to every event's latency. Under a backlog the first call returns a full batch."""
+        messages: list[Any] = consumer.consume(self._batch, 0)
+        if messages or timeout <= 0:
+            return messages
+        messages = consumer.consume(1, timeout)
+        if messages and self._batch > 1:
+            messages += consumer.consume(self._batch - 1, 0)
+        return messages
+
     def _process(self, msg: Any) -> None:
+        """One event, on the consumer's thread. The per-event path: per-stage values are
+        attributes set once, the success counter is tallied and flushed per batch."""
         err = msg.error()
         if err is not None:
             if err.fatal():
@@ -178,27 +238,24 @@ class StageRunner:
             return  # revoked by a rebalance inside the consume() that returned it
         offset = msg.offset()
         gate = self._gate
-        if gate is not None:
-            if gate.is_held(tp):
-                return  # the rest of a batch behind a held head: re-read after it
-            if gate.expects() and not gate.check_resumed(tp, offset):
-                return
+        if gate is not None and not gate.admits(tp, offset):
+            return
         try:
             raw_headers = msg.headers()
         except Exception as e:  # undecodable header names
             parsed = h.ParsedHeaders((), h.RetryState(), (f"unreadable headers: {e}",))
         else:
-            parsed = h.parse_headers(raw_headers)
+            parsed = self._read_headers(raw_headers)
         ts_type, ts = msg.timestamp()
         timestamp_ms = ts if ts_type != 0 and ts >= 0 else None
         now_ms = int(time.time() * 1000)
 
         due_ms: int | None = None
+        prior = parsed.state
         if self._is_tier:
-            prior = parsed.state
             problems = parsed.problems
             if not problems:
-                due_ms = h.effective_due_ms(prior.due_ms, timestamp_ms, self.stage.delay_ms, now_ms)
+                due_ms = h.effective_due_ms(prior.due_ms, timestamp_ms, self._delay_ms, now_ms)
                 if due_ms is None:
                     problems = (f"header {h.DUE} is absurd: {prior.due_ms} ms, now {now_ms} ms",)
             if problems:
@@ -208,54 +265,41 @@ class StageRunner:
             if due_ms > now_ms:
                 gate.hold(tp, offset, due_ms)
                 return
-            self._metrics.lateness.observe((now_ms - due_ms) / 1000.0)
+            self._lateness.observe((now_ms - due_ms) / 1000.0)
             failed = prior.attempt if prior.attempt is not None else self._failed_before
             attempt = min(failed, h.MAX_ATTEMPT) + 1
             origin = _origin(prior, tp, offset, timestamp_ms)
         else:
-            prior = h.RetryState()
+            prior = _NO_STATE
             attempt = 1
             origin = Origin(tp[0], tp[1], offset, timestamp_ms)
 
         ticket = self._tracker.begin(tp, offset)
+        key = msg.key()
+        value = msg.value()
+        # Positional: a 19-field keyword call costs more than the rest of the bookkeeping.
         event = Event(
-            key=msg.key(),
-            value=msg.value(),
-            headers=parsed.original,
-            topic=tp[0],
-            partition=tp[1],
-            offset=offset,
-            timestamp_ms=timestamp_ms,
-            attempt=attempt,
-            tier=self._tier_name,
-            pipeline=self.topology.pipeline,
-            consumer_group=self.stage.consumer_group,
-            original_topic=origin.topic,
-            original_partition=origin.partition,
-            original_offset=origin.offset,
-            original_timestamp_ms=origin.timestamp_ms,
-            due_ms=due_ms,
-            replay_id=prior.replay_id,
-            last_error_class=prior.error_class,
-            last_error_message=prior.error_message,
-        )
+            key, value, parsed.original, tp[0], tp[1], offset, timestamp_ms, attempt,
+            self._tier_name, self._pipeline, self._group, origin.topic, origin.partition,
+            origin.offset, origin.timestamp_ms, due_ms, prior.replay_id, prior.error_class,
+            prior.error_message,
+        )  # fmt: skip
         started = time.perf_counter()
         try:
             self._handler(event)
         except Exception as exc:
-            self._metrics.handler_seconds.observe(time.perf_counter() - started)
+            self._handler_seconds.observe(time.perf_counter() - started)
             failure = self._classifier.classify(exc)
             now_ms = int(time.time() * 1000)
             route = self._router.route(failure.retriable, now_ms)
-            state = self._router.forward_state(
-                origin=origin, prior=prior, attempt=attempt, failure=failure, route=route,
-                now_ms=now_ms,
-            )  # fmt: skip
-            self._forward(msg, ticket, parsed.original, state, route)
+            headers = self._router.forward_headers(
+                parsed.original, origin, prior, attempt, failure, route, now_ms
+            )
+            self._forward(key, value, ticket, headers, route)
         else:
-            self._metrics.handler_seconds.observe(time.perf_counter() - started)
-            self._tracker.finish(ticket)
-            self._metrics.outcome[SUCCEEDED].inc()
+            self._handler_seconds.observe(time.perf_counter() - started)
+            OffsetTracker.finish(ticket)
+            self._succeeded += 1
             self.stats.handled += 1
 
     def _rewind(self, consumer: Any, rest: list[Any]) -> None:
@@ -291,32 +335,34 @@ class StageRunner:
         failed = prior.attempt if prior.attempt is not None else self._failed_before
         failure = Failure(False, MALFORMED_CLASS, "; ".join(problems), "")
         route = self._router.malformed()
-        state = self._router.forward_state(
-            origin=_origin(prior, tp, msg.offset(), timestamp_ms), prior=prior, attempt=failed,
-            failure=failure, route=route, now_ms=now_ms,
+        headers = self._router.forward_headers(
+            parsed.original, origin=_origin(prior, tp, msg.offset(), timestamp_ms), prior=prior,
+            attempt=failed, failure=failure, route=route, now_ms=now_ms,
         )  # fmt: skip
-        self._forward(msg, ticket, parsed.original, state, route)
+        self._forward(msg.key(), msg.value(), ticket, headers, route)
 
     def _forward(
         self,
-        msg: Any,
+        key: bytes | None,
+        value: bytes | None,
         ticket: Ticket,
-        original: tuple[tuple[str, bytes | None], ...],
-        state: h.RetryState,
+        headers: h.HeaderList,
         route: Route,
     ) -> None:
-        counter = self._metrics.outcome[route.outcome]
-        tracker, stats = self._tracker, self.stats
-
-        def acked() -> None:
-            tracker.finish(ticket)
-            counter.inc()
-            stats.forwarded += 1
-
         assert self._forwarder is not None
-        self._forwarder.send(
-            route.topic, msg.key(), msg.value(), h.build_headers(original, state), acked
-        )
+        self._forwarder.send(route.topic, key, value, headers, _Acked(self, ticket, route.outcome))
+
+    def _count(self) -> None:
+        """Add the batch's tallies to the outcome counters: one `inc` per outcome and batch
+        rather than per event."""
+        if self._succeeded:
+            self._outcome[SUCCEEDED].inc(self._succeeded)
+            self._succeeded = 0
+        acked = self._acked
+        for outcome, n in acked.items():
+            if n:
+                self._outcome[outcome].inc(n)
+                acked[outcome] = 0
 
     # ------------------------------------------------------------------ offsets
 
@@ -416,12 +462,32 @@ class StageRunner:
         except Exception:
             log.exception("drain at shutdown failed; uncommitted events will be re-read")
         finally:
+            self._count()
             try:
                 consumer.close()
             finally:
                 self._running = False
                 self._metrics.paused.set(0)
                 self._metrics.assigned.set(0)
+
+
+class _Acked:
+    """What a forward's acknowledgement finishes: its input event, counted by outcome. A small
+    object rather than a closure or a partial: one per forward in flight, cheaper to make and
+    to collect (measured)."""
+
+    __slots__ = ("outcome", "runner", "ticket")
+
+    def __init__(self, runner: StageRunner, ticket: Ticket, outcome: str) -> None:
+        self.runner = runner
+        self.ticket = ticket
+        self.outcome = outcome
+
+    def __call__(self) -> None:
+        OffsetTracker.finish(self.ticket)
+        runner = self.runner
+        runner._acked[self.outcome] += 1
+        runner.stats.forwarded += 1
 
 
 def _origin(

@@ -35,7 +35,7 @@ from kafka_retry.kafka_config import (
 from kafka_retry.metrics import DEFAULT_PORT, PORT_ENV, HealthServer
 from kafka_retry.model import Topology
 from kafka_retry.routing import Stage
-from kafka_retry.runner import StageRunner
+from kafka_retry.runner import StageRunner, tune_gc_for_worker
 from kafka_retry.topology_source import TOPOLOGY_ENV, load_topology
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ def run_worker(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
     server = HealthServer(port, runner.alive, runner.ready).start()
     log.info("metrics and probes on port %d", server.port)
     _on_signals(runner.stop)
+    tune_gc_for_worker()
     try:
         runner.run()
     except (KafkaException, FatalProducerError) as e:
