@@ -339,18 +339,20 @@ PKI = RUN / "pki"
 KUBECONFIG = RUN / "kubeconfig"
 
 
-def _admin_token() -> str:
-    token_file = PKI / "admin.token"
+def _token(name: str) -> str:
+    """A static bearer token, made once per fresh cluster (the PKI folder is reset with it)."""
+    token_file = PKI / f"{name}.token"
     if not token_file.exists():
         token_file.write_text(uuid.uuid4().hex)
     return token_file.read_text().strip()
+
+
+def _admin_token() -> str:
+    return _token("admin")
 
 
 def _unprivileged_token() -> str:
-    token_file = PKI / "nobody.token"
-    if not token_file.exists():
-        token_file.write_text(uuid.uuid4().hex)
-    return token_file.read_text().strip()
+    return _token("nobody")
 
 
 def ensure_pki() -> None:

@@ -46,6 +46,15 @@ def one(docs: Iterable[Manifest], kind: str) -> Manifest:
     return found
 
 
+def installed_deployment(kubectl: Run, namespace: str, release: str) -> Manifest:
+    """The operator Deployment a release installed, as the API server has it."""
+    out = kubectl(
+        "get", "deployment", "-n", namespace, "-o", "json",
+        "-l", f"app.kubernetes.io/instance={release}",
+    ).stdout  # fmt: skip
+    return dict(json.loads(out)["items"][0])
+
+
 def operator_container(docs: Iterable[Manifest]) -> Manifest:
     deployment = one(docs, "Deployment")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]

@@ -15,6 +15,7 @@ from chart_support import (
     CHART,
     Run,
     ensure_service_monitor_crd,
+    installed_deployment,
     operator_container,
     set_args,
 )
@@ -107,18 +108,7 @@ def test_install_upgrade_uninstall_leaves_no_orphans(
             "ClusterRole",
             "ClusterRoleBinding",
         }
-        deployment = json.loads(
-            kubectl(
-                "get",
-                "deployment",
-                "-n",
-                namespace,
-                "-o",
-                "json",
-                "-l",
-                f"app.kubernetes.io/instance={release}",
-            ).stdout
-        )["items"][0]
+        deployment = installed_deployment(kubectl, namespace, release)
         container = operator_container([deployment])
         assert "--all-namespaces" in container["args"]
         assert "--debug" in container["args"]

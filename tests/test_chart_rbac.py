@@ -31,7 +31,14 @@ from typing import Any
 import pytest
 
 import localenv
-from chart_support import CHART, Run, env_of, operator_container, set_args
+from chart_support import (
+    CHART,
+    Run,
+    env_of,
+    installed_deployment,
+    operator_container,
+    set_args,
+)
 
 BIN = Path(sys.executable).parent
 
@@ -66,18 +73,7 @@ def _install(
     helm: Run, kubectl: Run, release: str, namespace: str, values: dict[str, str]
 ) -> Installed:
     helm("install", release, str(CHART), "--namespace", namespace, *set_args(values))
-    deployment = json.loads(
-        kubectl(
-            "get",
-            "deployment",
-            "-n",
-            namespace,
-            "-o",
-            "json",
-            "-l",
-            f"app.kubernetes.io/instance={release}",
-        ).stdout
-    )["items"][0]
+    deployment = installed_deployment(kubectl, namespace, release)
     sa = deployment["spec"]["template"]["spec"]["serviceAccountName"]
     return Installed(release, namespace, sa, deployment)
 

@@ -48,26 +48,10 @@ class Kube:
         return kafka_secret.secret_settings(self.core.api_client, namespace, name)
 
     def apply_configmap(self, body: dict[str, Any]) -> None:
-        meta = body["metadata"]
-        self.core.patch_namespaced_config_map(
-            meta["name"],
-            meta["namespace"],
-            body,
-            field_manager=MANAGER,
-            force=True,
-            _content_type=APPLY,
-        )
+        _apply(self.core.patch_namespaced_config_map, body)
 
     def apply_deployment(self, body: dict[str, Any]) -> None:
-        meta = body["metadata"]
-        self.apps.patch_namespaced_deployment(
-            meta["name"],
-            meta["namespace"],
-            body,
-            field_manager=MANAGER,
-            force=True,
-            _content_type=APPLY,
-        )
+        _apply(self.apps.patch_namespaced_deployment, body)
 
     def worker_deployments(self, namespace: str, pipeline: str) -> dict[str, tuple[str, str]]:
         """The pipeline's tier Deployments now in the cluster: tier -> (name, owner uid)."""
@@ -104,3 +88,16 @@ class Kube:
         except ApiException as e:
             if e.status != 404:
                 raise
+
+
+def _apply(patch: Any, body: dict[str, Any]) -> None:
+    """Server-side apply of `body` with the operator as the one field manager."""
+    meta = body["metadata"]
+    patch(
+        meta["name"],
+        meta["namespace"],
+        body,
+        field_manager=MANAGER,
+        force=True,
+        _content_type=APPLY,
+    )
