@@ -91,6 +91,10 @@ class SetupError(RuntimeError):
     """A part could not be built or started; the message names the log to read."""
 
 
+class ServerExited(SetupError):
+    """A server process died before it became ready."""
+
+
 def log(msg: str) -> None:
     print(f"[localenv] {msg}", file=sys.stderr, flush=True)
 
@@ -231,11 +235,24 @@ class Server:
                 os.killpg(pid, signal.SIGKILL)
         self.pidfile.unlink(missing_ok=True)
 
+    def bring_up(
+        self, start: Callable[[], None], ready: Callable[[], bool], timeout: float
+    ) -> None:
+        """Start and wait; a server that dies during start-up (seen once in CI: killed with
+        no log line) gets one more try before the run fails."""
+        start()
+        try:
+            self.wait(ready, timeout)
+        except ServerExited as e:
+            log(f"{e}; starting it once more")
+            start()
+            self.wait(ready, timeout)
+
     def wait(self, ready: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.pid() is None:
-                raise SetupError(f"{self.name} exited during start-up; log: {self.logfile}")
+                raise ServerExited(f"{self.name} exited during start-up; log: {self.logfile}")
             try:
                 if ready():
                     return
@@ -619,16 +636,12 @@ def _up_locked() -> None:
     write_kubeconfig(RUN / "kubeconfig-nobody", _unprivileged_token(), UNPRIVILEGED_USER)
 
     def kafka() -> None:
-        start_kafka()
-        KAFKA.wait(kafka_ready, 90)
+        KAFKA.bring_up(start_kafka, kafka_ready, 90)
 
     def kube() -> None:
-        start_etcd()
-        ETCD.wait(etcd_ready, 60)
-        start_apiserver()
-        APISERVER.wait(apiserver_ready, 120)
-        start_kcm()
-        KCM.wait(kcm_ready, 60)
+        ETCD.bring_up(start_etcd, etcd_ready, 60)
+        APISERVER.bring_up(start_apiserver, apiserver_ready, 120)
+        KCM.bring_up(start_kcm, kcm_ready, 60)
 
     timed("kafka up", kafka)
     timed("etcd + kube-apiserver + kube-controller-manager up", kube)

@@ -157,3 +157,12 @@ def helm(
         return proc
 
     return run
+
+
+@pytest.fixture(scope="session")
+def crds(kubectl: Callable[..., subprocess.CompletedProcess[str]]) -> None:
+    """Install (or update) the generated CRDs; they are cluster-wide and shared, and etcd
+    starts empty on a fresh machine, so every test that needs them asks for this."""
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    for name in ("retrypipelines.kafkaretry.io", "dlqreplays.kafkaretry.io"):
+        kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")

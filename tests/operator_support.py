@@ -116,14 +116,6 @@ class OperatorProcess:
         return self.log_path.read_text(errors="replace")
 
 
-@pytest.fixture(scope="session")
-def crds(kubectl: Kubectl) -> None:
-    """Install (or update) the generated CRDs; they are cluster-wide and shared."""
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    for name in ("retrypipelines.kafkaretry.io", "dlqreplays.kafkaretry.io"):
-        kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
-
-
 @pytest.fixture
 def operator(
     crds: None, kubeconfig: str, kubectl: Kubectl, namespace: str, tmp_path: Path

@@ -70,7 +70,7 @@ def test_kind_kafka_manifest_is_accepted(kubectl: Run, namespace: str) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def test_example_as_patched_by_kind_up_is_valid(kubectl: Run, namespace: str) -> None:
+def test_example_as_patched_by_kind_up_is_valid(kubectl: Run, namespace: str, crds: None) -> None:
     """kind-up.sh points the example at the in-cluster Kafka and drops its Secret with
     `kubectl patch --local`; the result must be a RetryPipeline the API server accepts."""
     patch = {

@@ -1,8 +1,6 @@
 """`kubectl apply` rejects bad RetryPipelines with a message naming the field, by schema
 bounds and CEL rules in the generated CRD; the pydantic models reject the same specs offline."""
 
-# ruff: noqa: F401, F811 - pytest fixtures are imported from operator_support by name
-
 from __future__ import annotations
 
 import copy
@@ -15,7 +13,7 @@ import pytest
 from pydantic import ValidationError
 
 from kafka_retry.model import RetryPipelineSpec
-from operator_support import Kubectl, crds
+from operator_support import Kubectl
 
 VALID: dict[str, Any] = {
     "apiVersion": "kafkaretry.io/v1alpha1",

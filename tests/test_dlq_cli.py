@@ -15,7 +15,6 @@ from dlq_support import NOW_MS, cli, error_class, fill_dlq, replayed_records, so
 from kafka_retry import headers as h
 from kafka_retry.dlq import KafkaAccess, partition_states
 from kafka_retry.model import Topology
-from operator_support import crds  # noqa: F401 - fixture
 
 COUNT = 40
 
@@ -205,7 +204,7 @@ def test_direct_replay_with_a_filter_keeps_skipped_events_counted(
 
 def test_errors_are_one_clear_line(
     dlq_pipeline: tuple[Topology, list[str]], kubeconfig: str, namespace: str,
-    crds: None,  # noqa: F811
+    crds: None,
 ) -> None:  # fmt: skip
     _, where = dlq_pipeline
     cases = [

@@ -27,7 +27,6 @@ from operator_support import (  # noqa: F401 - fixtures
     OperatorProcess,
     apply,
     cleanup_topics,
-    crds,
     get,
     operator,
     pipeline,

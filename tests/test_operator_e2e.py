@@ -25,7 +25,6 @@ from operator_support import (
     apply,
     cleanup_topics,
     condition,
-    crds,
     get,
     operator,
     pipeline,

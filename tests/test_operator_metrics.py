@@ -26,7 +26,6 @@ from operator_support import (
     OperatorProcess,
     apply,
     cleanup_topics,
-    crds,
     free_port,
     operator,
     pipeline,

@@ -20,7 +20,6 @@ from operator_support import (
     Kubectl,
     OperatorProcess,
     cleanup_topics,
-    crds,
     pipeline,
     podrunner,
     release_pipelines,
