@@ -238,8 +238,8 @@ class Server:
     def bring_up(
         self, start: Callable[[], None], ready: Callable[[], bool], timeout: float
     ) -> None:
-        """Start and wait; a server that dies during start-up (seen once in CI: killed with
-        no log line) gets one more try before the run fails."""
+        """Start and wait; a server that dies during start-up (a port still held by a
+        process that is going away, say) gets one more try before the run fails."""
         start()
         try:
             self.wait(ready, timeout)
@@ -248,10 +248,19 @@ class Server:
             start()
             self.wait(ready, timeout)
 
+    def _started_alive(self) -> bool:
+        """Liveness of the process we just started. Not `pid()`: right after Popen the child
+        may still be inside execve, its cmdline empty, so the name check would call it dead."""
+        try:
+            stat = Path(f"/proc/{int(self.pidfile.read_text())}/stat").read_text()
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            return False
+        return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
     def wait(self, ready: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.pid() is None:
+            if not self._started_alive():
                 raise ServerExited(f"{self.name} exited during start-up; log: {self.logfile}")
             try:
                 if ready():
@@ -322,10 +331,18 @@ def start_kafka() -> None:
     cp = str(KAFKA_DIR / "libs" / "*")
     java = ["java", "-Xms128m", "-Xmx512m", "-XX:+UseSerialGC", "-cp", cp]
     java.append(f"-Dlog4j2.configurationFile={data / 'log4j2.xml'}")
-    # StorageTool wants a base64 (22 chars) cluster id, not a dashed UUID.
+    # StorageTool wants a base64 (22 chars) cluster id, not a dashed UUID; one in 64 starts
+    # with "-", which argparse would read as an option unless joined with "=".
     cluster_id = _kafka_uuid()
     _run_logged(
-        [*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
+        [
+            *java,
+            "kafka.tools.StorageTool",
+            "format",
+            f"--cluster-id={cluster_id}",
+            "-c",
+            str(props),
+        ],
         RUN / "logs" / "kafka-format.log",
     )
     KAFKA.start([*java, "kafka.Kafka", str(props)])
@@ -340,7 +357,10 @@ def _kafka_uuid() -> str:
 def kafka_ready() -> bool:
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": kafka_bootstrap(), "socket.timeout.ms": 2000})
+    # log_level 2: "connection refused" while the broker boots is expected, not news.
+    admin = AdminClient(
+        {"bootstrap.servers": kafka_bootstrap(), "socket.timeout.ms": 2000, "log_level": 2}
+    )
     md = admin.list_topics(timeout=2)
     return bool(md.brokers)
 
