@@ -3,7 +3,9 @@ headers pass through byte for byte, our headers round-trip, absurd values are cl
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+import dataclasses
+
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kafka_retry import headers as h
@@ -73,6 +75,79 @@ def test_parse_never_raises_and_keeps_original_headers_byte_for_byte(
         assert text is None or len(text) <= h.MAX_STACK_BYTES
     for problem in parsed.problems:
         assert len(problem) < 200  # bad values are quoted, never copied whole
+
+
+# The rules of docs/headers.md read plainly, one header at a time: the model the compiled
+# per-layout readers of `HeaderReader` must agree with.
+TEXT_BOUNDS = {
+    "original_topic": h.MAX_TEXT_BYTES, "pipeline": h.MAX_TEXT_BYTES,
+    "consumer_group": h.MAX_TEXT_BYTES, "tier": h.MAX_TEXT_BYTES,
+    "error_class": h.MAX_TEXT_BYTES, "error_message": h.MAX_MESSAGE_BYTES,
+    "dlq_reason": h.MAX_TEXT_BYTES, "replay_id": h.MAX_TEXT_BYTES,
+}  # fmt: skip
+STRICT_INTS = {"attempt": h.MAX_ATTEMPT, "due_ms": 2**63 - 1}
+LENIENT_INTS = {
+    "original_partition": 2**31 - 1, "original_offset": 2**63 - 1,
+    "original_timestamp_ms": 2**63 - 1, "failed_at_ms": 2**63 - 1,
+}  # fmt: skip
+FIELD_OF = dict(zip(OUR_KEYS, [f.name for f in dataclasses.fields(h.RetryState)], strict=True))
+
+
+def plain_integer(value: bytes) -> int | None:
+    if len(value) > h.MAX_NUMBER_BYTES:
+        return None
+    try:
+        text = value.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return None
+    unsigned = text[1:] if text[:1] in ("+", "-") else text
+    return int(text) if unsigned.isdigit() else None
+
+
+def plain_parse(raw: list[tuple[str, bytes | None]], fields: set[str]) -> h.ParsedHeaders:
+    original = tuple((k, v) for k, v in raw if not k.startswith(h.PREFIX))
+    last: dict[str, bytes | None] = {}
+    for key, value in raw:
+        if key in FIELD_OF:
+            last[key] = value
+    state, problems = h.RetryState(), []
+    for key, value in last.items():
+        name = FIELD_OF[key]
+        if value is None or name not in fields:
+            continue
+        if name == "error_stack":
+            setattr(state, name, value[-h.MAX_STACK_BYTES :].decode("utf-8", "replace"))
+        elif name in TEXT_BOUNDS:
+            setattr(state, name, value[: TEXT_BOUNDS[name]].decode("utf-8", "replace"))
+        elif name == "retriable":
+            word = value.strip().lower()
+            state.retriable = True if word == b"true" else False if word == b"false" else None
+        else:
+            number = plain_integer(value)
+            high = STRICT_INTS.get(name) or LENIENT_INTS[name]
+            if name in STRICT_INTS and number is None:
+                problems.append(f"header {key} is not a decimal integer: {h._quote(value)}")
+            elif name in STRICT_INTS:
+                setattr(state, name, min(max(number or 0, 0), high))
+            elif number is not None and 0 <= number <= high:
+                setattr(state, name, number)
+    return h.ParsedHeaders(original, state, tuple(problems))
+
+
+ALL_FIELDS = set(FIELD_OF.values())
+
+
+@settings(max_examples=500)
+@given(header_lists, st.sets(st.sampled_from(sorted(ALL_FIELDS))))
+@example([(h.ERROR_STACK, b"head" + b"x" * 5000 + b"tail"), ("theirs", b"1")], ALL_FIELDS)
+@example([(h.ERROR_MESSAGE, b"y" * 2000), (h.ATTEMPT, b" -7 "), (h.DUE, b"x")], ALL_FIELDS)
+def test_compiled_readers_agree_with_a_plain_reading_of_the_rules(
+    raw: list[tuple[str, bytes | None]], fields: set[str]
+) -> None:
+    assert h.parse_headers(raw) == plain_parse(raw, ALL_FIELDS)
+    reader = h.HeaderReader(fields)
+    assert reader.parse(raw) == plain_parse(raw, fields)
+    assert reader.parse(list(raw)) == plain_parse(raw, fields)  # the kept reader, once more
 
 
 @given(sane_state, header_lists)

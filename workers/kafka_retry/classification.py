@@ -71,6 +71,10 @@ class Classifier:
         self._non_retriable_statuses = frozenset(rules.non_retriable_http_statuses)
         self._unknown_retriable = rules.unknown_errors == "Retriable"
         self._by_type: dict[type[BaseException], tuple[bool, str]] = {}
+        # (frames, class name, message, stack) of the last chainless failure: a failing
+        # handler fails the same way event after event, and the same stack object lets the
+        # header encoder reuse its encoding without comparing texts.
+        self._last_stack: tuple[str, str, str, str] = ("", "", "", "")
 
     def http_success(self, status: int) -> bool:
         return 200 <= status < 300
@@ -108,10 +112,17 @@ class Classifier:
             if known is not None:
                 message = _safe_str(exc)
                 try:
-                    stack = _frames(exc.__traceback__) + f"{known[1]}: {message}\n"
+                    frames = _frames(exc.__traceback__)
                 except Exception:
-                    stack = ""
-                return Failure(known[0], known[1], message, stack)
+                    return Failure(known[0], known[1], message, "")
+                last = self._last_stack
+                if frames is last[0] and known[1] is last[1] and message == last[2]:
+                    stack = last[3]
+                else:
+                    stack = frames + f"{known[1]}: {message}\n"
+                    self._last_stack = (frames, known[1], message, stack)
+                # tuple.__new__: a NamedTuple's own __new__ is a Python function.
+                return tuple.__new__(Failure, (known[0], known[1], message, stack))
         try:
             retriable = self.is_retriable(exc)
         except Exception:  # a hostile __eq__/__hash__ somewhere in a custom exception

@@ -366,7 +366,8 @@ class Replayer:
             target_index=self.target_index,
             now_ms=int(time.time() * 1000),
         )
-        forwarder.send(self.target.topic, record.key, record.value, headers, _nothing)
+        # Acknowledgements are awaited at checkpoints (`Forwarder.drain`), not one by one.
+        forwarder.send(self.target.topic, record.key, record.value, headers)
 
     def _checkpoint(
         self,
@@ -493,7 +494,3 @@ def _position(value: bytes | None) -> tuple[int, int] | None:
 
 def _or(value: int | None, default: int) -> int:
     return default if value is None else value
-
-
-def _nothing() -> None:
-    """Acknowledgements are awaited at checkpoints (`Forwarder.drain`), not one by one."""

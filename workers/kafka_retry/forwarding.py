@@ -1,10 +1,10 @@
 """Asynchronous produce with delivery tracking: the one writer of tier and DLQ topics.
 
 `send` never blocks on the broker and never flushes; the caller learns that a record is
-durable (idempotent producer, acks=all) through `on_acked`, which runs inside `poll()` or
-`drain()` on the caller's thread. A record whose delivery failed is sent again (its input
-offset stays unstored meanwhile); a fatal producer error stops the owner, whose restart
-re-reads from the last committed offset.
+durable (idempotent producer, acks=all) through `on_acked(token)`, with the token it gave
+`send`, inside `poll()` or `drain()` on the caller's thread. A record whose delivery failed is
+sent again (its input offset stays unstored meanwhile); a fatal producer error stops the owner,
+whose restart re-reads from the last committed offset.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 log = logging.getLogger(__name__)
 
-Acked = Callable[[], None]
+Acked = Callable[[Any], None]
 
 
 class _Record:
     """One record in flight, and its own delivery callback: a single object per forward (no
     closure cells, no tuple), as thousands are alive at once between produce and ack."""
 
-    __slots__ = ("forwarder", "headers", "key", "on_acked", "topic", "value")
+    __slots__ = ("forwarder", "headers", "key", "token", "topic", "value")
 
     def __init__(
         self,
@@ -34,20 +34,21 @@ class _Record:
         key: bytes | None,
         value: bytes | None,
         headers: list[tuple[str, bytes | None]],
-        on_acked: Acked,
+        token: object,
     ) -> None:
         self.forwarder = forwarder
         self.topic = topic
         self.key = key
         self.value = value
         self.headers = headers
-        self.on_acked = on_acked
+        self.token = token
 
     def __call__(self, err: KafkaError | None, _msg: Any) -> None:
         forwarder = self.forwarder
         if err is None:
             forwarder._in_flight -= 1
-            self.on_acked()
+            if forwarder._on_acked is not None:
+                forwarder._on_acked(self.token)
             return
         if forwarder._on_failed_attempt is not None:
             forwarder._on_failed_attempt(err)
@@ -67,10 +68,13 @@ class Forwarder:
         self,
         config: Mapping[str, Any],
         *,
+        on_acked: Acked | None = None,
         on_failed_attempt: Callable[[KafkaError], None] | None = None,
         producer: Any = None,
     ) -> None:
         self._producer: Any = producer if producer is not None else Producer(dict(config))
+        # One callback for every record, told which by the token: no callable per record.
+        self._on_acked = on_acked
         self._on_failed_attempt = on_failed_attempt
         self._redo: list[_Record] = []
         self._in_flight = 0
@@ -87,12 +91,12 @@ class Forwarder:
         key: bytes | None,
         value: bytes | None,
         headers: Sequence[tuple[str, bytes | None]],
-        on_acked: Acked,
+        token: object = None,
     ) -> None:
         self._in_flight += 1
         record = _Record(
             self, topic, key, value, headers if isinstance(headers, list) else list(headers),
-            on_acked,
+            token,
         )  # fmt: skip
         self._produce(record)
 

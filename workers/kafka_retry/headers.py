@@ -12,7 +12,7 @@ goes to the DLQ with that reason) and absurd numbers are clamped.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -103,16 +103,7 @@ def parse_headers(raw: Iterable[tuple[str, bytes | None]] | None) -> ParsedHeade
     return _READ_ALL.parse(raw)
 
 
-class _Plan(NamedTuple):
-    """How to read one layout: positions of the original headers, and of ours to read by kind
-    (text: (position, field, size bound, keep the tail); integers: (position, field, low,
-    high, strict); booleans: (position, field))."""
-
-    original: tuple[int, ...]
-    leading: int | None  # len(original) when they are the first headers, in order
-    texts: tuple[tuple[int, str, int, bool], ...]
-    integers: tuple[tuple[int, str, int, int, bool], ...]
-    booleans: tuple[tuple[int, str], ...]
+Reader = Callable[[Sequence[tuple[str, bytes | None]]], "ParsedHeaders"]
 
 
 class HeaderReader:
@@ -122,11 +113,12 @@ class HeaderReader:
 
     Runs once per consumed event. The layout of the headers (which keys in which order)
     repeats from event to event, the producer's own headers and then ours as we write them, so
-    how to split a layout (positions of the original headers; which of ours to read, the last
-    of a repeated key) is worked out once and kept; per event only the values are read, in a
-    few inline steps for a well-formed value."""
+    each layout gets a reader of its own, compiled once (`_compile`) and kept: per event only
+    the values are read, with no loop over the layout. Texts are cut to their bound, integers
+    read by `_read_int` unless plain digits in range, booleans by `_bool`; a test checks every
+    layout against a plain reading of the same rules (tests/test_headers_properties.py)."""
 
-    _PLANS_KEPT = 64  # layouts; untrusted producers could send endless variants
+    _LAYOUTS_KEPT = 64  # untrusted producers could send endless variants
 
     def __init__(self, fields: Iterable[str] | None = None) -> None:
         wanted = None if fields is None else frozenset(fields)
@@ -134,56 +126,25 @@ class HeaderReader:
         if unknown:
             raise ValueError(f"not RetryState fields: {sorted(unknown)}")
         self._fields = {k: row for k, row in _FIELDS.items() if wanted is None or row[0] in wanted}
-        self._plans: dict[tuple[str, ...], _Plan] = {}
-        self._last: tuple[tuple[str, ...], _Plan] = ((), _Plan((), None, (), (), ()))
+        self._readers: dict[tuple[str, ...], Reader] = {}
+        self._last: tuple[tuple[str, ...], Reader] = ((), self._compile(()))
 
     def parse(self, raw: Iterable[tuple[str, bytes | None]] | None) -> ParsedHeaders:
-        state = RetryState()
         if not raw:
-            return ParsedHeaders((), state)
+            return ParsedHeaders((), RetryState())
         if not isinstance(raw, list | tuple):
             raw = list(raw)
         keys = tuple(map(_KEY, raw))
-        last_keys, plan = self._last
+        last_keys, read = self._last
         if keys != last_keys:  # comparing is cheaper than hashing the new key strings
-            plan = self._plans.get(keys) or self._plan(keys)
-            self._last = (keys, plan)
-        if plan.leading is not None:  # the common layout: the producer's headers, then ours
-            original = tuple(raw[: plan.leading])
-        else:
-            original = tuple([(keys[i], raw[i][1]) for i in plan.original])
-        for i, name, limit, tail in plan.texts:
-            value = raw[i][1]
-            if value is not None:  # a null value: as if missing
-                if len(value) > limit:
-                    value = value[-limit:] if tail else value[:limit]
-                setattr(state, name, value.decode("utf-8", "replace"))
-        problems: list[str] | None = None
-        for i, name, low, high, strict in plan.integers:
-            value = raw[i][1]
-            if value is None:
-                continue
-            if len(value) <= MAX_NUMBER_BYTES and value.isdigit():
-                number: int | None = int(value)
-            else:
-                number = _digits(value)
-            if number is None:
-                if strict:
-                    if problems is None:
-                        problems = []
-                    problems.append(f"header {keys[i]} is not a decimal integer: {_quote(value)}")
-            elif low <= number <= high:
-                setattr(state, name, number)
-            elif strict:  # clamped; a lenient field out of range is unknown
-                setattr(state, name, low if number < low else high)
-        for i, name in plan.booleans:
-            value = raw[i][1]
-            if value is not None:
-                setattr(state, name, _bool(value))
-        # tuple.__new__: the NamedTuple's own __new__ is a Python function, a call per event.
-        return tuple.__new__(ParsedHeaders, (original, state, tuple(problems) if problems else ()))
+            read = self._readers.get(keys) or self._compile(keys)
+            self._last = (keys, read)
+        return read(raw)
 
-    def _plan(self, keys: tuple[str, ...]) -> _Plan:
+    def _compile(self, keys: tuple[str, ...]) -> Reader:
+        """A reader of one layout: Python source with the positions and bounds written in,
+        for the `_FIELDS` rows of the last occurrence of each of our keys. Only our own names
+        (fields, header constants) and integers go into the source, never a received key."""
         original: list[int] = []
         last: dict[str, int] = {}
         for i, key in enumerate(keys):
@@ -191,26 +152,66 @@ class HeaderReader:
                 last[key] = i
             else:
                 original.append(i)
-        texts: list[tuple[int, str, int, bool]] = []
-        integers: list[tuple[int, str, int, int, bool]] = []
-        booleans: list[tuple[int, str]] = []
+        if original == list(range(len(original))):  # the common layout: theirs, then ours
+            body = [f"    original = tuple(raw[:{len(original)}])"]
+        else:
+            body = [f"    original = ({''.join(f'raw[{i}], ' for i in original)})"]
+        body.append("    state = RetryState()")
+        body.append("    problems = ()")
         for key, i in last.items():
             row = self._fields.get(key)
             if row is None:
                 continue
             name, kind, low, high = row
+            body.append(f"    value = raw[{i}][1]")
+            body.append("    if value is not None:")
             if kind is _TEXT:
-                texts.append((i, name, low, bool(high)))
+                cut = f"value[-{low}:]" if high else f"value[:{low}]"
+                body.append(f"        state.{name} = {cut}.decode('utf-8', 'replace')")
             elif kind is _BOOL:
-                booleans.append((i, name))
-            else:
-                integers.append((i, name, low, high, kind is _STRICT))
-        leading = len(original) if original == list(range(len(original))) else None
-        plan = _Plan(tuple(original), leading, tuple(texts), tuple(integers), tuple(booleans))
-        if len(self._plans) >= self._PLANS_KEPT:
-            self._plans.clear()
-        self._plans[keys] = plan
-        return plan
+                body.append(f"        state.{name} = _bool(value)")
+            else:  # well-formed digits inline; anything else through `_read_int`
+                strict = kind is _STRICT
+                body += [
+                    f"        if len(value) <= {MAX_NUMBER_BYTES} and value.isdigit() "
+                    f"and {low} <= (number := int(value)) <= {high}:",
+                    f"            state.{name} = number",
+                    "        else:",
+                    f"            number, problem = _read_int({key!r}, value, {low}, {high}, "
+                    f"{strict})",
+                    "            if number is not None:",
+                    f"                state.{name} = number",
+                    "            if problem:",
+                    "                problems += (problem,)",
+                ]
+        body.append("    return tuple.__new__(ParsedHeaders, (original, state, problems))")
+        source = "def read(raw):\n" + "\n".join(body) + "\n"
+        namespace: dict[str, object] = {
+            "RetryState": RetryState, "ParsedHeaders": ParsedHeaders, "_bool": _bool,
+            "_read_int": _read_int,
+        }  # fmt: skip
+        exec(compile(source, f"<header reader of {len(keys)} keys>", "exec"), namespace)
+        read: Reader = namespace["read"]  # type: ignore[assignment]
+        if len(self._readers) >= self._LAYOUTS_KEPT:
+            self._readers.clear()
+        self._readers[keys] = read
+        return read
+
+
+def _read_int(
+    key: str, value: bytes, low: int, high: int, strict: bool
+) -> tuple[int | None, str | None]:
+    """(number, problem) of an integer header that is not plain digits in range. Strict
+    fields (those that steer the event) are malformed when unreadable and clamped when out of
+    range; lenient ones are unknown in both cases."""
+    number = _digits(value)
+    if number is None:
+        return None, f"header {key} is not a decimal integer: {_quote(value)}" if strict else None
+    if low <= number <= high:
+        return number, None
+    if strict:
+        return (low if number < low else high), None
+    return None, None
 
 
 def encode_state(state: RetryState) -> HeaderList:

@@ -79,7 +79,8 @@ class Router:
             return self._non_retriable
         if self._exhausted is not None:
             return self._exhausted
-        return Route(self._next_topic, RETRIED, now_ms + self._next_delay_ms, None)
+        # tuple.__new__: a NamedTuple's own __new__ is a Python function, a call per event.
+        return tuple.__new__(Route, (self._next_topic, RETRIED, now_ms + self._next_delay_ms, None))
 
     def malformed(self) -> Route:
         return self._malformed
