@@ -406,7 +406,7 @@ def test_restart_converges_without_duplicates(
     assert sorted(listed) == ["configmap/kube-root-ca.crt", "configmap/orders-topology"]
 
 
-def test_kafka_secret_is_used_and_never_shown(
+def test_kafka_secret_is_used_rotated_and_never_shown(
     operator: OperatorProcess,
     podrunner: Any,
     kubectl: Kubectl,
@@ -439,9 +439,37 @@ def test_kafka_secret_is_used_and_never_shown(
     }
     apply(kubectl, namespace, secret)
     wait_condition(kubectl, namespace, "orders", timeout=90)
-    (pod,) = podrunner.pods(namespace, "orders-retry-1")
-    environ = Path(f"/proc/{pod.pids[0]}/environ").read_bytes().split(b"\0")
-    assert f"KAFKA_CLIENT_client.id={secret_value}".encode() in environ
+
+    def worker_environ() -> list[bytes]:
+        pods = [p for p in podrunner.pods(namespace, "orders-retry-1") if p.pids]
+        if len(pods) != 1:
+            return []  # mid-rollout
+        try:
+            return Path(f"/proc/{pods[0].pids[0]}/environ").read_bytes().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError):
+            return []
+
+    assert f"KAFKA_CLIENT_client.id={secret_value}".encode() in worker_environ()
+
+    # Rotation: the new value reaches the running workers (they roll) and the operator's
+    # client, with nothing but `get` on the Secret.
+    rotated_value = f"rotated-{unique}"
+    secret["data"] = {"client.id": base64.b64encode(rotated_value.encode()).decode()}
+    apply(kubectl, namespace, secret)
+    version = get(kubectl, namespace, "secret", "kafka-client")["metadata"]["resourceVersion"]
+    wait_for(
+        lambda: f"KAFKA_CLIENT_client.id={rotated_value}".encode() in worker_environ(),
+        60,
+        "the tier worker restarted with the rotated Secret",
+    )
+    deployment = get(kubectl, namespace, "deployment", "orders-retry-1")
+    template_annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert template_annotations["kafkaretry.io/kafka-secret-version"] == version
+    rp = get(kubectl, namespace, "retrypipeline", "orders")
+    assert rp["metadata"]["annotations"]["operator.kafkaretry.io/kafka-secret-version"] == version
+    wait_condition(kubectl, namespace, "orders", timeout=30)
+    events = kubectl("get", "events", "-n", namespace, "-o", "json").stdout
+    assert "KafkaSecretRotated" in events
 
     shown = [
         operator.log(),
@@ -449,4 +477,5 @@ def test_kafka_secret_is_used_and_never_shown(
         kubectl("get", "events", "-n", namespace, "-o", "yaml").stdout,
         kubectl("get", "deployments", "-n", namespace, "-o", "yaml").stdout,
     ]
-    assert not any(secret_value in text for text in shown)
+    for value in (secret_value, rotated_value):
+        assert not any(value in text for text in shown)

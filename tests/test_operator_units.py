@@ -401,6 +401,7 @@ def test_settings_from_the_environment() -> None:
         ("KAFKA_RETRY_METRICS_PORT", "metrics", "not an integer"),
         ("KAFKA_RETRY_METRICS_PORT", "70000", "not a port number"),
         ("KAFKA_RETRY_OPERATOR_STATUS_INTERVAL", "15s", "not a number"),
+        ("KAFKA_RETRY_OPERATOR_SECRET_CHECK_INTERVAL", "1m", "not a number"),
     ],
 )
 def test_unusable_settings_are_named(name: str, value: str, message: str) -> None:

@@ -48,6 +48,8 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 WORKER_APP = "kafka-retry-worker"
 MANAGER = "kafka-retry-operator"
 TOPOLOGY_HASH_ANNOTATION = "kafkaretry.io/topology-hash"
+# On a pod template: the version of the Kafka Secret its pods were started with.
+SECRET_VERSION_ANNOTATION = "kafkaretry.io/kafka-secret-version"
 
 
 def deployment_name(pipeline: str, tier: str) -> str:
@@ -131,9 +133,12 @@ def tier_deployment(
     pull_policy: str = "IfNotPresent",
     pod_security_context: Mapping[str, Any] | None = None,
     security_context: Mapping[str, Any] | None = None,
+    secret_version: str | None = None,
 ) -> dict[str, Any]:
     """The Deployment of one tier's workers. The security contexts are overrides merged onto
-    the restricted defaults (`merge_patch`); none means exactly the defaults."""
+    the restricted defaults (`merge_patch`); none means exactly the defaults. The Kafka
+    Secret's version is written into the pod template, so that a rotated Secret rolls the
+    pods (its values reach them only as environment variables, read at start)."""
     labels = {**pipeline_labels(pipeline), LABEL_COMPONENT: "tier-worker", LABEL_TIER: tier.name}
     env: list[dict[str, Any]] = [
         {
@@ -187,7 +192,10 @@ def tier_deployment(
                 "metadata": {
                     "labels": labels,
                     # A new topology (delay, handler, classification...) rolls the pods.
-                    "annotations": {TOPOLOGY_HASH_ANNOTATION: topology_hash(topology)},
+                    "annotations": {
+                        TOPOLOGY_HASH_ANNOTATION: topology_hash(topology),
+                        **({SECRET_VERSION_ANNOTATION: secret_version} if secret_version else {}),
+                    },
                 },
                 "spec": {
                     "automountServiceAccountToken": False,  # workers never call the API
@@ -214,6 +222,7 @@ def desired_children(
     pull_policy: str = "IfNotPresent",
     pod_security_context: Mapping[str, Any] | None = None,
     security_context: Mapping[str, Any] | None = None,
+    secret_version: str | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The ConfigMap and the Deployments, in tier order."""
     deployments = [
@@ -228,6 +237,7 @@ def desired_children(
             pull_policy=pull_policy,
             pod_security_context=pod_security_context,
             security_context=security_context,
+            secret_version=secret_version,
         )
         for tier in topology.tiers
     ]

@@ -26,6 +26,7 @@ ENV_WORKER_IMAGE = "KAFKA_RETRY_WORKER_IMAGE"
 ENV_WORKER_RESOURCES = "KAFKA_RETRY_WORKER_RESOURCES"  # JSON {"requests": {...}, "limits": {...}}
 ENV_WORKER_PULL_POLICY = "KAFKA_RETRY_WORKER_IMAGE_PULL_POLICY"
 ENV_STATUS_INTERVAL = "KAFKA_RETRY_OPERATOR_STATUS_INTERVAL"
+ENV_SECRET_CHECK_INTERVAL = "KAFKA_RETRY_OPERATOR_SECRET_CHECK_INTERVAL"
 ENV_KAFKA_TIMEOUT = "KAFKA_RETRY_OPERATOR_KAFKA_TIMEOUT"
 ENV_MAX_BACKOFF = "KAFKA_RETRY_OPERATOR_MAX_BACKOFF"
 ENV_MAX_WORKERS = "KAFKA_RETRY_OPERATOR_MAX_WORKERS"
@@ -51,6 +52,8 @@ class OperatorConfig:
     worker_pull_policy: str = "IfNotPresent"
     # How often lag, DLQ depth and worker readiness are measured and written to status.
     status_interval: float = 15.0
+    # How often each pipeline's Kafka Secret is read again to notice a rotation.
+    secret_check_interval: float = 60.0
     # Bound on every Kafka admin call; an unreachable cluster costs at most this per attempt.
     kafka_timeout: float = 10.0
     # Longest wait between retries of a failed reconcile (it doubles from 2 s up to this).
@@ -75,6 +78,7 @@ class OperatorConfig:
             worker_resources=_json_object(env, ENV_WORKER_RESOURCES) or DEFAULT_WORKER_RESOURCES,
             worker_pull_policy=env.get(ENV_WORKER_PULL_POLICY) or "IfNotPresent",
             status_interval=_number(env, ENV_STATUS_INTERVAL, float, 15.0),
+            secret_check_interval=_number(env, ENV_SECRET_CHECK_INTERVAL, float, 60.0),
             kafka_timeout=_number(env, ENV_KAFKA_TIMEOUT, float, 10.0),
             max_backoff=_number(env, ENV_MAX_BACKOFF, float, 120.0),
             max_workers=_number(env, ENV_MAX_WORKERS, int, 16),

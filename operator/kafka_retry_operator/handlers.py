@@ -5,7 +5,8 @@
 - reconcile (create/update/resume): parse the spec once, then `reconciler.reconcile`.
 - finalize (delete): topics per `deletionPolicy`; children go by owner references.
 - refresh_status (timer): status from memory (the sampler's batched measurements and the
-  Deployment index), written only when it changed; an Event when the DLQ grows.
+  Deployment index), written only when it changed; an Event when the DLQ grows; a rotated
+  Kafka Secret noticed (`secret_rotation`) and handed to reconcile.
 - tier_workers (index): the tier Deployments' replica counts, so no handler lists them.
 - worker_deleted: a tier Deployment deleted by hand makes its pipeline reconcile.
 - pipeline_gone: a pipeline deleted without its finalizer running is forgotten too.
@@ -13,19 +14,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Any
 
 import kopf
 from pydantic import ValidationError
 
 from kafka_retry.model import GROUP, LABEL_PIPELINE, LABEL_TIER, VERSION, RetryPipelineSpec
-from kafka_retry_operator import children, reconciler
+from kafka_retry_operator import children, reconciler, secret_rotation
 from kafka_retry_operator import replay as replay  # registers the DLQReplay handlers
 from kafka_retry_operator import status as st
 from kafka_retry_operator.config import ENV_METRICS_PORT, OperatorConfig
 from kafka_retry_operator.fleet import PipelineKey
-from kafka_retry_operator.kube import api_client
+from kafka_retry_operator.kube import SECRET_VERSION_SEEN, api_client
 from kafka_retry_operator.runtime import Runtime, runtime_of
 from kafka_retry_operator.topics import Retry
 
@@ -241,6 +244,24 @@ async def refresh_status(
             message=f"DLQ depth grew from {grew[0]} to {grew[1]} events "
             f"(topic {record.topology.dlq_topic})",
         )
+    secret = ((body.get("spec") or {}).get("kafka") or {}).get("secretRef") or {}
+    if record.secret_version and secret.get("name") and rt.secret_checks.due(key, time.monotonic()):
+        rotated = await asyncio.to_thread(
+            secret_rotation.rotated_version,
+            rt.kube,
+            namespace or "",
+            secret["name"],
+            record.secret_version,
+        )
+        marked = body.metadata.annotations.get(SECRET_VERSION_SEEN)
+        if rotated is not None and rotated != marked:
+            patch.metadata.annotations[SECRET_VERSION_SEEN] = rotated
+            kopf.event(
+                body,
+                type="Normal",
+                reason="KafkaSecretRotated",
+                message=f"Secret {secret['name']} changed: reconciling, tier workers roll",
+            )
 
 
 def _summary(error: ValidationError) -> str:

@@ -22,6 +22,9 @@ APPLY = "application/apply-patch+yaml"
 MERGE = "application/merge-patch+json"
 # Not under `kafkaretry.io/`: kopf leaves its own storage prefix out of what it diffs.
 RECONCILE_REQUESTED = f"operator.{GROUP}/reconcile-requested"
+# On a RetryPipeline: a new version of its Kafka Secret, seen by the status timer; setting it
+# is what makes the pipeline reconcile (see secret_rotation).
+SECRET_VERSION_SEEN = f"operator.{GROUP}/kafka-secret-version"
 
 
 def api_client(pool_size: int = 16) -> client.ApiClient:
@@ -45,7 +48,11 @@ class Kube:
 
     def secret_settings(self, namespace: str, name: str) -> dict[str, str]:
         """The Secret's keys and decoded values (librdkafka settings). Never log the result."""
-        return kafka_secret.secret_settings(self.core.api_client, namespace, name)
+        return self.kafka_secret(namespace, name).settings
+
+    def kafka_secret(self, namespace: str, name: str) -> kafka_secret.KafkaSecret:
+        """Settings and version of a pipeline's Secret, in one read. Never log the settings."""
+        return kafka_secret.read_kafka_secret(self.core.api_client, namespace, name)
 
     def apply_configmap(self, body: dict[str, Any]) -> None:
         _apply(self.core.patch_namespaced_config_map, body)

@@ -9,7 +9,7 @@ converges without duplicating anything.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import kopf
 
@@ -25,22 +25,30 @@ KAFKA_SECRET_NOT_FOUND = "KafkaSecretNotFound"
 INVALID_KAFKA_SETTINGS = "InvalidKafkaSettings"
 
 
-def connect(
-    rt: Runtime, key: PipelineKey, spec: RetryPipelineSpec
-) -> tuple[Cluster | None, TopicsVerdict | None]:
+class Connection(NamedTuple):
+    cluster: Cluster | None  # None: no client (see `verdict`)
+    verdict: TopicsVerdict | None  # why there is no client
+    secret_version: str | None  # of the Secret read, if the spec names one and it exists
+
+
+def connect(rt: Runtime, key: PipelineKey, spec: RetryPipelineSpec) -> Connection:
     """Bind the pipeline to its cluster's shared AdminClient, with the Secret's settings."""
     settings: dict[str, str] = {}
+    version: str | None = None
     if spec.kafka.secret_ref is not None:
         try:
-            settings = rt.kube.secret_settings(key[0], spec.kafka.secret_ref.name)
+            settings, version = rt.kube.kafka_secret(key[0], spec.kafka.secret_ref.name)
         except SecretNotFound as e:
             rt.admins.release(owner_id(key))
-            return None, TopicsVerdict(False, KAFKA_SECRET_NOT_FOUND, str(e), Retry.LATER)
+            verdict = TopicsVerdict(False, KAFKA_SECRET_NOT_FOUND, str(e), Retry.LATER)
+            return Connection(None, verdict, None)
     try:
-        return rt.admins.bind(owner_id(key), spec.kafka.bootstrap_servers, settings), None
+        cluster = rt.admins.bind(owner_id(key), spec.kafka.bootstrap_servers, settings)
+        return Connection(cluster, None, version)
     except InvalidKafkaSettings as e:
         rt.admins.release(owner_id(key))
-        return None, TopicsVerdict(False, INVALID_KAFKA_SETTINGS, str(e), Retry.LATER)
+        verdict = TopicsVerdict(False, INVALID_KAFKA_SETTINGS, str(e), Retry.LATER)
+        return Connection(None, verdict, version)
 
 
 def reconcile(
@@ -49,7 +57,7 @@ def reconcile(
     namespace, name = body.metadata.namespace or "", body.metadata.name or ""
     key = (namespace, name)
     topology = spec.topology(namespace, name)
-    cluster, verdict = connect(rt, key, spec)
+    cluster, verdict, secret_version = connect(rt, key, spec)
     if cluster is not None:
         admin = rt.admins.admin(cluster)
         assert admin is not None  # just bound
@@ -73,18 +81,23 @@ def reconcile(
         topics=conditions.Verdict.of(
             conditions.TOPICS_READY, verdict.ready, verdict.reason, verdict.message
         ),
+        secret_version=secret_version,
     )
     # Recorded before the children change, so that a Deployment this reconcile removes is
     # already unknown when its deletion is seen (see handlers.worker_deleted).
     rt.fleet.put(record)
     if verdict.usable:
-        apply_children(rt, body, spec, topology)
+        apply_children(rt, body, spec, topology, secret_version)
     rt.sampler.wake()
     return record, verdict
 
 
 def apply_children(
-    rt: Runtime, body: kopf.Body, spec: RetryPipelineSpec, topology: Topology
+    rt: Runtime,
+    body: kopf.Body,
+    spec: RetryPipelineSpec,
+    topology: Topology,
+    secret_version: str | None,
 ) -> None:
     namespace, name = body.metadata.namespace or "", body.metadata.name or ""
     configmap, deployments = children.desired_children(
@@ -97,6 +110,7 @@ def apply_children(
         pull_policy=rt.config.worker_pull_policy,
         pod_security_context=rt.config.worker_pod_security_context,
         security_context=rt.config.worker_security_context,
+        secret_version=secret_version,
     )
     kopf.adopt([configmap, *deployments], owner=body)
     rt.kube.apply_configmap(configmap)
@@ -112,6 +126,7 @@ def forget(rt: Runtime, key: PipelineKey) -> None:
     """Stop measuring a pipeline and release its cluster's client."""
     rt.fleet.remove(key)
     rt.sampler.forget(key)
+    rt.secret_checks.forget(key)
     rt.admins.release(owner_id(key))
 
 
@@ -125,6 +140,7 @@ def finalize(
     ConfigMap and Deployments are garbage-collected through their owner references."""
     rt.fleet.remove(key)
     rt.sampler.forget(key)
+    rt.secret_checks.forget(key)
     rt.metrics.forget(key)
     if spec is None or spec.topics.deletion_policy != "Delete":
         rt.admins.release(owner_id(key))
@@ -132,7 +148,7 @@ def finalize(
     namespace, name = key
     for _tier, (deployment_name, _uid) in rt.kube.worker_deployments(namespace, name).items():
         rt.kube.delete_deployment(namespace, deployment_name)
-    cluster, verdict = connect(rt, key, spec)
+    cluster, verdict, _ = connect(rt, key, spec)
     admin = rt.admins.admin(cluster) if cluster is not None else None
     if admin is None:
         return {"*": verdict.message if verdict else "no Kafka client"}

@@ -11,6 +11,7 @@ from kafka_retry_operator.kafka_admin import AdminRegistry
 from kafka_retry_operator.kube import Kube
 from kafka_retry_operator.metrics import OperatorMetrics
 from kafka_retry_operator.sampler import Sampler
+from kafka_retry_operator.secret_rotation import SecretChecks
 
 
 @dataclass
@@ -21,13 +22,16 @@ class Runtime:
     fleet: Fleet
     sampler: Sampler
     metrics: OperatorMetrics
+    secret_checks: SecretChecks
 
     @classmethod
     def create(cls, config: OperatorConfig, api: Any) -> Runtime:
         admins = AdminRegistry()
         fleet = Fleet()
         sampler = Sampler(fleet, admins, config.status_interval, config.kafka_timeout)
-        return cls(config, Kube(api), admins, fleet, sampler, OperatorMetrics(fleet, sampler))
+        metrics = OperatorMetrics(fleet, sampler)
+        checks = SecretChecks(config.secret_check_interval)
+        return cls(config, Kube(api), admins, fleet, sampler, metrics, checks)
 
 
 def runtime_of(memo: Any) -> Runtime:

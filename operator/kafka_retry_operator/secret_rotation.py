@@ -1,0 +1,51 @@
+"""Noticing a rotated Kafka Secret with nothing more than `get` on Secrets.
+
+A pipeline's credentials reach its tier workers as environment variables, read when a pod
+starts, and the operator's own AdminClient when a reconcile binds it. Watching Secrets would
+take `list` and `watch` on every Secret of the watched namespaces, and a copy of them all in
+the operator's memory; instead the status timer reads each pipeline's Secret again every
+`interval` seconds. When its version is not the one the last reconcile used, the timer marks
+the pipeline with the new version (an annotation change, which kopf hands to the update
+handler): that reconcile reads the Secret, rebinds the AdminClient and writes the version
+into the tier workers' pod template, which rolls them.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from kafka_retry.kafka_secret import SecretNotFound
+from kafka_retry_operator.fleet import PipelineKey
+from kafka_retry_operator.kube import Kube
+
+
+class SecretChecks:
+    """When each pipeline's Secret was last read; one read per pipeline and interval."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._last: dict[PipelineKey, float] = {}
+
+    def due(self, key: PipelineKey, now: float) -> bool:
+        """True (and counted as read now) when `key`'s Secret was last read an interval ago."""
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self._interval:
+                return False
+            self._last[key] = now
+            return True
+
+    def forget(self, key: PipelineKey) -> None:
+        with self._lock:
+            self._last.pop(key, None)
+
+
+def rotated_version(kube: Kube, namespace: str, secret: str, seen: str) -> str | None:
+    """The Secret's version when it is no longer `seen`, else None. A Secret that is gone
+    is left to the next reconcile to report (a condition); only a changed one is news here."""
+    try:
+        version = kube.kafka_secret(namespace, secret).version
+    except SecretNotFound:
+        return None
+    return version if version and version != seen else None
