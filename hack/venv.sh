@@ -20,4 +20,17 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/pip" install -q -e "${root}[dev]" >&2
   touch "$venv/.complete"
 fi
+[ -f "$venv/.checkout" ] || echo "$root" >"$venv/.checkout"
+# Prune what no checkout can use any more: venvs of checkouts that are gone (CI clones) and
+# this checkout's venvs of earlier dependency lists. Venvs that do not say whose they are stay.
+for other in "$cache"/venv-*; do
+  if [ "$other" = "$venv" ] || [ ! -f "$other/.checkout" ]; then
+    continue
+  fi
+  owner=$(cat "$other/.checkout")
+  if [ "$owner" = "$root" ] || [ ! -f "$owner/pyproject.toml" ]; then
+    echo "[venv] removing $other (of $owner: gone, or its dependencies changed)" >&2
+    rm -rf "$other"
+  fi
+done
 echo "$venv"

@@ -203,6 +203,29 @@ def test_kubectl_apply_accepts_the_valid_spec_and_the_examples(
         kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(path))
 
 
+def test_source_cannot_change_after_creation(
+    crds: None,
+    kubectl: Kubectl,
+    namespace: str,
+) -> None:
+    doc = _doc(lambda d: None, "immutable-source")
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc))
+    for field, value in (("topic", "payments"), ("consumerGroup", "billing-v2")):
+        changed = copy.deepcopy(doc)
+        changed["spec"]["source"][field] = value
+        proc = kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(changed), check=False)
+        assert proc.returncode != 0, f"source.{field} changed"
+        assert "spec.source" in proc.stderr and "source is immutable" in proc.stderr
+    grown = copy.deepcopy(doc)
+    grown["spec"]["tiers"].append({"name": "retry-3", "delaySeconds": 900})
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(grown))  # the rest may change
+    stored = json.loads(
+        kubectl("get", "rp", "immutable-source", "-n", namespace, "-o", "json").stdout
+    )
+    assert stored["spec"]["source"] == doc["spec"]["source"]
+    assert len(stored["spec"]["tiers"]) == 3
+
+
 @pytest.mark.parametrize(("case_id", "mutation", "expected"), INVALID, ids=[c[0] for c in INVALID])
 def test_models_reject_the_same_specs_offline(
     case_id: str, mutation: Mutation, expected: list[str]

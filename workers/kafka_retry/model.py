@@ -102,6 +102,18 @@ class KafkaConnection(ApiModel):
 
 
 class Source(ApiModel):
+    # The retry and DLQ topics are named after the source, so a new source would strand the
+    # events in the old ones; the API server refuses the change instead.
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel(
+                "self == oldSelf",
+                "source is immutable: the retry and DLQ topics are named after it and events in "
+                "them would be stranded; create another RetryPipeline for a new source",
+            )
+        )
+    )
+
     topic: TopicName = Field(description="The live topic the service consumes.")
     consumer_group: str = Field(
         min_length=1,
