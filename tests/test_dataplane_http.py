@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
@@ -27,7 +28,8 @@ RELEASE = threading.Event()  # lets a "slow" request finish once the test is ove
 
 class Service(BaseHTTPRequestHandler):
     """Answers by the event id in the body: ok → 200, fail → 500, bad → 400, slow → no
-    answer within the client's 1 s timeout."""
+    answer within the client's 1 s timeout, drip → an answer a byte every 0.2 s (each read
+    quick, the whole answer 4 s)."""
 
     seen: ClassVar[list[tuple[dict[str, Any], dict[str, str]]]] = []
 
@@ -38,12 +40,21 @@ class Service(BaseHTTPRequestHandler):
         kind = str(doc["id"]).split("-")[0]
         if kind == "slow":
             RELEASE.wait(5)
-        status = {"ok": 200, "fail": 500, "bad": 400, "slow": 200, "limited": 429}[kind]
-        payload = f"status {status}".encode()
+        status = {"ok": 200, "fail": 500, "bad": 400, "slow": 200, "limited": 429, "drip": 200}[
+            kind
+        ]
+        payload = f"status {status}".encode() if kind != "drip" else b"x" * 20
         self.send_response(status)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
-        self.wfile.write(payload)
+        if kind != "drip":
+            self.wfile.write(payload)
+            return
+        for byte in payload:
+            if RELEASE.wait(0.2):
+                return
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -116,6 +127,19 @@ def test_http_handler_statuses_and_timeout_are_classified(service_url: str) -> N
 
     # after a timeout the handler reconnects and works again
     handler(_event("ok-3"))
+    handler.close()
+
+
+def test_http_timeout_bounds_the_whole_request(service_url: str) -> None:
+    """A server answering a byte at a time keeps every read under the timeout; the request as
+    a whole still ends at it, and the handler works again afterwards."""
+    handler = hh.HttpEventHandler(service_url, timeout_s=1)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        handler(_event("drip-1"))
+    assert time.monotonic() - started < 2.0
+    handler(_event("ok-after-drip"))
+    assert Service.seen[-1][0] == {"id": "ok-after-drip"}
     handler.close()
 
 

@@ -11,6 +11,7 @@ Prometheus metrics are served on $KAFKA_RETRY_METRICS_PORT (default 9400, 0: off
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import sys
 from collections.abc import Sequence
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A crash in native code (librdkafka, via confluent-kafka) prints every thread's stack.
+    faulthandler.enable()
     kopf.configure(verbose=args.verbose, debug=args.debug, log_format=kopf.LogFormat.PLAIN)
     if not (args.verbose or args.debug):
         # kopf's per-handler success lines, at scale, are noise.

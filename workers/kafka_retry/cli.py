@@ -4,6 +4,7 @@ and registers itself here with `add_parser(subparsers)`."""
 from __future__ import annotations
 
 import argparse
+import faulthandler
 from collections.abc import Sequence
 
 from kafka_retry import __version__, dlq_cli, worker
@@ -20,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A crash in native code (librdkafka, via confluent-kafka) prints every thread's stack.
+    faulthandler.enable()
     return int(args.func(args))
 
 

@@ -5,14 +5,20 @@ headers (see docs/headers.md); the event's own Kafka headers travel as `X-Kafka-
 when name and value are valid in HTTP. A non-2xx answer raises `HttpStatusError` (classified
 by status); timeouts and connection errors propagate as `TimeoutError`/`ConnectionError`
 (retriable). One keep-alive connection per handler, reopened after any error.
+
+`timeout_s` bounds the whole request (connect, send, answer), not each socket read: a server
+that answers a byte at a time would otherwise hold the consumer for as long as it likes.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import re
+import socket
 import threading
+import time
 import urllib.parse
 
 from kafka_retry.errors import HttpStatusError
@@ -81,6 +87,45 @@ def request_headers(event: Event) -> dict[str, str]:
     return out
 
 
+class _Watchdog:
+    """Shuts a socket down when the request using it outlives its deadline, which makes the
+    blocked read return at once. One daemon thread per handler, started on first use."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._sock: socket.socket | None = None
+        self._deadline = 0.0
+        self._thread: threading.Thread | None = None
+        self.fired = False
+
+    def arm(self, sock: socket.socket, seconds: float) -> None:
+        with self._cond:
+            self._sock, self._deadline, self.fired = sock, time.monotonic() + seconds, False
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="http-deadline", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._sock = None
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                if self._sock is None:
+                    self._cond.wait()
+                    continue
+                remaining = self._deadline - time.monotonic()
+                if remaining > 0:
+                    self._cond.wait(remaining)
+                    continue
+                self.fired = True
+                with contextlib.suppress(OSError):  # already closed
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                self._sock = None
+
+
 class HttpEventHandler:
     """Callable handler; one instance per consumer thread (it keeps one connection)."""
 
@@ -95,6 +140,7 @@ class HttpEventHandler:
         self._timeout = timeout_s
         self._conn: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
+        self._watchdog = _Watchdog()
         self.url = url
 
     def __call__(self, event: Event) -> None:
@@ -118,16 +164,26 @@ class HttpEventHandler:
             self._drop()
 
     def _post(self, body: bytes, headers: dict[str, str]) -> tuple[int, str, bytes]:
+        started = time.monotonic()
         conn = self._connection()
         try:
-            conn.request("POST", self._path, body=body, headers=headers)
-            response = conn.getresponse()
-            data = response.read()
-            if response.will_close:
+            if conn.sock is None:
+                conn.connect()  # bounded by the socket timeout
+            assert conn.sock is not None
+            self._watchdog.arm(conn.sock, self._timeout - (time.monotonic() - started))
+            try:
+                conn.request("POST", self._path, body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+            finally:
+                self._watchdog.disarm()
+            if response.will_close or self._watchdog.fired:
                 self._drop()
             return response.status, response.reason, data
-        except BaseException:
+        except BaseException as e:
             self._drop()  # a half-used connection must not serve the next event
+            if self._watchdog.fired:
+                raise TimeoutError(f"no complete answer within {self._timeout:g} s") from e
             raise
 
     def _connection(self) -> http.client.HTTPConnection:
