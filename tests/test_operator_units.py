@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 import yaml
+from kubernetes.client.exceptions import ApiException
 
 from kafka_retry import depth
+from kafka_retry.kafka_secret import KafkaSecret, SecretNotFound
 from kafka_retry.model import RetryPipelineSpec, Topology
-from kafka_retry_operator import children, topics
+from kafka_retry_operator import children, secret_rotation, topics
 from kafka_retry_operator import conditions as c
 from kafka_retry_operator import status as st
 from kafka_retry_operator.config import ConfigError, OperatorConfig
@@ -422,3 +424,41 @@ def test_the_operator_refuses_to_start_on_an_unusable_setting() -> None:
     assert proc.returncode == 2, proc.stderr
     assert "KAFKA_RETRY_WORKER_SECURITY_CONTEXT: invalid JSON" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_secret_checks_read_each_pipeline_once_per_interval() -> None:
+    checks = secret_rotation.SecretChecks(interval=60)
+    assert checks.due(("ns", "a"), now=100.0)
+    assert not checks.due(("ns", "a"), now=159.0)
+    assert checks.due(("ns", "b"), now=159.0)  # per pipeline
+    assert checks.due(("ns", "a"), now=160.0)
+    checks.forget(("ns", "a"))
+    assert checks.due(("ns", "a"), now=161.0)
+
+
+class _SecretReads:
+    """`Kube.kafka_secret` answering a fixed outcome: a version, or an exception."""
+
+    def __init__(self, outcome: str | Exception) -> None:
+        self.outcome = outcome
+
+    def kafka_secret(self, namespace: str, name: str) -> KafkaSecret:
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return KafkaSecret({"sasl.password": "never shown"}, self.outcome)
+
+
+@pytest.mark.parametrize(
+    ("outcome", "expected"),
+    [
+        ("41", None),  # unchanged
+        ("42", "42"),  # rotated
+        ("", None),  # no version: nothing to compare
+        (SecretNotFound("gone"), None),  # the reconcile reports it
+        (ApiException(status=500), None),  # the next check tries again
+        (ConnectionRefusedError(), None),
+    ],
+)
+def test_rotated_version(outcome: str | Exception, expected: str | None) -> None:
+    kube: Any = _SecretReads(outcome)
+    assert secret_rotation.rotated_version(kube, "shop", "kafka-client", "41") == expected

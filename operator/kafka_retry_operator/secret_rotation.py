@@ -12,11 +12,16 @@ into the tier workers' pod template, which rolls them.
 
 from __future__ import annotations
 
+import logging
 import threading
+
+from kubernetes.client.exceptions import ApiException
 
 from kafka_retry.kafka_secret import SecretNotFound
 from kafka_retry_operator.fleet import PipelineKey
 from kafka_retry_operator.kube import Kube
+
+log = logging.getLogger(__name__)
 
 
 class SecretChecks:
@@ -43,9 +48,13 @@ class SecretChecks:
 
 def rotated_version(kube: Kube, namespace: str, secret: str, seen: str) -> str | None:
     """The Secret's version when it is no longer `seen`, else None. A Secret that is gone
-    is left to the next reconcile to report (a condition); only a changed one is news here."""
+    is left to the next reconcile to report (a condition), and a failed read to the next
+    check: only a changed Secret is news here, and the status refresh goes on regardless."""
     try:
         version = kube.kafka_secret(namespace, secret).version
     except SecretNotFound:
+        return None
+    except (ApiException, OSError) as e:
+        log.warning("could not read Secret %s/%s to check for rotation: %s", namespace, secret, e)
         return None
     return version if version and version != seen else None
