@@ -11,6 +11,7 @@ goes to the DLQ with that reason) and absurd numbers are clamped.
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -106,28 +107,44 @@ def parse_headers(raw: Iterable[tuple[str, bytes | None]] | None) -> ParsedHeade
 Reader = Callable[[Sequence[tuple[str, bytes | None]]], "ParsedHeaders"]
 
 
+class _Plan(NamedTuple):
+    """How to read one shape of header layout: the positions of the original headers, and of
+    ours with their `_FIELDS` row. No original key names: layouts that differ only in what the
+    producer named its own headers share a plan (and its compiled reader)."""
+
+    original: tuple[int, ...]
+    leading: bool  # the original headers come first, in order (as our forwards write them)
+    ours: tuple[tuple[int, str, str, str, int, int], ...]  # position, header, *its _FIELDS row
+
+
 class HeaderReader:
     """`parse_headers`, reading only some `fields` of `RetryState` (None: all); our other
     headers are dropped unread, as if unknown. Only `attempt` and `due_ms` can make an event
     malformed, so a reader that includes them judges malformedness the same as a full one.
 
     Runs once per consumed event. The layout of the headers (which keys in which order)
-    repeats from event to event, the producer's own headers and then ours as we write them, so
-    each layout gets a reader of its own, compiled once (`_compile`) and kept: per event only
-    the values are read, with no loop over the layout. Texts are cut to their bound, integers
-    read by `_read_int` unless plain digits in range, booleans by `_bool`; a test checks every
-    layout against a plain reading of the same rules (tests/test_headers_properties.py)."""
+    repeats from event to event, the producer's own headers and then ours as we write them.
+    So a layout's `_Plan` is worked out once, and the first `compiled_kept` plans get a reader
+    compiled for them (`_compile`: positions and bounds written in, no loop over the layout);
+    later ones, which only odd or hostile producers make, are interpreted (`_interpret`), as
+    compiling costs some hundred microseconds. Both apply the same rules; a test holds both to
+    a plain reading of them (tests/test_headers_properties.py)."""
 
-    _LAYOUTS_KEPT = 64  # untrusted producers could send endless variants
+    _LAYOUTS_KEPT = 256  # untrusted producers could send endless variants
+    COMPILED_KEPT = 32
 
-    def __init__(self, fields: Iterable[str] | None = None) -> None:
+    def __init__(
+        self, fields: Iterable[str] | None = None, *, compiled_kept: int = COMPILED_KEPT
+    ) -> None:
         wanted = None if fields is None else frozenset(fields)
         unknown = (wanted or frozenset()) - {row[0] for row in _FIELDS.values()}
         if unknown:
             raise ValueError(f"not RetryState fields: {sorted(unknown)}")
         self._fields = {k: row for k, row in _FIELDS.items() if wanted is None or row[0] in wanted}
-        self._readers: dict[tuple[str, ...], Reader] = {}
-        self._last: tuple[tuple[str, ...], Reader] = ((), self._compile(()))
+        self._compiled_kept = compiled_kept
+        self._compiled: dict[_Plan, Reader] = {}
+        self._by_layout: dict[tuple[str, ...], Reader] = {}
+        self._last: tuple[tuple[str, ...], Reader] = ((), self._reader(()))
 
     def parse(self, raw: Iterable[tuple[str, bytes | None]] | None) -> ParsedHeaders:
         if not raw:
@@ -137,14 +154,25 @@ class HeaderReader:
         keys = tuple(map(_KEY, raw))
         last_keys, read = self._last
         if keys != last_keys:  # comparing is cheaper than hashing the new key strings
-            read = self._readers.get(keys) or self._compile(keys)
+            read = self._by_layout.get(keys) or self._reader(keys)
             self._last = (keys, read)
         return read(raw)
 
-    def _compile(self, keys: tuple[str, ...]) -> Reader:
-        """A reader of one layout: Python source with the positions and bounds written in,
-        for the `_FIELDS` rows of the last occurrence of each of our keys. Only our own names
-        (fields, header constants) and integers go into the source, never a received key."""
+    def _reader(self, keys: tuple[str, ...]) -> Reader:
+        plan = self._plan(keys)
+        read = self._compiled.get(plan)
+        if read is None:
+            if len(self._compiled) < self._compiled_kept:
+                read = self._compiled[plan] = _compile(plan)
+            else:
+                read = functools.partial(_interpret, plan)
+        if len(self._by_layout) >= self._LAYOUTS_KEPT:
+            self._by_layout.clear()
+        self._by_layout[keys] = read
+        return read
+
+    def _plan(self, keys: tuple[str, ...]) -> _Plan:
+        """For the last occurrence of each of our keys that this reader reads."""
         original: list[int] = []
         last: dict[str, int] = {}
         for i, key in enumerate(keys):
@@ -152,50 +180,76 @@ class HeaderReader:
                 last[key] = i
             else:
                 original.append(i)
-        if original == list(range(len(original))):  # the common layout: theirs, then ours
-            body = [f"    original = tuple(raw[:{len(original)}])"]
+        ours = tuple((i, key, *self._fields[key]) for key, i in last.items() if key in self._fields)
+        return _Plan(tuple(original), original == list(range(len(original))), ours)
+
+
+def _interpret(plan: _Plan, raw: Sequence[tuple[str, bytes | None]]) -> ParsedHeaders:
+    """The rules, one header at a time: texts cut to their bound, integers by `_read_int`,
+    booleans by `_bool`; a null value is as if missing."""
+    if plan.leading:
+        original = tuple(raw[: len(plan.original)])
+    else:
+        original = tuple([raw[i] for i in plan.original])
+    state = RetryState()
+    problems: list[str] = []
+    for i, key, name, kind, low, high in plan.ours:
+        value = raw[i][1]
+        if value is None:
+            continue
+        if kind is _TEXT:
+            setattr(state, name, (value[-low:] if high else value[:low]).decode("utf-8", "replace"))
+        elif kind is _BOOL:
+            setattr(state, name, _bool(value))
         else:
-            body = [f"    original = ({''.join(f'raw[{i}], ' for i in original)})"]
-        body.append("    state = RetryState()")
-        body.append("    problems = ()")
-        for key, i in last.items():
-            row = self._fields.get(key)
-            if row is None:
-                continue
-            name, kind, low, high = row
-            body.append(f"    value = raw[{i}][1]")
-            body.append("    if value is not None:")
-            if kind is _TEXT:
-                cut = f"value[-{low}:]" if high else f"value[:{low}]"
-                body.append(f"        state.{name} = {cut}.decode('utf-8', 'replace')")
-            elif kind is _BOOL:
-                body.append(f"        state.{name} = _bool(value)")
-            else:  # well-formed digits inline; anything else through `_read_int`
-                strict = kind is _STRICT
-                body += [
-                    f"        if len(value) <= {MAX_NUMBER_BYTES} and value.isdigit() "
-                    f"and {low} <= (number := int(value)) <= {high}:",
-                    f"            state.{name} = number",
-                    "        else:",
-                    f"            number, problem = _read_int({key!r}, value, {low}, {high}, "
-                    f"{strict})",
-                    "            if number is not None:",
-                    f"                state.{name} = number",
-                    "            if problem:",
-                    "                problems += (problem,)",
-                ]
-        body.append("    return tuple.__new__(ParsedHeaders, (original, state, problems))")
-        source = "def read(raw):\n" + "\n".join(body) + "\n"
-        namespace: dict[str, object] = {
-            "RetryState": RetryState, "ParsedHeaders": ParsedHeaders, "_bool": _bool,
-            "_read_int": _read_int,
-        }  # fmt: skip
-        exec(compile(source, f"<header reader of {len(keys)} keys>", "exec"), namespace)
-        read: Reader = namespace["read"]  # type: ignore[assignment]
-        if len(self._readers) >= self._LAYOUTS_KEPT:
-            self._readers.clear()
-        self._readers[keys] = read
-        return read
+            number, problem = _read_int(key, value, low, high, kind is _STRICT)
+            if number is not None:
+                setattr(state, name, number)
+            if problem:
+                problems.append(problem)
+    return tuple.__new__(ParsedHeaders, (original, state, tuple(problems)))
+
+
+def _compile(plan: _Plan) -> Reader:
+    """`_interpret` for one plan, as Python source with its positions and bounds written in
+    and plain digits in range read inline. Only our own names (fields, header constants) and
+    integers go into the source, never a received key."""
+    if plan.leading:
+        body = [f"    original = tuple(raw[:{len(plan.original)}])"]
+    else:
+        body = [f"    original = ({''.join(f'raw[{i}], ' for i in plan.original)})"]
+    body.append("    state = RetryState()")
+    body.append("    problems = ()")
+    for i, key, name, kind, low, high in plan.ours:
+        body.append(f"    value = raw[{i}][1]")
+        body.append("    if value is not None:")
+        if kind is _TEXT:
+            cut = f"value[-{low}:]" if high else f"value[:{low}]"
+            body.append(f"        state.{name} = {cut}.decode('utf-8', 'replace')")
+        elif kind is _BOOL:
+            body.append(f"        state.{name} = _bool(value)")
+        else:
+            body += [
+                f"        if len(value) <= {MAX_NUMBER_BYTES} and value.isdigit() "
+                f"and {low} <= (number := int(value)) <= {high}:",
+                f"            state.{name} = number",
+                "        else:",
+                f"            number, problem = _read_int({key!r}, value, {low}, {high}, "
+                f"{kind is _STRICT})",
+                "            if number is not None:",
+                f"                state.{name} = number",
+                "            if problem:",
+                "                problems += (problem,)",
+            ]
+    body.append("    return tuple.__new__(ParsedHeaders, (original, state, problems))")
+    source = "def read(raw):\n" + "\n".join(body) + "\n"
+    namespace: dict[str, object] = {
+        "RetryState": RetryState, "ParsedHeaders": ParsedHeaders, "_bool": _bool,
+        "_read_int": _read_int,
+    }  # fmt: skip
+    exec(compile(source, "<header reader>", "exec"), namespace)
+    read: Reader = namespace["read"]  # type: ignore[assignment]
+    return read
 
 
 def _read_int(

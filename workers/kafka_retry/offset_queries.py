@@ -50,10 +50,20 @@ def committed(
     """Each group's committed offset (None: none committed) for the given partitions.
 
     The admin API takes one group per request; all requests are sent before any answer is
-    awaited, so a pass costs one round trip, not one per group. A group whose query failed
-    is left out."""
+    awaited, so a pass costs two round trips, not one per group. A group whose query failed
+    is left out.
+
+    Each group is described first, and its offsets asked for only when that worked: librdkafka
+    (2.16, issue confluentinc/librdkafka#5040) crashes the process when an admin client's
+    offset fetch is answered "not coordinator" or "coordinator not available", as on a broker
+    that is starting or moving a group's coordinator. Describing goes through the same
+    coordinator lookup without that flaw, so a group whose coordinator is not ready is skipped
+    for this pass instead; what remains is a coordinator move between the two requests."""
+    ready = _coordinator_ready(admin, list(groups), timeout)
     futures = {}
     for group, tps in groups.items():
+        if group not in ready:
+            continue
         request = [ConsumerGroupTopicPartitions(group, [TopicPartition(t, p) for t, p in tps])]
         futures[group] = admin.list_consumer_group_offsets(request, request_timeout=timeout)[group]
     result: dict[str, dict[TP, int | None]] = {}
@@ -69,6 +79,21 @@ def committed(
             if tp.error is None
         }
     return result
+
+
+def _coordinator_ready(admin: AdminClient, groups: list[str], timeout: float) -> set[str]:
+    """The groups whose coordinator answered a describe request."""
+    if not groups:
+        return set()
+    ready = set()
+    for group, future in admin.describe_consumer_groups(groups, request_timeout=timeout).items():
+        try:
+            future.result(timeout=timeout)
+        except Exception as e:
+            log.debug("describe_consumer_groups %s: %s", group, e)
+            continue
+        ready.add(group)
+    return ready
 
 
 def partition_counts(admin: AdminClient, timeout: float) -> dict[str, int]:
