@@ -48,8 +48,7 @@ def _deployment(spec: RetryPipelineSpec, tier: int = 0) -> dict[str, Any]:
         spec,
         topo.tiers[tier],
         topo,
-        default_image="op:1",
-        default_resources={"requests": {"cpu": "10m"}},
+        children.WorkerDefaults("op:1", {"requests": {"cpu": "10m"}}),
     )
 
 
@@ -107,9 +106,7 @@ def _security(**overrides: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         spec,
         topo.tiers[0],
         topo,
-        default_image="op:1",
-        default_resources={},
-        **overrides,
+        children.WorkerDefaults("op:1", {}, **overrides),
     )
     pod = d["spec"]["template"]["spec"]
     return pod["securityContext"], pod["containers"][0]["securityContext"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from kafka_retry.kafka_config import CLIENT_ENV_PREFIX
@@ -88,6 +89,19 @@ def topology_configmap(namespace: str, pipeline: str, topology: Topology) -> dic
     }
 
 
+@dataclass(frozen=True)
+class WorkerDefaults:
+    """What the operator's settings (config.py) say of tier-worker pods where a spec is silent.
+    The security contexts are overrides merged onto the restricted defaults (`merge_patch`);
+    empty means exactly the defaults."""
+
+    image: str
+    resources: Mapping[str, Any]
+    pull_policy: str = "IfNotPresent"
+    pod_security_context: Mapping[str, Any] = field(default_factory=dict)
+    security_context: Mapping[str, Any] = field(default_factory=dict)
+
+
 def worker_image(spec: RetryPipelineSpec, default_image: str) -> str:
     """A python handler runs in the service's image; an http handler in ours (or the one the
     spec names)."""
@@ -127,18 +141,12 @@ def tier_deployment(
     spec: RetryPipelineSpec,
     tier: ResolvedTier,
     topology: Topology,
-    *,
-    default_image: str,
-    default_resources: Mapping[str, Any],
-    pull_policy: str = "IfNotPresent",
-    pod_security_context: Mapping[str, Any] | None = None,
-    security_context: Mapping[str, Any] | None = None,
+    defaults: WorkerDefaults,
     secret_version: str | None = None,
 ) -> dict[str, Any]:
-    """The Deployment of one tier's workers. The security contexts are overrides merged onto
-    the restricted defaults (`merge_patch`); none means exactly the defaults. The Kafka
-    Secret's version is written into the pod template, so that a rotated Secret rolls the
-    pods (its values reach them only as environment variables, read at start)."""
+    """The Deployment of one tier's workers. The Kafka Secret's version is written into the
+    pod template, so that a rotated Secret rolls the pods (its values reach them only as
+    environment variables, read at start)."""
     labels = {**pipeline_labels(pipeline), LABEL_COMPONENT: "tier-worker", LABEL_TIER: tier.name}
     env: list[dict[str, Any]] = [
         {
@@ -151,8 +159,8 @@ def tier_deployment(
     ]
     container: dict[str, Any] = {
         "name": WORKER_CONTAINER,
-        "image": worker_image(spec, default_image),
-        "imagePullPolicy": pull_policy,
+        "image": worker_image(spec, defaults.image),
+        "imagePullPolicy": defaults.pull_policy,
         "command": list(WORKER_COMMAND),
         "args": ["--tier", tier.name],
         "env": env,
@@ -168,8 +176,8 @@ def tier_deployment(
             "periodSeconds": 5,
             "failureThreshold": 2,
         },
-        "resources": worker_resources(spec, default_resources),
-        "securityContext": merge_patch(RESTRICTED_SECURITY_CONTEXT, security_context or {}),
+        "resources": worker_resources(spec, defaults.resources),
+        "securityContext": merge_patch(RESTRICTED_SECURITY_CONTEXT, defaults.security_context),
         # A read-only root still needs somewhere for temporary files.
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
@@ -201,7 +209,7 @@ def tier_deployment(
                     "automountServiceAccountToken": False,  # workers never call the API
                     "terminationGracePeriodSeconds": 30,
                     "securityContext": merge_patch(
-                        RESTRICTED_POD_SECURITY_CONTEXT, pod_security_context or {}
+                        RESTRICTED_POD_SECURITY_CONTEXT, defaults.pod_security_context
                     ),
                     "containers": [container],
                     "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
@@ -216,29 +224,12 @@ def desired_children(
     pipeline: str,
     spec: RetryPipelineSpec,
     topology: Topology,
-    *,
-    default_image: str,
-    default_resources: Mapping[str, Any],
-    pull_policy: str = "IfNotPresent",
-    pod_security_context: Mapping[str, Any] | None = None,
-    security_context: Mapping[str, Any] | None = None,
+    defaults: WorkerDefaults,
     secret_version: str | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The ConfigMap and the Deployments, in tier order."""
     deployments = [
-        tier_deployment(
-            namespace,
-            pipeline,
-            spec,
-            tier,
-            topology,
-            default_image=default_image,
-            default_resources=default_resources,
-            pull_policy=pull_policy,
-            pod_security_context=pod_security_context,
-            security_context=security_context,
-            secret_version=secret_version,
-        )
+        tier_deployment(namespace, pipeline, spec, tier, topology, defaults, secret_version)
         for tier in topology.tiers
     ]
     return topology_configmap(namespace, pipeline, topology), deployments

@@ -33,8 +33,8 @@ class PipelineRecord:
     replicas: int  # desired per tier, 0 when suspended
     suspended: bool
     topics: Verdict  # the TopicsReady verdict of the last reconcile
-    # resourceVersion of spec.kafka.secretRef's Secret as last read; None: no Secret in use.
-    secret_version: str | None = None
+    # (name, resourceVersion) of spec.kafka.secretRef's Secret as last read; None: none read.
+    secret: tuple[str, str] | None = None
 
 
 class Fleet:

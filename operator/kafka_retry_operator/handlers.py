@@ -27,7 +27,7 @@ from kafka_retry_operator import children, reconciler, secret_rotation
 from kafka_retry_operator import replay as replay  # registers the DLQReplay handlers
 from kafka_retry_operator import status as st
 from kafka_retry_operator.config import ENV_METRICS_PORT, OperatorConfig
-from kafka_retry_operator.fleet import PipelineKey
+from kafka_retry_operator.fleet import PipelineKey, PipelineRecord
 from kafka_retry_operator.kube import SECRET_VERSION_SEEN, api_client
 from kafka_retry_operator.runtime import Runtime, runtime_of
 from kafka_retry_operator.topics import Retry
@@ -159,13 +159,7 @@ def reconcile(
             rt.metrics.pipeline_status(key, invalid)
             raise kopf.PermanentError(f"invalid spec: {message}") from None
         record, verdict = reconciler.reconcile(rt, body, parsed, logger)
-        new = st.compose(
-            record,
-            rt.sampler.sample(key),
-            rt.sampler.health(record.cluster),
-            _workers(kwargs, key),
-            status,
-        )
+        new = _status(rt, record, kwargs, status)
         patch.status.update(new)
         rt.metrics.pipeline_status(key, new)
         if verdict.retry is Retry.LATER:
@@ -225,13 +219,7 @@ async def refresh_status(
     record = rt.fleet.get(key)
     if record is None:  # not reconciled (yet), or its spec is invalid
         return
-    new = st.compose(
-        record,
-        rt.sampler.sample(key),
-        rt.sampler.health(record.cluster),
-        _workers(kwargs, key),
-        status,
-    )
+    new = _status(rt, record, kwargs, status)
     if st.differs(status, new):
         patch.status.update(new)
     rt.metrics.pipeline_status(key, new, record)
@@ -244,14 +232,9 @@ async def refresh_status(
             message=f"DLQ depth grew from {grew[0]} to {grew[1]} events "
             f"(topic {record.topology.dlq_topic})",
         )
-    secret = ((body.get("spec") or {}).get("kafka") or {}).get("secretRef") or {}
-    if record.secret_version and secret.get("name") and rt.secret_checks.due(key, time.monotonic()):
+    if record.secret and rt.secret_checks.due(key, time.monotonic()):
         rotated = await asyncio.to_thread(
-            secret_rotation.rotated_version,
-            rt.kube,
-            namespace or "",
-            secret["name"],
-            record.secret_version,
+            secret_rotation.rotated_version, rt.kube, namespace or "", *record.secret
         )
         marked = body.metadata.annotations.get(SECRET_VERSION_SEEN)
         if rotated is not None and rotated != marked:
@@ -260,8 +243,22 @@ async def refresh_status(
                 body,
                 type="Normal",
                 reason="KafkaSecretRotated",
-                message=f"Secret {secret['name']} changed: reconciling, tier workers roll",
+                message=f"Secret {record.secret[0]} changed: reconciling, tier workers roll",
             )
+
+
+def _status(
+    rt: Runtime, record: PipelineRecord, kwargs: dict[str, Any], status: kopf.Status
+) -> dict[str, Any]:
+    """The status the pipeline should show now: from the last reconcile, the sampler's latest
+    measurements and the tier Deployments' index."""
+    return st.compose(
+        record,
+        rt.sampler.sample(record.key),
+        rt.sampler.health(record.cluster),
+        _workers(kwargs, record.key),
+        status,
+    )
 
 
 def _summary(error: ValidationError) -> str:

@@ -9,6 +9,7 @@ converges without duplicating anything.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, NamedTuple
 
 import kopf
@@ -28,27 +29,29 @@ INVALID_KAFKA_SETTINGS = "InvalidKafkaSettings"
 class Connection(NamedTuple):
     cluster: Cluster | None  # None: no client (see `verdict`)
     verdict: TopicsVerdict | None  # why there is no client
-    secret_version: str | None  # of the Secret read, if the spec names one and it exists
+    secret: tuple[str, str] | None  # (name, version) of the Secret read, if the spec names one
 
 
 def connect(rt: Runtime, key: PipelineKey, spec: RetryPipelineSpec) -> Connection:
     """Bind the pipeline to its cluster's shared AdminClient, with the Secret's settings."""
     settings: dict[str, str] = {}
-    version: str | None = None
+    secret: tuple[str, str] | None = None
     if spec.kafka.secret_ref is not None:
+        name = spec.kafka.secret_ref.name
         try:
-            settings, version = rt.kube.kafka_secret(key[0], spec.kafka.secret_ref.name)
+            settings, version = rt.kube.kafka_secret(key[0], name)
         except SecretNotFound as e:
             rt.admins.release(owner_id(key))
             verdict = TopicsVerdict(False, KAFKA_SECRET_NOT_FOUND, str(e), Retry.LATER)
             return Connection(None, verdict, None)
+        secret = (name, version)
     try:
         cluster = rt.admins.bind(owner_id(key), spec.kafka.bootstrap_servers, settings)
-        return Connection(cluster, None, version)
+        return Connection(cluster, None, secret)
     except InvalidKafkaSettings as e:
         rt.admins.release(owner_id(key))
         verdict = TopicsVerdict(False, INVALID_KAFKA_SETTINGS, str(e), Retry.LATER)
-        return Connection(None, verdict, version)
+        return Connection(None, verdict, secret)
 
 
 def reconcile(
@@ -57,7 +60,9 @@ def reconcile(
     namespace, name = body.metadata.namespace or "", body.metadata.name or ""
     key = (namespace, name)
     topology = spec.topology(namespace, name)
-    cluster, verdict, secret_version = connect(rt, key, spec)
+    cluster, verdict, secret = connect(rt, key, spec)
+    if secret is not None:
+        rt.secret_checks.read(key, time.monotonic())  # the status timer need not read it again
     if cluster is not None:
         admin = rt.admins.admin(cluster)
         assert admin is not None  # just bound
@@ -81,13 +86,13 @@ def reconcile(
         topics=conditions.Verdict.of(
             conditions.TOPICS_READY, verdict.ready, verdict.reason, verdict.message
         ),
-        secret_version=secret_version,
+        secret=secret,
     )
     # Recorded before the children change, so that a Deployment this reconcile removes is
     # already unknown when its deletion is seen (see handlers.worker_deleted).
     rt.fleet.put(record)
     if verdict.usable:
-        apply_children(rt, body, spec, topology, secret_version)
+        apply_children(rt, body, spec, topology, secret[1] if secret else None)
     rt.sampler.wake()
     return record, verdict
 
@@ -101,16 +106,7 @@ def apply_children(
 ) -> None:
     namespace, name = body.metadata.namespace or "", body.metadata.name or ""
     configmap, deployments = children.desired_children(
-        namespace,
-        name,
-        spec,
-        topology,
-        default_image=rt.config.worker_image,
-        default_resources=rt.config.worker_resources,
-        pull_policy=rt.config.worker_pull_policy,
-        pod_security_context=rt.config.worker_pod_security_context,
-        security_context=rt.config.worker_security_context,
-        secret_version=secret_version,
+        namespace, name, spec, topology, rt.worker_defaults, secret_version
     )
     kopf.adopt([configmap, *deployments], owner=body)
     rt.kube.apply_configmap(configmap)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kafka_retry_operator.children import WorkerDefaults
 from kafka_retry_operator.config import OperatorConfig
 from kafka_retry_operator.fleet import Fleet
 from kafka_retry_operator.kafka_admin import AdminRegistry
@@ -23,6 +24,7 @@ class Runtime:
     sampler: Sampler
     metrics: OperatorMetrics
     secret_checks: SecretChecks
+    worker_defaults: WorkerDefaults
 
     @classmethod
     def create(cls, config: OperatorConfig, api: Any) -> Runtime:
@@ -31,7 +33,14 @@ class Runtime:
         sampler = Sampler(fleet, admins, config.status_interval, config.kafka_timeout)
         metrics = OperatorMetrics(fleet, sampler)
         checks = SecretChecks(config.secret_check_interval)
-        return cls(config, Kube(api), admins, fleet, sampler, metrics, checks)
+        defaults = WorkerDefaults(
+            config.worker_image,
+            config.worker_resources,
+            config.worker_pull_policy,
+            config.worker_pod_security_context,
+            config.worker_security_context,
+        )
+        return cls(config, Kube(api), admins, fleet, sampler, metrics, checks, defaults)
 
 
 def runtime_of(memo: Any) -> Runtime:

@@ -41,6 +41,11 @@ class SecretChecks:
             self._last[key] = now
             return True
 
+    def read(self, key: PipelineKey, now: float) -> None:
+        """`key`'s Secret was read now (by a reconcile): the next check is an interval away."""
+        with self._lock:
+            self._last[key] = now
+
     def forget(self, key: PipelineKey) -> None:
         with self._lock:
             self._last.pop(key, None)

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import (
@@ -175,20 +176,8 @@ def _create(
         for p in plans
     ]
     futures = admin.create_topics(new, operation_timeout=timeout, request_timeout=timeout)
-    created: list[str] = []
-    failed: dict[str, str] = {}
-    for name, future in futures.items():
-        try:
-            future.result(timeout=timeout + 5)
-            created.append(name)
-            log.info("created topic %s", name)
-        except KafkaException as e:
-            if e.args and e.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
-                continue  # created meanwhile (by a reconcile of the same pipeline): fine
-            failed[name] = _short(e)
-        except Exception as e:
-            failed[name] = _short(e)
-    return created, failed
+    # One that exists already was created meanwhile (by a reconcile of the same pipeline): fine.
+    return _settle(futures, timeout, "created", KafkaError.TOPIC_ALREADY_EXISTS)
 
 
 def _grow(
@@ -201,16 +190,28 @@ def _grow(
         operation_timeout=timeout,
         request_timeout=timeout,
     )
-    grown: list[str] = []
+    return _settle(futures, timeout, "grew")
+
+
+def _settle(
+    futures: Mapping[str, Any], timeout: float, verb: str, tolerated: int | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """(topics done, topics failed with why) of an admin call's futures; a `tolerated` error
+    code counts as neither."""
+    done: list[str] = []
     failed: dict[str, str] = {}
     for name, future in futures.items():
         try:
             future.result(timeout=timeout + 5)
-            grown.append(name)
-            log.info("grew topic %s", name)
+            done.append(name)
+            log.info("%s topic %s", verb, name)
+        except KafkaException as e:
+            if tolerated is not None and e.args and e.args[0].code() == tolerated:
+                continue
+            failed[name] = _short(e)
         except Exception as e:
             failed[name] = _short(e)
-    return grown, failed
+    return done, failed
 
 
 def _conflicts(admin: AdminClient, plans: Sequence[TopicPlan], timeout: float) -> dict[str, str]:
