@@ -13,6 +13,7 @@ keyed by version (outside any checkout); `up` and `down` are idempotent.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
@@ -25,7 +26,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +109,30 @@ def timed(what: str, fn: Callable[[], None]) -> None:
 # --------------------------------------------------------------------------- artifacts
 
 
+@contextlib.contextmanager
+def cache_lock(name: str) -> Iterator[None]:
+    """Hold CACHE/<name>.lock: one builder per artifact across every checkout and run dir.
+    A wait on another build says so on the terminal (then every 30 s), never silently."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / f"{name}.lock"
+    with path.open("w") as lock:
+        start = time.monotonic()
+        said = -30.0
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - start
+                if waited - said >= 30:
+                    log(f"waiting for another build holding {path} ({waited:.0f}s so far)")
+                    said = waited
+                time.sleep(1)
+        if time.monotonic() - start >= 1:
+            log(f"got {path} after {time.monotonic() - start:.0f}s")
+        yield
+
+
 def _atomic_build(target: Path, build: Callable[[Path], None]) -> None:
     """Build into a temporary sibling and rename, so an interrupted build never looks cached."""
     tmp = target.with_name(target.name + ".partial")
@@ -180,10 +205,11 @@ def ensure_helm() -> None:
 
 def ensure_all() -> None:
     (CACHE / "logs").mkdir(parents=True, exist_ok=True)
-    ensure_kafka()
-    _ensure_go_build(ETCD_BIN, "build-etcd.sh", ETCD_VERSION)
-    _ensure_go_build(KUBE_BIN / "kube-controller-manager", "build-kube.sh", KUBE_VERSION)
-    ensure_helm()
+    with cache_lock("build"):
+        ensure_kafka()
+        _ensure_go_build(ETCD_BIN, "build-etcd.sh", ETCD_VERSION)
+        _ensure_go_build(KUBE_BIN / "kube-controller-manager", "build-kube.sh", KUBE_VERSION)
+        ensure_helm()
 
 
 # --------------------------------------------------------------------------- processes
