@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from kafka_retry import headers as h
 from kafka_retry.classification import Failure
+from kafka_retry.client_log import ClientLog
 from kafka_retry.errors import NonRetriableError, PayloadDecodeError
 from kafka_retry.event import Event
 from kafka_retry.handlers import HandlerLoadError, load_callable
@@ -133,6 +134,41 @@ def test_delivery_guarantee_settings_cannot_be_overridden() -> None:
     assert "max.poll.interval.ms" not in p
     kip848 = consumer_config("b:9092", "grp", {"group.protocol": "consumer"})
     assert "partition.assignment.strategy" not in kip848 and incremental_rebalance(kip848)
+    assert "session.timeout.ms" not in kip848  # the broker's to set under KIP-848
+
+
+def test_consumers_rejoin_quickly_and_statically_when_given_an_instance_id() -> None:
+    c = consumer_config("b:9092", "grp")
+    assert c["session.timeout.ms"] == 10_000 and c["heartbeat.interval.ms"] == 1_000
+    assert "group.instance.id" not in c
+    static = consumer_config("b:9092", "grp", pauses_often=True, instance_id="billing-r1-0")
+    assert static["group.instance.id"] == "billing-r1-0"
+    assert "group.instance.id" not in producer_config("b:9092", static)
+
+
+def test_client_log_keeps_the_first_line_of_a_kind_then_counts() -> None:
+    logger = logging.getLogger("test.client_log")
+    logger.setLevel(logging.INFO)
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    logger.addHandler(Keep())
+    clock = [0.0]
+    client = ClientLog(logger, interval_s=60, now=lambda: clock[0])
+    for i in range(100):
+        clock[0] = i * 0.05
+        client.log(logging.ERROR, "FAIL [%s]: connect to 10.0.0.%d failed", "c-1", i % 7)
+    client.log(logging.ERROR, "another kind")
+    clock[0] = 61.0
+    client.log(logging.ERROR, "FAIL [%s]: connect to 10.0.0.%d failed", "c-1", 3)
+    assert seen == [
+        "FAIL [c-1]: connect to 10.0.0.0 failed",
+        "another kind",
+        "FAIL [c-1]: connect to 10.0.0.3 failed (99 more like this in the last 61s)",
+    ]
 
 
 def test_secrets_are_never_logged(caplog: pytest.LogCaptureFixture) -> None:

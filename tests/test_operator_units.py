@@ -74,6 +74,10 @@ def test_deployment_follows_the_worker_contract() -> None:
         "key": "topology.json",
     }
     assert env["KAFKA_RETRY_METRICS_PORT"]["value"] == "9400"
+    # static group membership under the pod name: a restarted container rejoins at once
+    assert env["KAFKA_RETRY_INSTANCE_ID"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.name"}
+    }
     assert container["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
@@ -174,11 +178,12 @@ def test_the_charts_worker_defaults_are_the_restricted_defaults() -> None:
 
 
 def test_contract_constants_match_the_data_plane() -> None:
-    from kafka_retry import metrics
+    from kafka_retry import metrics, worker
     from kafka_retry.kafka_config import CLIENT_ENV_PREFIX
 
     assert children.METRICS_PORT_ENV == metrics.PORT_ENV
     assert children.METRICS_PORT == metrics.DEFAULT_PORT
+    assert children.INSTANCE_ID_ENV == worker.INSTANCE_ID_ENV
     assert CLIENT_ENV_PREFIX == "KAFKA_CLIENT_"
 
 

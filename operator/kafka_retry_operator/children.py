@@ -23,6 +23,8 @@ from kafka_retry.topology_source import CONFIGMAP_KEY, TOPOLOGY_ENV, configmap_n
 # imported, so the operator does not register the data plane's metrics).
 METRICS_PORT_ENV = "KAFKA_RETRY_METRICS_PORT"
 METRICS_PORT = 9400
+# The pod name, for static group membership (kafka_retry.worker.INSTANCE_ID_ENV).
+INSTANCE_ID_ENV = "KAFKA_RETRY_INSTANCE_ID"
 WORKER_CONTAINER = "worker"
 WORKER_COMMAND = ["kafka-retry", "worker"]
 # Images run as a fixed non-root user: runAsNonRoot cannot check a user given by name.
@@ -156,6 +158,7 @@ def tier_deployment(
             },
         },
         {"name": METRICS_PORT_ENV, "value": str(METRICS_PORT)},
+        {"name": INSTANCE_ID_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
     ]
     container: dict[str, Any] = {
         "name": WORKER_CONTAINER,

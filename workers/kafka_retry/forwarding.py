@@ -16,6 +16,8 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from kafka_retry.client_log import client_log
+
 log = logging.getLogger(__name__)
 
 Acked = Callable[[Any], None]
@@ -72,7 +74,9 @@ class Forwarder:
         on_failed_attempt: Callable[[KafkaError], None] | None = None,
         producer: Any = None,
     ) -> None:
-        self._producer: Any = producer if producer is not None else Producer(dict(config))
+        if producer is None:
+            producer = Producer(dict(config), logger=client_log())
+        self._producer: Any = producer
         # One callback for every record, told which by the token: no callable per record.
         self._on_acked = on_acked
         self._on_failed_attempt = on_failed_attempt

@@ -21,8 +21,20 @@ TIER_FETCH_QUEUE_BACKOFF_MS = "50"
 # returns: keep that wait short (default 500 ms) so that a resumed partition is fetched soon.
 TIER_FETCH_WAIT_MAX_MS = "100"
 
+# How long the group waits for a silent member before handing its partitions to others.
+# librdkafka's default (45 s) stalls a killed worker's partitions for that long. A restarted
+# worker with static membership (`group.instance.id`) takes its partitions back at once
+# without a rebalance; a member that is gone for good (a pod deleted, a rolling update: static
+# members do not leave the group on close) holds them up for this long at most.
+SESSION_TIMEOUT_MS = 10_000
+HEARTBEAT_INTERVAL_MS = 1_000  # how soon the other members hear of a rebalance
+
+_KIP848_BROKER_SIDE = ("session.timeout.ms", "heartbeat.interval.ms")
+
 _CONSUMER_DEFAULTS: dict[str, Any] = {
     "auto.offset.reset": "earliest",  # a new group must not skip events waiting in a topic
+    "session.timeout.ms": SESSION_TIMEOUT_MS,
+    "heartbeat.interval.ms": HEARTBEAT_INTERVAL_MS,
     "enable.auto.commit": True,  # commits what we store, nothing else
     "auto.commit.interval.ms": 1000,
     "partition.assignment.strategy": "cooperative-sticky",
@@ -56,8 +68,14 @@ def consumer_config(
     extra: Mapping[str, Any] | None = None,
     *,
     pauses_often: bool = False,
+    instance_id: str | None = None,
 ) -> dict[str, Any]:
+    """`instance_id`: static group membership (`group.instance.id`), e.g. the pod name; a
+    restart under the same id gets its partitions back without a rebalance. At most one
+    running consumer of the group may use an id (a second one is fenced)."""
     config: dict[str, Any] = {"bootstrap.servers": bootstrap_servers, **_CONSUMER_DEFAULTS}
+    if instance_id:
+        config["group.instance.id"] = instance_id
     if pauses_often:
         config["queued.max.messages.kbytes"] = TIER_PREFETCH_KBYTES
         config["fetch.queue.backoff.ms"] = TIER_FETCH_QUEUE_BACKOFF_MS
@@ -65,8 +83,11 @@ def consumer_config(
     config.update(extra or {})
     # KIP-848: the broker assigns partitions, unless the settings name an assignor.
     kip848 = str(config.get("group.protocol", "classic")).lower() == "consumer"
-    if kip848 and "partition.assignment.strategy" not in (extra or {}):
-        config.pop("partition.assignment.strategy", None)
+    # ... and sets the session timeout and heartbeat interval (a client may not).
+    if kip848:
+        for key in ("partition.assignment.strategy", *_KIP848_BROKER_SIDE):
+            if key not in (extra or {}):
+                config.pop(key, None)
     config["group.id"] = group_id
     config.update(_CONSUMER_FORCED)
     return config

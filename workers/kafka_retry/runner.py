@@ -23,6 +23,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from kafka_retry import headers as h
 from kafka_retry.classification import Classifier, Failure
+from kafka_retry.client_log import client_log
 from kafka_retry.delay import DelayGate
 from kafka_retry.event import Event
 from kafka_retry.forwarding import Forwarder
@@ -156,7 +157,7 @@ class StageRunner:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> None:
-        consumer = Consumer(self._consumer_config, logger=logging.getLogger("kafka_retry.rdkafka"))
+        consumer = Consumer(self._consumer_config, logger=client_log())
         forwarder = Forwarder(
             self._producer_config,
             on_acked=self._on_forward_acked,

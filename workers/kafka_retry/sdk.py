@@ -38,9 +38,11 @@ class RetryingConsumer:
     """Consume `topology.source_topic` as `group` (default: the pipeline's consumer group).
 
     `extra_config` is added to both the consumer and the producer (after the `KAFKA_CLIENT_*`
-    environment, unless `use_env=False`); `runner_options` tune the loop (`batch_size`,
-    `poll_cap_s`, `drain_timeout_s`). Not thread-safe except `stop()`: call `run()` on the
-    thread that owns the consumer."""
+    environment, unless `use_env=False`); `instance_id` (e.g. the pod name, from the downward
+    API) makes the consumer a static group member, so a restarted service takes its partitions
+    back without a rebalance; `runner_options` tune the loop (`batch_size`, `poll_cap_s`,
+    `drain_timeout_s`). Not thread-safe except `stop()`: call `run()` on the thread that owns
+    the consumer."""
 
     def __init__(
         self,
@@ -50,6 +52,7 @@ class RetryingConsumer:
         group: str | None = None,
         extra_config: Mapping[str, Any] | None = None,
         use_env: bool = True,
+        instance_id: str | None = None,
         **runner_options: Any,
     ) -> None:
         stage = Stage.source(topology, group)
@@ -60,7 +63,7 @@ class RetryingConsumer:
             stage,
             handler,
             consumer_config=consumer_config(
-                topology.bootstrap_servers, stage.consumer_group, extra
+                topology.bootstrap_servers, stage.consumer_group, extra, instance_id=instance_id
             ),
             producer_config=producer_config(topology.bootstrap_servers, extra),
             **runner_options,

@@ -1,8 +1,10 @@
 """The tier worker: `kafka-retry worker --tier NAME [--topology-file PATH]`.
 
 Contract with the operator's Deployments: the topology comes from `KAFKA_RETRY_TOPOLOGY` (or
-the file), extra librdkafka settings from `KAFKA_CLIENT_*` (never logged), and
-`KAFKA_RETRY_METRICS_PORT` (default 9400) serves /metrics, /healthz and /readyz.
+the file), extra librdkafka settings from `KAFKA_CLIENT_*` (never logged),
+`KAFKA_RETRY_METRICS_PORT` (default 9400) serves /metrics, /healthz and /readyz, and
+`KAFKA_RETRY_INSTANCE_ID` (the pod name) makes the worker a static member of its group, so a
+restarted container takes its partitions back at once.
 
 A suspended pipeline's worker idles: it joins no group and consumes nothing (events wait on
 their tier), stays healthy and ready, and exits 0 on SIGTERM. The operator scales it to 0
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_KAFKA, EXIT_CONFIG, EXIT_HANDLER = 0, 1, 2, 3
 LOG_LEVEL_ENV = "KAFKA_RETRY_LOG_LEVEL"
+INSTANCE_ID_ENV = "KAFKA_RETRY_INSTANCE_ID"
 
 
 def build_worker(
@@ -50,14 +53,20 @@ def build_worker(
     *,
     handler: HandlerFn | None = None,
     client_settings: Mapping[str, Any] | None = None,
+    instance_id: str | None = None,
     **runner_options: Any,
 ) -> StageRunner:
     """The runner of one tier. `client_settings` are extra librdkafka settings (default: from
-    `KAFKA_CLIENT_*`); `handler` defaults to the topology's handler spec."""
+    `KAFKA_CLIENT_*`); `handler` defaults to the topology's handler spec; `instance_id`
+    (the pod name) makes it a static group member."""
     stage = Stage.tier(topology, tier)
     extra = client_settings_from_env() if client_settings is None else dict(client_settings)
     config = consumer_config(
-        topology.bootstrap_servers, stage.consumer_group, extra, pauses_often=True
+        topology.bootstrap_servers,
+        stage.consumer_group,
+        extra,
+        pauses_often=True,
+        instance_id=instance_id,
     )
     log.info("tier %s consumer settings: %s", tier, describe(config, frozenset(extra)))
     return StageRunner(
@@ -97,7 +106,13 @@ def run_worker(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
         log.error("cannot load the handler: %s", e)
         return EXIT_HANDLER
     settings = client_settings_from_env(env)
-    runner = build_worker(topology, args.tier, handler=handler, client_settings=settings)
+    runner = build_worker(
+        topology,
+        args.tier,
+        handler=handler,
+        client_settings=settings,
+        instance_id=env.get(INSTANCE_ID_ENV) or None,
+    )
     server = HealthServer(port, runner.alive, runner.ready).start()
     log.info("metrics and probes on port %d", server.port)
     _on_signals(runner.stop)
