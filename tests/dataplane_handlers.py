@@ -9,7 +9,7 @@ import json
 import os
 import time
 
-from kafka_retry.errors import NonRetriableError
+from kafka_retry.errors import NonRetriableError, RetriableError
 from kafka_retry.event import Event
 
 
@@ -45,3 +45,10 @@ def record_timing(event: Event) -> None:
         partition=event.partition,
         offset=event.offset,
     )
+
+
+def fail_retriably(event: Event) -> None:
+    """Always fails, retriably, with a message and a stack as large as we write (the forward
+    carries the most of our headers)."""
+    _record(event, "failed", size=len(event.value or b""))
+    raise RetriableError("upstream unavailable: " + "x" * 4000)

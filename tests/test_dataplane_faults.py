@@ -11,10 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
-from dataplane_support import wait_for
+from dataplane_support import Recorder, Running, read_topic, wait_for
 from deployed_support import WorkerPod, deploy_pipeline, free_port, records
+from kafka_retry import headers as h
+from kafka_retry.errors import RetriableError
+from kafka_retry.sdk import RetryingConsumer
 
 
 def test_kill_9_every_5s_for_60s_loses_nothing_and_drains_within_delay_plus_15s(
@@ -119,3 +123,144 @@ def test_an_unreachable_broker_does_not_flood_the_log(
     print(f"{len(lines)} client log lines in ~10 s:", *lines[:6], sep="\n  ")
     assert any(nowhere.split(":")[1] in ln for ln in lines), "the failure is still reported"
     assert len(lines) <= 12, f"{len(lines)} client log lines in ~10 s"
+
+
+def _topic_limit(kafka_admin: Any, topic: str) -> int:
+    resource = ConfigResource("TOPIC", topic)
+    entries = kafka_admin.describe_configs([resource])[resource].result(timeout=30)
+    return int(entries["max.message.bytes"].value)
+
+
+def _set_topic_limit(kafka_admin: Any, topic: str, limit: int) -> None:
+    entry = ConfigEntry(
+        "max.message.bytes", str(limit), incremental_operation=AlterConfigOpType.SET
+    )
+    resource = ConfigResource("TOPIC", topic, incremental_configs=[entry])
+    for f in kafka_admin.incremental_alter_configs([resource]).values():
+        f.result(timeout=30)
+
+
+def _produce_big(bootstrap: str, topic: str, event_id: str, size: int) -> bytes:
+    """An event of `size` bytes (JSON with an id), with one header of its own."""
+    head = json.dumps({"id": event_id, "pad": ""}).encode()
+    value = head[:-2] + b"x" * (size - len(head)) + head[-2:]
+    p = Producer({"bootstrap.servers": bootstrap, "message.max.bytes": 10_000_000})
+    p.produce(topic, key=event_id.encode(), value=value, headers=[("trace", event_id.encode())])
+    assert p.flush(30) == 0
+    return value
+
+
+def test_a_forward_of_an_event_at_the_source_size_limit_fits_or_reaches_the_dlq(
+    kafka_bootstrap: str, kafka_admin: Any, make_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """An event as large as the source topic accepts, plus our headers, fits the next tier
+    (the operator sizes tier and DLQ topics for it, our producers do not refuse it). Where an
+    admin made a tier smaller, the event reaches the DLQ whole with `dlq-reason: too-large`,
+    and the worker goes on."""
+    d = deploy_pipeline(
+        kafka_bootstrap,
+        kafka_admin,
+        make_topic,
+        tiers=(("retry-1", 1), ("retry-2", 1)),
+        callable_path="dataplane_handlers:fail_retriably",
+    )
+    tier1, tier2 = (t.topic for t in d.topology.tiers)
+    size = _topic_limit(kafka_admin, d.topology.source_topic) - 1000  # fits the source
+    big = _produce_big(kafka_bootstrap, tier1, "big", size)
+    record_file = tmp_path / "handled.jsonl"
+    pod = WorkerPod(
+        d, "retry-1", f"{d.name}-retry-1-0", tmp_path, {"DP_RECORD_FILE": str(record_file)}
+    )
+    pod.start()
+    try:
+        (forwarded,) = read_topic(kafka_bootstrap, tier2, expect=1, timeout=60)
+        assert forwarded.value == big and forwarded.header("trace") == "big"
+        assert forwarded.header(h.ERROR_STACK), "our headers are all there"
+
+        _set_topic_limit(kafka_admin, tier2, 500_000)  # an admin shrinks the next tier
+        big2 = _produce_big(kafka_bootstrap, tier1, "big2", size)
+        (dead,) = read_topic(kafka_bootstrap, d.topology.dlq_topic, expect=1, timeout=60)
+        assert dead.value == big2 and dead.header("trace") == "big2"
+        assert dead.header(h.DLQ_REASON) == h.REASON_TOO_LARGE
+        assert tier2 in (dead.header(h.ERROR_MESSAGE) or "")
+        assert pod.running() and pod.starts == 1, pod.log.read_text()[-3000:]
+    finally:
+        pod.stop()
+
+
+def test_the_live_lane_forwards_an_event_at_the_source_size_limit(
+    kafka_bootstrap: str, kafka_admin: Any, make_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    d = deploy_pipeline(kafka_bootstrap, kafka_admin, make_topic)
+    size = _topic_limit(kafka_admin, d.topology.source_topic) - 1000
+    big = _produce_big(kafka_bootstrap, d.topology.source_topic, "big", size)
+    handler = Recorder(policy=lambda e: (_ for _ in ()).throw(RetriableError("later")))
+    consumer = RetryingConsumer(d.topology, handler, use_env=False)
+    with Running(consumer):
+        (forwarded,) = read_topic(kafka_bootstrap, d.topology.tiers[0].topic, expect=1, timeout=60)
+    assert forwarded.value == big and forwarded.header("trace") == "big"
+    assert consumer.stats.forwarded == 1
+
+
+def test_a_forward_refused_by_its_tier_and_by_the_dlq_stalls_loudly_and_recovers(
+    kafka_bootstrap: str, kafka_admin: Any, make_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """The next tier and the DLQ both refuse a forward (here: too large for them, as set by
+    an admin). The worker does not spin and does not commit past the event: it says so (not
+    ready, `kafka_retry_stuck` 1), backs off, and delivers once the DLQ takes it again."""
+    d = deploy_pipeline(
+        kafka_bootstrap,
+        kafka_admin,
+        make_topic,
+        tiers=(("retry-1", 1), ("retry-2", 1)),
+        callable_path="dataplane_handlers:fail_retriably",
+    )
+    tier1, tier2 = (t.topic for t in d.topology.tiers)
+    dlq_limit = _topic_limit(kafka_admin, d.topology.dlq_topic)
+    for topic in (tier2, d.topology.dlq_topic):
+        _set_topic_limit(kafka_admin, topic, 2048)
+    _produce_big(kafka_bootstrap, tier1, "e0", 4096)
+    record_file = tmp_path / "handled.jsonl"
+    pod = WorkerPod(
+        d, "retry-1", f"{d.name}-retry-1-0", tmp_path, {"DP_RECORD_FILE": str(record_file)}
+    )
+    pod.start()
+    try:
+        wait_for(lambda: any(r["id"] == "e0" for r in records(record_file)), 60, "e0 handled")
+        wait_for(lambda: pod.get("/readyz")[0] == 503, 30, "the worker says it is stuck")
+        time.sleep(10)
+        metrics = pod.get("/metrics")[1]
+        assert _metric(metrics, "kafka_retry_stuck", d.topology.pipeline) == 1
+        tries = _metric(metrics, "kafka_retry_delivery_failures_total", d.topology.pipeline)
+        assert 3 <= tries <= 30, f"{tries} tries in about 12 s: a spin, or no retries"
+        assert _committed(kafka_bootstrap, d.topology.tiers[0].consumer_group, tier1) <= 0
+        assert pod.running()
+
+        _set_topic_limit(kafka_admin, d.topology.dlq_topic, dlq_limit)  # the admin fixes it
+        (dead,) = read_topic(kafka_bootstrap, d.topology.dlq_topic, expect=1, timeout=60)
+        assert dead.header(h.DLQ_REASON) == h.REASON_TOO_LARGE and dead.header("trace") == "e0"
+        wait_for(lambda: pod.get("/readyz")[0] == 200, 30, "ready again")
+        wait_for(
+            lambda: _committed(kafka_bootstrap, d.topology.tiers[0].consumer_group, tier1) == 1,
+            30,
+            "committed past e0",
+        )
+        assert _metric(pod.get("/metrics")[1], "kafka_retry_stuck", d.topology.pipeline) == 0
+    finally:
+        pod.stop()
+
+
+def _metric(text: str, name: str, pipeline: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'pipeline="{pipeline}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name} for {pipeline}")
+
+
+def _committed(bootstrap: str, group: str, topic: str) -> int:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        (tp,) = c.committed([TopicPartition(topic, 0)], timeout=10)
+        return int(tp.offset)
+    finally:
+        c.close()

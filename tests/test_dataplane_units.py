@@ -250,6 +250,31 @@ def test_routes_through_the_tiers_to_the_dlq() -> None:
     assert state.consumer_group == "billing" and state.original_offset == 9
 
 
+def test_a_refused_forward_is_trimmed_then_dead_lettered_saying_why() -> None:
+    topo = _topology()
+    router = Router(topo, Stage.tier(topo, "retry-1"))
+    r = router.route(True, now_ms=0)
+    ours = router.forward_headers(
+        (), Origin("orders", 0, 1, 2), h.RetryState(), 2, Failure(True, "E", "m" * 900, "s" * 4000),
+        r, 0,
+    )  # fmt: skip
+    # too large: the same tier, our headers trimmed (the stack dropped, the message cut)
+    topic, trimmed, outcome = router.refused(r.topic, ours, "too large", too_large=True) or ()
+    assert (topic, outcome) == ("b.o.retry-2", None)
+    assert h.is_trimmed(trimmed) and not h.is_trimmed(ours)
+    assert len(dict(trimmed)[h.ERROR_MESSAGE]) <= h.MAX_TEXT_BYTES
+    # still too large: the DLQ, saying why; refused for another reason: the DLQ at once
+    for refused, reason in ((trimmed, h.REASON_TOO_LARGE), (ours, h.REASON_FORWARD_REFUSED)):
+        topic, dead, outcome = router.refused(r.topic, refused, "nope", refused is trimmed) or ()
+        assert (topic, outcome) == ("b.o.dlq", DEAD_LETTERED)
+        parsed = h.parse_headers(dead).state
+        assert parsed.dlq_reason == reason and parsed.retriable is False and parsed.due_ms is None
+        assert parsed.error_message and parsed.error_message.startswith("b.o.retry-2 refused")
+        assert parsed.attempt == 2 and parsed.original_offset == 1
+    # refused by the DLQ itself: nowhere left to go
+    assert router.refused("b.o.dlq", trimmed, "nope", too_large=True) is None
+
+
 # ---------------------------------------------------------------- topology sources
 
 

@@ -240,6 +240,10 @@ def test_topic_plan() -> None:
     assert all(p.config["cleanup.policy"] == "delete" for p in plans)
     assert int(plans[0].config["retention.ms"]) >= 7 * 24 * 3600 * 1000
     assert topics.tier_retention_ms(7 * 24 * 3600) > 2 * 7 * 24 * 3600 * 1000
+    # room for the source's largest event and our headers
+    sized = topics.sized(plans, 1_048_588)
+    assert {p.config["max.message.bytes"] for p in sized} == {str(1_048_588 + 64 * 1024)}
+    assert sized[-1].config["retention.ms"] == plans[-1].config["retention.ms"]
 
 
 # --------------------------------------------------------------------------- depth

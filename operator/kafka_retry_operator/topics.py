@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -33,6 +33,9 @@ DAY_MS = 24 * 3600 * 1000
 # A tier topic keeps events well past their delay: the longer of a week and twice the delay
 # plus a day, so a worker outage of a day never loses a delayed event to retention.
 MIN_TIER_RETENTION_MS = 7 * DAY_MS
+# Room for our headers on a forward (at most about 7 KiB: see kafka_retry.headers), so that an
+# event the source topic accepted always fits its tier and DLQ topics.
+FORWARD_HEADROOM_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,12 @@ def unreachable(bootstrap_servers: str, timeout: float, error: object) -> Topics
     )
 
 
+def sized(plans: Sequence[TopicPlan], source_max_message_bytes: int) -> list[TopicPlan]:
+    """`plans` with room for the source's largest event plus our headers."""
+    limit = str(source_max_message_bytes + FORWARD_HEADROOM_BYTES)
+    return [replace(p, config={**p.config, "max.message.bytes": limit}) for p in plans]
+
+
 def ensure(
     admin: AdminClient,
     plans: Sequence[TopicPlan],
@@ -118,6 +127,10 @@ def ensure(
         existing = partition_counts(admin, timeout)
     except KafkaException as e:
         return unreachable(bootstrap_servers, timeout, e)
+    if source_topic in existing:
+        source_limit = _max_message_bytes(admin, source_topic, timeout)
+        if source_limit is not None:
+            plans = sized(plans, source_limit)
 
     problems: dict[str, list[str]] = {}
     missing = [p for p in plans if p.name not in existing]
@@ -252,6 +265,20 @@ def _conflicts(admin: AdminClient, plans: Sequence[TopicPlan], timeout: float) -
             except Exception as e:
                 conflicts[resource.name] = f"cannot update its configuration: {_short(e)}"
     return conflicts
+
+
+def _max_message_bytes(admin: AdminClient, topic: str, timeout: float) -> int | None:
+    """The largest record `topic` accepts (its `max.message.bytes`, or the broker's default);
+    None if it cannot be read now (the next reconcile tries again)."""
+    resource = ConfigResource("TOPIC", topic)
+    try:
+        entries = admin.describe_configs([resource], request_timeout=timeout)[resource].result(
+            timeout=timeout
+        )
+        return int(entries["max.message.bytes"].value)
+    except Exception as e:
+        log.warning("cannot read max.message.bytes of %s: %s", topic, _short(e))
+        return None
 
 
 def delete(admin: AdminClient, names: Iterable[str], timeout: float) -> dict[str, str]:

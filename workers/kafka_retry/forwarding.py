@@ -1,18 +1,28 @@
 """Asynchronous produce with delivery tracking: the one writer of tier and DLQ topics.
 
-`send` never blocks on the broker and never flushes; the caller learns that a record is
-durable (idempotent producer, acks=all) through `on_acked(token)`, with the token it gave
-`send`, inside `poll()` or `drain()` on the caller's thread. A record whose delivery failed is
-sent again (its input offset stays unstored meanwhile); a fatal producer error stops the owner,
-whose restart re-reads from the last committed offset.
+`send` never blocks on the broker and never flushes. The caller learns what became of a
+record, by the token it gave `send`, inside `poll()` or `drain()` on the caller's thread:
+
+- `on_acked(token)`: the record is durable (idempotent producer, acks=all).
+- `on_refused(token, topic, headers, error)`: the record will not be taken as it is: it is
+  too large, or a permanent error (authorization, a missing topic, an invalid record) lasted
+  over `PERMANENT_ATTEMPTS` tries with backoff. The owner answers a `Redirect` (a smaller
+  version, another topic), `Refusal.DROP` (nobody waits for it any more) or `Refusal.RETRY`:
+  the record is *stuck*, tried again with a growing backoff (at most `MAX_BACKOFF_S`) and
+  counted in `stuck` until it is acknowledged.
+
+Any other failure (a timeout, an unreachable broker: librdkafka has retried already) is sent
+again with backoff, without limit: its input offset waits meanwhile. A fatal producer error
+stops the owner, whose restart re-reads from the last committed offset.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
@@ -20,14 +30,66 @@ from kafka_retry.client_log import client_log
 
 log = logging.getLogger(__name__)
 
+HeaderList = list[tuple[str, bytes | None]]
 Acked = Callable[[Any], None]
+
+PERMANENT_ATTEMPTS = 4  # tries of a record that failed with a permanent error, then refused
+FIRST_BACKOFF_S = 0.2
+MAX_BACKOFF_S = 10.0
+
+# The broker or the client will never take the record as it is.
+_TOO_LARGE = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+    }
+)
+# Errors that a retry in a moment will not fix (an admin may, later).
+_PERMANENT = frozenset(
+    {
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._UNKNOWN_TOPIC,
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError.TOPIC_EXCEPTION,
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_MSG,
+        KafkaError.POLICY_VIOLATION,
+        KafkaError._INVALID_ARG,
+    }
+)
+
+
+def too_large(err: KafkaError) -> bool:
+    return err.code() in _TOO_LARGE
+
+
+class Redirect(NamedTuple):
+    """What to send instead of a refused record."""
+
+    topic: str
+    headers: HeaderList
+    token: Any
+
+
+class Refusal(enum.Enum):
+    RETRY = "retry"  # keep trying, with backoff: stuck
+    DROP = "drop"  # forget the record (its input is no longer ours to finish)
+
+
+Refused = Callable[[Any, str, HeaderList, KafkaError], "Redirect | Refusal"]
 
 
 class _Record:
     """One record in flight, and its own delivery callback: a single object per forward (no
     closure cells, no tuple), as thousands are alive at once between produce and ack."""
 
-    __slots__ = ("forwarder", "headers", "key", "token", "topic", "value")
+    __slots__ = (
+        "attempts", "forwarder", "headers", "key", "not_before", "stuck", "token", "topic",
+        "value",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -35,7 +97,7 @@ class _Record:
         topic: str,
         key: bytes | None,
         value: bytes | None,
-        headers: list[tuple[str, bytes | None]],
+        headers: HeaderList,
         token: object,
     ) -> None:
         self.forwarder = forwarder
@@ -44,21 +106,22 @@ class _Record:
         self.value = value
         self.headers = headers
         self.token = token
+        self.attempts = 0  # failed tries
+        self.not_before = 0.0
+        self.stuck = False
 
     def __call__(self, err: KafkaError | None, _msg: Any) -> None:
         forwarder = self.forwarder
+        forwarder._awaiting -= 1
         if err is None:
             forwarder._in_flight -= 1
+            if self.stuck:
+                forwarder.stuck -= 1
+                log.info("a stuck forward to %s was delivered", self.topic)
             if forwarder._on_acked is not None:
                 forwarder._on_acked(self.token)
             return
-        if forwarder._on_failed_attempt is not None:
-            forwarder._on_failed_attempt(err)
-        if err.fatal():
-            forwarder.fatal = err
-            return
-        log.warning("forward to %s failed, sending again: %s", self.topic, err)
-        forwarder._redo.append(self)
+        forwarder._failed(self, err)
 
 
 class FatalProducerError(RuntimeError):
@@ -71,6 +134,7 @@ class Forwarder:
         config: Mapping[str, Any],
         *,
         on_acked: Acked | None = None,
+        on_refused: Refused | None = None,
         on_failed_attempt: Callable[[KafkaError], None] | None = None,
         producer: Any = None,
     ) -> None:
@@ -79,15 +143,29 @@ class Forwarder:
         self._producer: Any = producer
         # One callback for every record, told which by the token: no callable per record.
         self._on_acked = on_acked
+        self._on_refused = on_refused
         self._on_failed_attempt = on_failed_attempt
-        self._redo: list[_Record] = []
+        self._redo: list[_Record] = []  # failed, waiting for their backoff
+        self._refused: list[tuple[_Record, KafkaError]] = []  # for the owner, after poll
         self._in_flight = 0
+        self._awaiting = 0  # produced, delivery report not served yet
+        self.stuck = 0  # records refused that the owner could not redirect
         self.fatal: KafkaError | None = None
 
     @property
     def in_flight(self) -> int:
         """Records sent and not acknowledged yet (including ones waiting to be re-sent)."""
         return self._in_flight
+
+    def wait_s(self, cap: float, ack_wait: float) -> float:
+        """How long the owner may block before it must serve this forwarder again:
+        `ack_wait` while delivery reports are due, else until the next re-send is due."""
+        if self._awaiting:
+            return min(cap, ack_wait)
+        if self._redo:
+            soonest = min(r.not_before for r in self._redo)
+            return max(0.0, min(cap, soonest - time.monotonic()))
+        return cap
 
     def send(
         self,
@@ -105,25 +183,42 @@ class Forwarder:
         self._produce(record)
 
     def poll(self, timeout: float = 0.0) -> None:
-        """Serve delivery reports (acks run here) and re-send failed records."""
+        """Serve delivery reports (acks run here), hand refusals to the owner, re-send."""
         self._producer.poll(timeout)
-        self._resend()
-        self._raise_if_fatal()
+        self._settle()
 
     def drain(self, timeout: float) -> bool:
         """Wait until every record is acknowledged or `timeout` passes; True when drained."""
         deadline = time.monotonic() + timeout
         while True:
-            self._resend()
-            remaining = self._producer.flush(max(0.0, deadline - time.monotonic()))
-            self._raise_if_fatal()
-            if remaining == 0 and not self._redo:
+            self._settle()
+            if self._in_flight == 0:
                 return True
-            if time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return False
+            if self._awaiting:
+                self._producer.flush(min(left, 0.1))
+            else:  # only records waiting for their backoff
+                time.sleep(min(left, self.wait_s(0.1, 0.0)))
 
     def close(self, timeout: float) -> bool:
         return self.drain(timeout)
+
+    def _settle(self) -> None:
+        self._raise_if_fatal()
+        while self._refused:
+            batch, self._refused = self._refused, []
+            for record, err in batch:
+                self._refuse(record, err)
+        if self._redo:
+            now = time.monotonic()
+            due = [r for r in self._redo if r.not_before <= now]
+            if due:
+                self._redo = [r for r in self._redo if r.not_before > now]
+                for record in due:
+                    self._produce(record)
+        self._raise_if_fatal()
 
     def _produce(self, record: _Record) -> None:
         while True:
@@ -135,21 +230,73 @@ class Forwarder:
                     headers=record.headers,
                     on_delivery=record,
                 )
+                self._awaiting += 1
                 return
             except BufferError:  # the local queue is full: serve delivery reports, retry
                 self._producer.poll(0.05)
-            except KafkaException as e:
+            except KafkaException as e:  # refused before it was sent (too large, bad topic)
                 err = e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
-                if err is not None and err.fatal():
-                    self.fatal = err
-                    self._raise_if_fatal()
-                raise
+                if err is None:
+                    raise
+                self._failed(record, err)
+                return
 
-    def _resend(self) -> None:
-        while self._redo:
-            batch, self._redo = self._redo, []
-            for record in batch:
-                self._produce(record)
+    def _failed(self, record: _Record, err: KafkaError) -> None:
+        """One failed try: fatal, refused (to the owner, after the poll), or later again."""
+        if self._on_failed_attempt is not None:
+            self._on_failed_attempt(err)
+        if err.fatal():
+            self.fatal = err
+            return
+        record.attempts += 1
+        code = err.code()
+        if not record.stuck and (
+            code in _TOO_LARGE or (code in _PERMANENT and record.attempts >= PERMANENT_ATTEMPTS)
+        ):
+            self._refused.append((record, err))
+            return
+        if record.stuck and (code in _TOO_LARGE or code in _PERMANENT):
+            self._refused.append((record, err))  # the owner may drop it by now
+            return
+        self._later(record)
+        log.warning(
+            "forward to %s failed (try %d), sending again in %.1fs: %s",
+            record.topic, record.attempts, record.not_before - time.monotonic(), err,
+        )  # fmt: skip
+
+    def _later(self, record: _Record) -> None:
+        backoff = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** min(record.attempts - 1, 16))
+        record.not_before = time.monotonic() + backoff
+        self._redo.append(record)
+
+    def _refuse(self, record: _Record, err: KafkaError) -> None:
+        decision = (
+            Refusal.RETRY
+            if self._on_refused is None
+            else self._on_refused(record.token, record.topic, record.headers, err)
+        )
+        if isinstance(decision, Redirect):
+            if record.stuck:
+                self.stuck -= 1
+                record.stuck = False
+            record.topic, record.headers, record.token = decision
+            record.attempts = 0
+            self._produce(record)
+            return
+        if decision is Refusal.DROP:
+            self._in_flight -= 1
+            if record.stuck:
+                self.stuck -= 1
+            return
+        if not record.stuck:
+            record.stuck = True
+            self.stuck += 1
+            log.error(
+                "a forward to %s is refused (%s): retrying every %.0fs at most; its input "
+                "offset is not committed until it is delivered",
+                record.topic, err, MAX_BACKOFF_S,
+            )  # fmt: skip
+        self._later(record)
 
     def _raise_if_fatal(self) -> None:
         if self.fatal is not None:

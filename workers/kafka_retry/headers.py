@@ -46,6 +46,8 @@ SOURCE_STAGE = "source"
 REASON_NON_RETRIABLE = "non-retriable"
 REASON_EXHAUSTED = "retries-exhausted"
 REASON_MALFORMED = "malformed-headers"
+REASON_TOO_LARGE = "too-large"  # the event with our headers did not fit the next tier
+REASON_FORWARD_REFUSED = "forward-refused"  # the next tier refused it (authorization, topic)
 
 # Bounds for values read back and written.
 MAX_ATTEMPT = 1_000_000
@@ -408,6 +410,40 @@ class StageEncoder:
         if replay_id is not None:
             add((REPLAY_ID, _enc(replay_id, MAX_TEXT_BYTES)))
         return out
+
+
+def trimmed(ours: Sequence[tuple[str, bytes | None]]) -> HeaderList:
+    """Our headers of a forward that was too large, made small: no stack, the message cut to
+    `MAX_TEXT_BYTES`. The event's own key, value and headers are never trimmed."""
+    out: HeaderList = []
+    for key, value in ours:
+        if key == ERROR_STACK:
+            continue
+        if key == ERROR_MESSAGE and value is not None and len(value) > MAX_TEXT_BYTES:
+            value = truncate_utf8(value.decode("utf-8", "replace"), MAX_TEXT_BYTES)
+        out.append((key, value))
+    return out
+
+
+def is_trimmed(ours: Sequence[tuple[str, bytes | None]]) -> bool:
+    return all(k != ERROR_STACK for k, _ in ours) and all(
+        k != ERROR_MESSAGE or v is None or len(v) <= MAX_TEXT_BYTES for k, v in ours
+    )
+
+
+def dead_lettered(ours: Sequence[tuple[str, bytes | None]], reason: str, why: str) -> HeaderList:
+    """Our headers of a forward redirected to the DLQ: no due time, not retriable, `reason`,
+    and `why` ahead of the failure's own message."""
+    replaced = {DUE, RETRIABLE, DLQ_REASON, ERROR_MESSAGE}
+    message = next((v for k, v in ours if k == ERROR_MESSAGE and v is not None), b"")
+    text = why + ("; the failure: " + message.decode("utf-8", "replace") if message else "")
+    out = [(k, v) for k, v in ours if k not in replaced]
+    out += [
+        (ERROR_MESSAGE, _enc(text, MAX_MESSAGE_BYTES)),
+        _RETRIABLE_FALSE,
+        (DLQ_REASON, reason.encode()),
+    ]
+    return out
 
 
 _RETRIABLE_TRUE = (RETRIABLE, b"true")

@@ -43,7 +43,16 @@ _CONSUMER_DEFAULTS: dict[str, Any] = {
 # At-least-once: offsets are stored by us, only for events whose outcome is durable.
 _CONSUMER_FORCED: dict[str, Any] = {"enable.auto.offset.store": False}
 
-_PRODUCER_DEFAULTS: dict[str, Any] = {"linger.ms": 5}
+# The topics decide what fits (the operator sizes tier and DLQ topics for the source's largest
+# event plus our headers); librdkafka's own default (1,000,000 bytes) is below the broker's and
+# would refuse a forward of an event the source accepted. This is the broker's default
+# `socket.request.max.bytes`: no request can be larger anyway.
+PRODUCER_MESSAGE_MAX_BYTES = 100_000_000
+
+_PRODUCER_DEFAULTS: dict[str, Any] = {
+    "linger.ms": 5,
+    "message.max.bytes": PRODUCER_MESSAGE_MAX_BYTES,
+}
 _PRODUCER_FORCED: dict[str, Any] = {"enable.idempotence": True, "acks": "all"}
 
 

@@ -126,6 +126,12 @@ PAUSED_PARTITIONS = Gauge(
     "Partitions held because their head event is not due yet.",
     ["pipeline", "tier"],
 )
+STUCK = Gauge(
+    "kafka_retry_stuck",
+    "1 while a forward is stuck: refused by its topic and by the DLQ (authorization, a "
+    "missing topic, too large). Consumption is stalled and the worker not ready meanwhile.",
+    ["pipeline", "tier"],
+)
 ASSIGNED_PARTITIONS = Gauge(
     "kafka_retry_assigned_partitions", "Partitions assigned to this consumer.", ["pipeline", "tier"]
 )
@@ -141,6 +147,7 @@ class StageMetrics:
         self.delivery_failures = DELIVERY_FAILURES.labels(pipeline, tier)
         self.paused = PAUSED_PARTITIONS.labels(pipeline, tier)
         self.assigned = ASSIGNED_PARTITIONS.labels(pipeline, tier)
+        self.stuck = STUCK.labels(pipeline, tier)
 
 
 class HealthServer:

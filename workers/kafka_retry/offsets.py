@@ -16,7 +16,8 @@ TopicPartitionKey = tuple[str, int]
 
 
 class Ticket:
-    """One begun event; `OffsetTracker.finish` marks it done."""
+    """One begun event; `OffsetTracker.finish` marks it done. `forgotten` once its partition
+    was revoked: whatever becomes of it changes nothing."""
 
     __slots__ = ("done", "offset", "partition")
 
@@ -25,14 +26,19 @@ class Ticket:
         self.offset = offset
         self.done = False
 
+    @property
+    def forgotten(self) -> bool:
+        return self.partition.forgotten
+
 
 class _Partition:
-    __slots__ = ("advanced", "frontier", "pending")
+    __slots__ = ("advanced", "forgotten", "frontier", "pending")
 
     def __init__(self) -> None:
         self.pending: deque[Ticket] = deque()
         self.frontier: int | None = None  # next offset to consume, i.e. the one to commit
         self.advanced = False
+        self.forgotten = False  # revoked or lost: its tickets no longer matter
 
 
 class OffsetTracker:
@@ -79,7 +85,9 @@ class OffsetTracker:
     def forget(self, tps: Iterable[TopicPartitionKey]) -> None:
         """On revoke/lost: late acknowledgements for these partitions are ignored from now."""
         for tp in tps:
-            self._partitions.pop(tp, None)
+            state = self._partitions.pop(tp, None)
+            if state is not None:
+                state.forgotten = True
 
     def in_flight(self) -> int:
         return sum(len(s.pending) for s in self._partitions.values())

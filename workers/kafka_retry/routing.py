@@ -85,6 +85,25 @@ class Router:
     def malformed(self) -> Route:
         return self._malformed
 
+    def refused(
+        self, topic: str, ours: Sequence[tuple[str, bytes | None]], error: str, too_large: bool
+    ) -> tuple[str, h.HeaderList, str | None] | None:
+        """Where a forward goes that `topic` refused, with our headers `ours`: (topic, our new
+        headers, new outcome or None for the same). Too large: first the same topic with our
+        own headers trimmed (never the event's); then the DLQ, saying why. None when it was
+        the DLQ that refused: nowhere left to go."""
+        if too_large and not h.is_trimmed(ours):
+            return topic, h.trimmed(ours), None
+        if topic == self._topology.dlq_topic:
+            return None
+        reason = h.REASON_TOO_LARGE if too_large else h.REASON_FORWARD_REFUSED
+        why = f"{topic} refused the forward: {error}"
+        return (
+            self._topology.dlq_topic,
+            h.dead_lettered(h.trimmed(ours), reason, why),
+            DEAD_LETTERED,
+        )
+
     def forward_state(
         self,
         *,

@@ -26,7 +26,7 @@ from kafka_retry.classification import Classifier, Failure
 from kafka_retry.client_log import client_log
 from kafka_retry.delay import DelayGate
 from kafka_retry.event import Event
-from kafka_retry.forwarding import Forwarder
+from kafka_retry.forwarding import Forwarder, Redirect, Refusal, too_large
 from kafka_retry.handlers import HandlerFn
 from kafka_retry.kafka_config import incremental_rebalance
 from kafka_retry.metrics import StageMetrics
@@ -127,6 +127,7 @@ class StageRunner:
         self._acked: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
         self._tracker = OffsetTracker()
         self._assigned: set[TopicPartitionKey] = set()
+        self._stalled: set[TopicPartitionKey] = set()  # paused while a forward is stuck
         self._stopping = threading.Event()
         self._joined = False
         self._running = False
@@ -147,8 +148,15 @@ class StageRunner:
         return not self._running or time.monotonic() - self._last_poll < self._max_poll_s
 
     def ready(self) -> bool:
-        """Joined the group (an assignment arrived, possibly empty) and polling."""
-        return self._running and self._joined and self.alive() and not self._stopping.is_set()
+        """Joined the group (an assignment arrived, possibly empty), polling, and no forward
+        stuck (refused by its topic and by the DLQ)."""
+        return (
+            self._running
+            and self._joined
+            and self.alive()
+            and not self._stopping.is_set()
+            and not (self._forwarder is not None and self._forwarder.stuck)
+        )
 
     def paused_partitions(self) -> int:
         """Partitions held for a head that is not due yet."""
@@ -161,6 +169,7 @@ class StageRunner:
         forwarder = Forwarder(
             self._producer_config,
             on_acked=self._on_forward_acked,
+            on_refused=self._on_forward_refused,
             on_failed_attempt=lambda _err: self._metrics.delivery_failures.inc(),
         )
         self._forwarder = forwarder
@@ -189,14 +198,15 @@ class StageRunner:
         while not self._stopping.is_set():
             self._last_poll = time.monotonic()
             timeout = self._cap
-            if gate is not None:
+            if forwarder.stuck or self._stalled:
+                self._stall(consumer, bool(forwarder.stuck))
+            if gate is not None and not self._stalled:
                 now_ms = int(time.time() * 1000)
                 gate.release_due(now_ms)
                 timeout = gate.poll_timeout(now_ms, self._cap)
-            if forwarder.in_flight:
-                # Acknowledgements are served between consume calls: wait for them, not up to
-                # the cap, so offsets are stored as soon as forwards are durable.
-                timeout = min(timeout, ACK_WAIT_S)
+            # Acknowledgements are served between consume calls: wait for them, not up to the
+            # cap, so offsets are stored as soon as forwards are durable.
+            timeout = forwarder.wait_s(timeout, ACK_WAIT_S)
             messages = self._consume(consumer, timeout)
             polled = time.monotonic()
             forwarder.poll(0)
@@ -300,7 +310,7 @@ class StageRunner:
             headers = self._router.forward_headers(
                 parsed.original, origin, prior, attempt, failure, route, now_ms
             )
-            self._forward(key, value, ticket, headers, route)
+            self._forward(key, value, ticket, headers, route, len(parsed.original))
         else:
             self._handler_seconds.observe(time.perf_counter() - started)
             OffsetTracker.finish(ticket)
@@ -344,7 +354,7 @@ class StageRunner:
             parsed.original, origin=_origin(prior, tp, msg.offset(), timestamp_ms), prior=prior,
             attempt=failed, failure=failure, route=route, now_ms=now_ms,
         )  # fmt: skip
-        self._forward(msg.key(), msg.value(), ticket, headers, route)
+        self._forward(msg.key(), msg.value(), ticket, headers, route, len(parsed.original))
 
     def _forward(
         self,
@@ -353,16 +363,56 @@ class StageRunner:
         ticket: Ticket,
         headers: h.HeaderList,
         route: Route,
+        n_original: int,
     ) -> None:
+        """Send; `n_original` headers come first, ours after them (`_on_forward_refused`)."""
         assert self._forwarder is not None
-        self._forwarder.send(route.topic, key, value, headers, (ticket, route.outcome))
+        token = (ticket, route.outcome, n_original)
+        self._forwarder.send(route.topic, key, value, headers, token)
 
-    def _on_forward_acked(self, token: tuple[Ticket, str]) -> None:
+    def _on_forward_acked(self, token: tuple[Ticket, str, int]) -> None:
         """A forward is durable: its input event is finished, counted by outcome."""
-        ticket, outcome = token
+        ticket, outcome, _ = token
         OffsetTracker.finish(ticket)
         self._acked[outcome] += 1
         self.stats.forwarded += 1
+
+    def _on_forward_refused(
+        self, token: tuple[Ticket, str, int], topic: str, headers: h.HeaderList, err: KafkaError
+    ) -> Redirect | Refusal:
+        """A forward its topic will not take: smaller, or to the DLQ (`Router.refused`); when
+        the DLQ refuses it too, it stays stuck, loudly (not ready, metric, consumption
+        stalled): the offset is never committed past it."""
+        ticket, outcome, n_original = token
+        if ticket.forgotten:
+            return Refusal.DROP  # revoked: the partition's new owner handles the event again
+        original, ours = headers[:n_original], headers[n_original:]
+        where = self._router.refused(topic, ours, err.str(), too_large(err))
+        if where is None:
+            return Refusal.RETRY
+        new_topic, new_ours, new_outcome = where
+        log.warning("forward to %s refused (%s): sending it to %s", topic, err.str(), new_topic)
+        return Redirect(
+            new_topic, [*original, *new_ours], (ticket, new_outcome or outcome, n_original)
+        )
+
+    def _stall(self, consumer: Any, stuck: bool) -> None:
+        """While a forward is stuck, take no new events (nothing after it could be committed
+        anyway): pause every assigned partition; resume them once it is delivered."""
+        if stuck and not self._stalled:
+            held = self._gate.is_held if self._gate is not None else lambda _tp: False
+            self._stalled = {tp for tp in self._assigned if not held(tp)}
+            consumer.pause([TopicPartition(t, p) for t, p in self._stalled])
+            self._metrics.stuck.set(1)
+            log.error(
+                "consumption stalled on %d partition(s): a forward is stuck", len(self._stalled)
+            )
+        elif not stuck and self._stalled:
+            resume = [TopicPartition(t, p) for t, p in self._stalled if (t, p) in self._assigned]
+            consumer.resume(resume)
+            self._stalled = set()
+            self._metrics.stuck.set(0)
+            log.info("the stuck forward was delivered: consuming again")
 
     def _count(self) -> None:
         """Add the batch's tallies to the outcome counters: one `inc` per outcome and batch
@@ -459,6 +509,7 @@ class StageRunner:
     def _release(self, tps: list[TopicPartitionKey]) -> None:
         self._tracker.forget(tps)
         self._assigned.difference_update(tps)
+        self._stalled.difference_update(tps)
         self._metrics.assigned.set(len(self._assigned))
 
     # ------------------------------------------------------------------ shutdown
