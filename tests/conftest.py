@@ -27,6 +27,7 @@ _FIXTURE_MARKS = {
     "kubeconfig": "kube",
     "k8s_api": "kube",
     "namespace": "kube",
+    "make_namespace": "kube",
     "kubectl": "kube",
     "helm": "helm",
 }
@@ -109,15 +110,29 @@ def k8s_api(kubeconfig: str) -> Any:
 
 
 @pytest.fixture
-def namespace(k8s_api: Any, unique: str) -> Iterator[str]:
-    """A fresh namespace per test, deleted afterwards (the namespace controller empties it)."""
+def make_namespace(k8s_api: Any, unique: str) -> Iterator[Callable[[str], str]]:
+    """Fresh namespaces `t-<unique><suffix>`, deleted afterwards (the namespace controller
+    empties them)."""
     from kubernetes import client
 
     core = client.CoreV1Api(k8s_api)
-    name = f"t-{unique}"
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    yield name
-    core.delete_namespace(name)
+    made: list[str] = []
+
+    def make(suffix: str = "") -> str:
+        name = f"t-{unique}{suffix}"
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        core.delete_namespace(name)
+
+
+@pytest.fixture
+def namespace(make_namespace: Callable[[str], str]) -> str:
+    """A fresh namespace per test."""
+    return make_namespace("")
 
 
 @pytest.fixture(scope="session")

@@ -91,6 +91,27 @@ INVALID: list[tuple[str, Mutation, list[str]]] = [
         ["spec.tiers", "differ from the source topic"],
     ),
     ("dlq-topic-invalid", _set("spec.dlq.topic", "dlq topic"), ["spec.dlq.topic"]),
+    # Collisions only visible once defaults are resolved (`<consumerGroup>.<sourceTopic>.<x>`).
+    (
+        "tier-named-dlq",
+        _set("spec.tiers.1.name", "dlq"),
+        ["spec.tiers", "differ from the source topic, the DLQ topic"],
+    ),
+    (
+        "tier-topic-is-another-tiers-default",
+        _set("spec.tiers.0.topic", "billing.orders.retry-2"),
+        ["spec.tiers", "the other tiers' topics"],
+    ),
+    (
+        "tier-topic-is-default-dlq",
+        _set("spec.tiers.0.topic", "billing.orders.dlq"),
+        ["spec.tiers", "the DLQ topic"],
+    ),
+    (
+        "dlq-topic-is-a-tiers-default",
+        _set("spec.dlq", {"topic": "billing.orders.retry-1"}),
+        ["spec.dlq.topic", "every tier's topic"],
+    ),
     (
         "dlq-topic-is-source",
         _set("spec.dlq.topic", "orders"),

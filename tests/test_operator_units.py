@@ -468,3 +468,41 @@ class _SecretReads:
 def test_rotated_version(outcome: str | Exception, expected: str | None) -> None:
     kube: Any = _SecretReads(outcome)
     assert secret_rotation.rotated_version(kube, "shop", "kafka-client", "41") == expected
+
+
+def test_claims_the_older_pipeline_keeps_overlapping_names() -> None:
+    from kafka_retry_operator import claims
+
+    def spec(group: str, source: str, servers: str = "k:9092") -> RetryPipelineSpec:
+        return RetryPipelineSpec.model_validate(
+            {
+                "kafka": {"bootstrapServers": servers},
+                "source": {"topic": source, "consumerGroup": group},
+                "tiers": [{"name": "retry-1", "delaySeconds": 1}],
+                "handler": {"http": {"url": "http://svc/events"}},
+            }
+        )
+
+    def claimed(s: RetryPipelineSpec) -> dict[claims.ClaimKey, bool]:
+        return claims.claims(s, s.topology("ns", "p"))
+
+    old = claims.Claimant("2026-01-01T00:00:00Z", "a", "old", True)
+    new = claims.Claimant("2026-01-02T00:00:00Z", "b", "new", True)
+    index: dict[claims.ClaimKey, list[claims.Claimant]] = {}
+    for key, exclusive in claimed(spec("g.p", "x.t")).items():
+        index.setdefault(key, []).append(claims.Claimant(old.created, "a", "old", exclusive))
+    # The same prefix with the dot elsewhere, brokers listed differently: an overlap.
+    mine = claimed(spec("g.p.x", "t", "K:9092, "))
+    overlaps = claims.older_overlaps(new, mine, index)
+    assert sorted(overlaps) == [("a", "old")]
+    assert "topic g.p.x.t.retry-1" in overlaps[("a", "old")]
+    # The older one sees no older overlap; another cluster or group overlaps nothing.
+    for key, exclusive in mine.items():
+        index.setdefault(key, []).append(claims.Claimant(new.created, "b", "new", exclusive))
+    assert claims.older_overlaps(old, claimed(spec("g.p", "x.t")), index) == {}
+    assert claims.older_overlaps(new, claimed(spec("g.p.x", "t", "other:9092")), index) == {}
+    # Two services sharing a group on different source topics do not overlap.
+    assert claims.older_overlaps(new, claimed(spec("g.p", "y")), index) == {}
+    # Deleting: names another pipeline claims are kept.
+    keys = claims.topic_keys(spec("g.p", "x.t"), spec("g.p", "x.t").topology("a", "old"))
+    assert claims.held_by_others(("a", "old"), keys, index) == {k[2] for k in keys}

@@ -8,6 +8,8 @@
   Deployment index), written only when it changed; an Event when the DLQ grows; a rotated
   Kafka Secret noticed (`secret_rotation`) and handed to reconcile.
 - tier_workers (index): the tier Deployments' replica counts, so no handler lists them.
+- pipeline_claims (index): the Kafka names every pipeline claims (`claims`), so that of two
+  overlapping pipelines the younger creates nothing and deletes nothing of the older's.
 - worker_deleted: a tier Deployment deleted by hand makes its pipeline reconcile.
 - pipeline_gone: a pipeline deleted without its finalizer running is forgotten too.
 """
@@ -23,7 +25,7 @@ import kopf
 from pydantic import ValidationError
 
 from kafka_retry.model import GROUP, LABEL_PIPELINE, LABEL_TIER, VERSION, RetryPipelineSpec
-from kafka_retry_operator import children, reconciler, secret_rotation
+from kafka_retry_operator import children, claims, reconciler, secret_rotation
 from kafka_retry_operator import replay as replay  # registers the DLQReplay handlers
 from kafka_retry_operator import status as st
 from kafka_retry_operator.config import ENV_METRICS_PORT, OperatorConfig
@@ -107,6 +109,29 @@ def _workers(kwargs: dict[str, Any], key: PipelineKey) -> dict[str, st.TierWorke
     return {w.tier: w for w in index.get(key, [])}
 
 
+CLAIMS_INDEX = "pipeline_claims"  # the name of the indexing function below
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def pipeline_claims(
+    spec: kopf.Spec, name: str, namespace: str | None, meta: kopf.Meta, **_: Any
+) -> dict[claims.ClaimKey, claims.Claimant] | None:
+    try:
+        parsed = RetryPipelineSpec.model_validate(dict(spec))
+    except ValidationError:
+        return None  # claims nothing: it never creates anything
+    created = str(meta.get("creationTimestamp") or "")
+    return {
+        key: claims.Claimant(created, namespace or "", name, exclusive)
+        for key, exclusive in claims.claims(parsed, parsed.topology(namespace or "", name)).items()
+    }
+
+
+def _claims(kwargs: dict[str, Any]) -> kopf.Index[claims.ClaimKey, claims.Claimant]:
+    index: kopf.Index[claims.ClaimKey, claims.Claimant] = kwargs[CLAIMS_INDEX]
+    return index
+
+
 @kopf.on.event("apps", "v1", "deployments", labels={children.LABEL_NAME: children.WORKER_APP})
 def worker_deleted(
     event: kopf.RawEvent,
@@ -158,7 +183,7 @@ def reconcile(
             patch.status.update(invalid)
             rt.metrics.pipeline_status(key, invalid)
             raise kopf.PermanentError(f"invalid spec: {message}") from None
-        record, verdict = reconciler.reconcile(rt, body, parsed, logger)
+        record, verdict = reconciler.reconcile(rt, body, parsed, _claims(kwargs), logger)
         new = _status(rt, record, kwargs, status)
         patch.status.update(new)
         rt.metrics.pipeline_status(key, new)
@@ -178,14 +203,14 @@ def finalize(
     memo: kopf.Memo,
     retry: int,
     logger: kopf.Logger,
-    **_: Any,
+    **kwargs: Any,
 ) -> None:
     rt = runtime_of(memo)
     try:
         parsed: RetryPipelineSpec | None = RetryPipelineSpec.model_validate(dict(spec))
     except ValidationError:
         parsed = None  # never reconciled: nothing of ours to delete
-    failed = reconciler.finalize(rt, (namespace or "", name), parsed, logger)
+    failed = reconciler.finalize(rt, (namespace or "", name), parsed, _claims(kwargs), logger)
     if failed:
         detail = "; ".join(f"{t}: {e}" for t, e in sorted(failed.items()))
         raise kopf.TemporaryError(f"cannot delete topics: {detail}", delay=rt.config.backoff(retry))

@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 import kopf
 
 from kafka_retry.kafka_secret import SecretNotFound
 from kafka_retry.model import RetryPipelineSpec, Topology
-from kafka_retry_operator import children, conditions, topics
+from kafka_retry_operator import children, claims, conditions, topics
 from kafka_retry_operator.fleet import PipelineKey, PipelineRecord, owner_id
 from kafka_retry_operator.kafka_admin import Cluster, InvalidKafkaSettings
 from kafka_retry_operator.runtime import Runtime
 from kafka_retry_operator.topics import Retry, TopicsVerdict
 
 KAFKA_SECRET_NOT_FOUND = "KafkaSecretNotFound"
+PIPELINE_OVERLAP = "PipelineOverlap"
+ClaimsIndex = Mapping[claims.ClaimKey, Iterable[claims.Claimant]]
 INVALID_KAFKA_SETTINGS = "InvalidKafkaSettings"
 
 
@@ -55,12 +58,24 @@ def connect(rt: Runtime, key: PipelineKey, spec: RetryPipelineSpec) -> Connectio
 
 
 def reconcile(
-    rt: Runtime, body: kopf.Body, spec: RetryPipelineSpec, logger: logging.Logger | Any
+    rt: Runtime,
+    body: kopf.Body,
+    spec: RetryPipelineSpec,
+    claimed: ClaimsIndex,
+    logger: logging.Logger | Any,
 ) -> tuple[PipelineRecord, TopicsVerdict]:
     namespace, name = body.metadata.namespace or "", body.metadata.name or ""
     key = (namespace, name)
     topology = spec.topology(namespace, name)
-    cluster, verdict, secret = connect(rt, key, spec)
+    me = claims.Claimant(str(body.metadata.get("creationTimestamp") or ""), namespace, name, True)
+    overlaps = claims.older_overlaps(me, claims.claims(spec, topology), claimed)
+    if overlaps:
+        # Nothing is created, not even a Kafka client: the names are another pipeline's.
+        rt.admins.release(owner_id(key))
+        why = TopicsVerdict(False, PIPELINE_OVERLAP, claims.describe(overlaps), Retry.LATER)
+        cluster, verdict, secret = Connection(None, why, None)
+    else:
+        cluster, verdict, secret = connect(rt, key, spec)
     if secret is not None:
         rt.secret_checks.read(key, time.monotonic())  # the status timer need not read it again
     if cluster is not None:
@@ -127,13 +142,18 @@ def forget(rt: Runtime, key: PipelineKey) -> None:
 
 
 def finalize(
-    rt: Runtime, key: PipelineKey, spec: RetryPipelineSpec | None, logger: logging.Logger | Any
+    rt: Runtime,
+    key: PipelineKey,
+    spec: RetryPipelineSpec | None,
+    claimed: ClaimsIndex,
+    logger: logging.Logger | Any,
 ) -> dict[str, str]:
     """Clean-up on deletion; answers the topics that could not be deleted (retry later).
 
     With `deletionPolicy: Delete` the tier workers are stopped first (so none writes to a
-    topic being deleted), then the tier and DLQ topics go; the source topic never does. The
-    ConfigMap and Deployments are garbage-collected through their owner references."""
+    topic being deleted), then the tier and DLQ topics go, except any another pipeline claims
+    too (`claims`); the source topic never does. The ConfigMap and Deployments are
+    garbage-collected through their owner references."""
     rt.fleet.remove(key)
     rt.sampler.forget(key)
     rt.secret_checks.forget(key)
@@ -149,7 +169,11 @@ def finalize(
     if admin is None:
         return {"*": verdict.message if verdict else "no Kafka client"}
     topology = spec.topology(namespace, name)
-    names = [t.topic for t in topology.tiers] + [topology.dlq_topic]
+    ours = claims.topic_keys(spec, topology)
+    shared = claims.held_by_others(key, ours, claimed)
+    if shared:
+        logger.info(f"keeping topics other pipelines claim too: {sorted(shared)}")
+    names = [name for _, _, name in ours if name not in shared]
     failed = topics.delete(admin, names, rt.config.kafka_timeout)
     if not failed:
         logger.info(f"deleted topics {names} (deletionPolicy: Delete)")

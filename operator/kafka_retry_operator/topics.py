@@ -127,10 +127,19 @@ def ensure(
         existing = partition_counts(admin, timeout)
     except KafkaException as e:
         return unreachable(bootstrap_servers, timeout, e)
-    if source_topic in existing:
-        source_limit = _max_message_bytes(admin, source_topic, timeout)
-        if source_limit is not None:
-            plans = sized(plans, source_limit)
+    if source_topic not in existing:
+        # Likely a typo: nothing named after it is created (under `Retain` it would outlive
+        # the pipeline). Checked again with backoff until the topic exists.
+        return TopicsVerdict(
+            False,
+            SOURCE_TOPIC_NOT_FOUND,
+            f"source topic {source_topic} does not exist (the operator never creates it); "
+            "no retry or DLQ topic and no worker is created until it does",
+            Retry.LATER,
+        )
+    source_limit = _max_message_bytes(admin, source_topic, timeout)
+    if source_limit is not None:
+        plans = sized(plans, source_limit)
 
     problems: dict[str, list[str]] = {}
     missing = [p for p in plans if p.name not in existing]
@@ -152,17 +161,8 @@ def ensure(
                 f"{p.name} has {existing[p.name]} partitions and spec.topics.partitions asks "
                 f"{p.partitions}: partitions can only grow"
             )
-    if source_topic not in existing:
-        problems.setdefault(SOURCE_TOPIC_NOT_FOUND, []).append(
-            f"source topic {source_topic} does not exist (the operator never creates it)"
-        )
     usable = not (problems.keys() & {TOPIC_CREATION_FAILED, TOPIC_CONFLICT})
-    for reason in (
-        TOPIC_CONFLICT,
-        TOPIC_CREATION_FAILED,
-        PARTITION_DECREASE_REFUSED,
-        SOURCE_TOPIC_NOT_FOUND,
-    ):
+    for reason in (TOPIC_CONFLICT, TOPIC_CREATION_FAILED, PARTITION_DECREASE_REFUSED):
         if reason in problems:
             # A refused decrease waits for the spec to change; everything else may heal.
             retry = Retry.NONE if reason == PARTITION_DECREASE_REFUSED else Retry.LATER

@@ -265,6 +265,14 @@ class Workers(ApiModel):
     )
 
 
+# CEL: a tier's and the DLQ's topic once defaults are resolved (as `topology()` resolves them).
+_CEL_PREFIX = "self.source.consumerGroup + '.' + self.source.topic + '.'"
+_CEL_TIER_TOPIC = "(has({t}.topic) ? {t}.topic : " + _CEL_PREFIX + " + {t}.name)"
+_CEL_DLQ_TOPIC = (
+    "(has(self.dlq) && has(self.dlq.topic) ? self.dlq.topic : " + _CEL_PREFIX + " + 'dlq')"
+)
+
+
 class RetryPipelineSpec(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=cel_rules(
@@ -274,15 +282,23 @@ class RetryPipelineSpec(ApiModel):
                 ".tiers",
             ),
             cel(
-                "self.tiers.all(t, !has(t.topic) || (t.topic != self.source.topic"
-                " && self.tiers.exists_one(u, has(u.topic) && u.topic == t.topic)))",
-                "tiers: a tier's topic must differ from the source topic and other tiers' topics",
+                "self.tiers.all(t, " + _CEL_TIER_TOPIC.format(t="t") + " != self.source.topic"
+                " && " + _CEL_TIER_TOPIC.format(t="t") + " != " + _CEL_DLQ_TOPIC + " && "
+                "self.tiers.exists_one(u, "
+                + _CEL_TIER_TOPIC.format(t="u")
+                + " == "
+                + _CEL_TIER_TOPIC.format(t="t")
+                + "))",
+                "tiers: each tier's topic (default `<consumerGroup>.<sourceTopic>.<name>`) must "
+                "differ from the source topic, the DLQ topic (default "
+                "`<consumerGroup>.<sourceTopic>.dlq`) and the other tiers' topics",
                 ".tiers",
             ),
             cel(
                 "!has(self.dlq) || !has(self.dlq.topic) || (self.dlq.topic != self.source.topic"
-                " && self.tiers.all(t, !has(t.topic) || t.topic != self.dlq.topic))",
-                "dlq.topic: the DLQ topic must differ from the source topic and tier topics",
+                " && self.tiers.all(t, " + _CEL_TIER_TOPIC.format(t="t") + " != self.dlq.topic))",
+                "dlq.topic: the DLQ topic must differ from the source topic and every tier's "
+                "topic (default `<consumerGroup>.<sourceTopic>.<name>`)",
                 ".dlq.topic",
             ),
         )
@@ -316,22 +332,35 @@ class RetryPipelineSpec(ApiModel):
 
     @model_validator(mode="after")
     def _distinct_topics(self) -> RetryPipelineSpec:
-        """The same rules as the CEL ones: a retry or DLQ topic that is also the source topic
-        (or another stage's topic) would loop events or mix stages."""
-        tier_topics = [t.topic for t in self.tiers if t.topic]
-        if self.source.topic in tier_topics or len(set(tier_topics)) != len(tier_topics):
-            raise ValueError(
-                "tiers: a tier's topic must differ from the source topic and other tiers' topics"
-            )
-        if self.dlq.topic and self.dlq.topic in {self.source.topic, *tier_topics}:
-            raise ValueError(
-                "dlq.topic: the DLQ topic must differ from the source topic and tier topics"
-            )
+        """The same rules as the CEL ones, on topic names once defaults are resolved: a stage
+        sharing its topic with another (a tier named `dlq` is the DLQ topic) would loop
+        events, retry them forever instead of dead-lettering them, or handle them twice."""
+        seen = {self.source.topic: "source.topic"}
+        for field, topic in self.resolved_topics():
+            if topic in seen:
+                raise ValueError(
+                    f"{field}: resolves to topic {topic}, which is already {seen[topic]}'s; "
+                    "the source, every tier and the DLQ need topics of their own"
+                )
+            seen[topic] = field
         return self
+
+    def topic_prefix(self) -> str:
+        """`<consumerGroup>.<sourceTopic>`: the stem of every default retry and DLQ name."""
+        return f"{self.source.consumer_group}.{self.source.topic}"
+
+    def resolved_topics(self) -> list[tuple[str, str]]:
+        """(field, topic) of each tier and the DLQ, defaults resolved, in spec order."""
+        prefix = self.topic_prefix()
+        tiers = [
+            (f"tiers[{i}].topic", t.topic or f"{prefix}.{t.name}") for i, t in enumerate(self.tiers)
+        ]
+        return [*tiers, ("dlq.topic", self.dlq.topic or f"{prefix}.dlq")]
 
     def topology(self, namespace: str, name: str) -> Topology:
         """Resolve topic names and rules: what every worker and the SDK act on."""
-        prefix = f"{self.source.consumer_group}.{self.source.topic}"
+        prefix = self.topic_prefix()
+        topics = [topic for _, topic in self.resolved_topics()]
         return Topology(
             pipeline=f"{namespace}/{name}",
             bootstrap_servers=self.kafka.bootstrap_servers,
@@ -340,13 +369,13 @@ class RetryPipelineSpec(ApiModel):
             tiers=[
                 ResolvedTier(
                     name=t.name,
-                    topic=t.topic or f"{prefix}.{t.name}",
+                    topic=topics[i],
                     delay_seconds=t.delay_seconds,
                     consumer_group=f"{prefix}.{t.name}",
                 )
-                for t in self.tiers
+                for i, t in enumerate(self.tiers)
             ],
-            dlq_topic=self.dlq.topic or f"{prefix}.dlq",
+            dlq_topic=topics[-1],
             classification=self.classification,
             handler=self.handler,
             suspend=self.suspend,
