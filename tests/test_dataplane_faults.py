@@ -5,8 +5,14 @@ handlers, hostile records. Each test here failed before the fix it covers."""
 from __future__ import annotations
 
 import json
+import random
+import signal
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,10 +21,11 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
 from dataplane_support import Recorder, Running, read_topic, wait_for
-from deployed_support import WorkerPod, deploy_pipeline, free_port, records
+from deployed_support import TESTS, WorkerPod, deploy_pipeline, free_port, records
 from kafka_retry import headers as h
 from kafka_retry.errors import RetriableError
 from kafka_retry.sdk import RetryingConsumer
+from raw_records import RawHeaders, produce_raw
 
 
 def test_kill_9_every_5s_for_60s_loses_nothing_and_drains_within_delay_plus_15s(
@@ -264,3 +271,148 @@ def _committed(bootstrap: str, group: str, topic: str) -> int:
         return int(tp.offset)
     finally:
         c.close()
+
+
+# ------------------------------------------------------------------------- hostile input
+
+_OURS = [
+    h.ORIGINAL_TOPIC, h.ORIGINAL_PARTITION, h.ORIGINAL_OFFSET, h.ORIGINAL_TIMESTAMP, h.PIPELINE,
+    h.CONSUMER_GROUP, h.ATTEMPT, h.DUE, h.TIER, h.FAILED_AT, h.ERROR_CLASS, h.ERROR_MESSAGE,
+    h.ERROR_STACK, h.RETRIABLE, h.DLQ_REASON, h.REPLAY_ID, h.REPLAY_SOURCE,
+]  # fmt: skip
+_HOSTILE_VALUES: list[bytes | None] = [
+    b"", b"0", b"-1", b"-99999999999999999999", b"9" * 24, b"9" * 25, b"1e9", b" 12 ", b"+7",
+    b"\xff\xfe", b"\x00", b"true", b"x" * 70_000, None, "٣".encode(), b"0x10",
+]  # fmt: skip
+
+
+def hostile_records(prefix: str, size_limit: int) -> list[tuple[bytes, bytes, RawHeaders]]:
+    """Records whose values carry their id (`{"id": ...}`) and whose headers are hostile."""
+    out: list[tuple[bytes, bytes, RawHeaders]] = []
+
+    def add(headers: RawHeaders, size: int = 0) -> None:
+        event_id = f"{prefix}{len(out)}"
+        value = json.dumps({"id": event_id}).encode()
+        if size:
+            value = value[:-1] + b', "pad": "' + b"x" * (size - len(value) - 11) + b'"}'
+        out.append((event_id.encode(), value, headers))
+
+    # every documented header with hostile values, alone and repeated after a good one
+    for name in _OURS:
+        for value in _HOSTILE_VALUES:
+            add([(b"trace", b"t"), (name.encode(), value)])
+        add([(name.encode(), b"1"), (name.encode(), None), (name.encode(), b"\xff")])
+    # random header sets
+    rng = random.Random(12)
+    names = [n.encode() for n in _OURS] + [b"trace", b"content-type", b"kafka-retry.unknown"]
+    for _ in range(150):
+        headers: list[tuple[bytes, bytes | None]] = []
+        for _ in range(rng.randint(0, 40)):
+            name = rng.choice(names) if rng.random() < 0.6 else rng.randbytes(8).hex().encode()
+            value = None if rng.random() < 0.1 else rng.randbytes(rng.randint(0, 300))
+            headers.append((name, value))
+        add(headers)
+    # header names that are not UTF-8, or hold a NUL byte (read cut at the NUL)
+    for i in range(30):
+        add(
+            [
+                (b"a", b"1"),
+                (b"bad\xff%d" % i, b"2"),
+                (h.ATTEMPT.encode(), b"3"),
+                (b"\xc3\x28", None),
+            ]
+        )
+    for name in (h.ATTEMPT, h.DUE, h.ORIGINAL_TOPIC, "trace"):
+        add([(name.encode() + b"\x00tail", b"abc"), (b"z", b"1")])
+    # records at the size limit, and records of 100,000 headers (beyond: they arrive with none)
+    for _ in range(2):
+        add([(b"trace", b"big"), (h.DUE.encode(), b"-5")], size=size_limit - 1000)
+    # (ours first, so that they are not a prefix of the layout; one name changed each time)
+    for k, count in enumerate([99_999] * 12 + [100_000, 100_001]):
+        names = (b"%d" % (j if j != k else 10**6 + k) for j in range(count - 1))
+        add([(h.ATTEMPT.encode(), b"1"), *((name, None) for name in names)])
+    return out
+
+
+def test_hostile_records_never_stop_a_worker_or_the_sdk(
+    kafka_bootstrap: str, kafka_admin: Any, make_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """The same hostile records on the source topic (the SDK, in a service process) and on a
+    tier (a worker process): neither process exits, every record is handled or in the DLQ, and
+    peak memory stays bounded."""
+    d = deploy_pipeline(kafka_bootstrap, kafka_admin, make_topic, tiers=(("retry-1", 1),))
+    limit = _topic_limit(kafka_admin, d.topology.source_topic)
+    worker_file, sdk_file = tmp_path / "worker.jsonl", tmp_path / "sdk.jsonl"
+    pod = WorkerPod(
+        d, "retry-1", f"{d.name}-retry-1-0", tmp_path, {"DP_RECORD_FILE": str(worker_file)}
+    )
+    topology_file = tmp_path / "topology.json"
+    topology_file.write_text(d.topology.to_json())
+    sdk_port = free_port()
+    sdk_log = (tmp_path / "sdk.log").open("wb")
+    sdk = subprocess.Popen(
+        [sys.executable, str(TESTS / "sdk_service.py"), str(topology_file), str(sdk_port)],
+        env={**pod.env, "DP_RECORD_FILE": str(sdk_file)},
+        stdout=sdk_log,
+        stderr=subprocess.STDOUT,
+    )
+    pod.start()
+    try:
+        wait_for(lambda: pod.ready() and _ready(sdk_port), 60, "the worker and the SDK ready")
+        produced: dict[str, set[str]] = {}
+        for prefix, topic in (("s", d.topology.source_topic), ("t", d.topology.tiers[0].topic)):
+            batch = hostile_records(prefix, limit)
+            produce_raw(kafka_bootstrap, topic, batch)
+            produced[prefix] = {key.decode() for key, _, _ in batch}
+        input_bytes = sum(len(v) + sum(len(n) + len(x or b"") for n, x in hs) for _, v, hs in batch)
+
+        dead: dict[str, str | None] = {}
+        reader = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"r-{d.name}"})
+        reader.assign([TopicPartition(d.topology.dlq_topic, 0, 0)])
+
+        def settled() -> bool:
+            for m in reader.consume(500, 0.5):
+                if m.error() is None:
+                    reason = dict(m.headers() or []).get(h.DLQ_REASON)
+                    dead[json.loads(m.value())["id"]] = reason and reason.decode()
+            handled = {str(r["id"]) for f in (worker_file, sdk_file) for r in records(f)}
+            assert pod.running() and sdk.poll() is None, "a process exited"
+            return all(ids <= handled | set(dead) for ids in produced.values())
+
+        try:
+            wait_for(settled, 300, "every record handled or in the DLQ")
+        finally:
+            reader.close()
+        peaks = {
+            name: _peak_rss_mib(pid) for name, pid in (("worker", pod.proc.pid), ("sdk", sdk.pid))
+        }  # type: ignore[union-attr]
+        reasons = Counter(dead.values())
+        print(
+            f"{sum(map(len, produced.values()))} hostile records ({input_bytes / 2**20:.1f} MiB "
+            f"per stage), DLQ reasons {dict(reasons)}, peak RSS MiB {peaks}"
+        )
+        # at least the non-UTF-8 names on both lanes; None: a DLQ record of more than 100,000
+        # headers (the event's and ours), which librdkafka reads as having none
+        assert reasons[h.REASON_MALFORMED] >= 60
+        for name, peak in peaks.items():
+            assert peak < 400, f"{name}: peak RSS {peak:.0f} MiB"
+    finally:
+        pod.stop()
+        sdk.send_signal(signal.SIGTERM)
+        assert sdk.wait(40) == 0, (tmp_path / "sdk.log").read_text()[-3000:]
+        sdk_log.close()
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")

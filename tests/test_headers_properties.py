@@ -4,6 +4,7 @@ headers pass through byte for byte, our headers round-trip, absurd values are cl
 from __future__ import annotations
 
 import dataclasses
+import tracemalloc
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -248,3 +249,21 @@ def test_long_error_values_are_bounded_on_write() -> None:
     assert len(encoded[h.ERROR_MESSAGE] or b"") == h.MAX_MESSAGE_BYTES
     stack = encoded[h.ERROR_STACK] or b""
     assert len(stack) == h.MAX_STACK_BYTES and stack.endswith(b"END")  # the tail is kept
+
+
+def test_hostile_layouts_cost_a_bounded_amount_of_memory() -> None:
+    """Records of 20,000 header names, one changed each time: no layout that large is kept or
+    compiled, so memory does not grow with their number (it reached gigabytes)."""
+    reader = h.HeaderReader(("attempt", "due_ms"))
+    tracemalloc.start()
+    try:
+        for k in range(40):
+            raw = [(h.ATTEMPT, b"1")] + [
+                (f"n{j}" if j != k else f"x{k}", None) for j in range(20_000)
+            ]
+            assert reader.parse(raw).state.attempt == 1
+            del raw
+        kept, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert kept < 4 * 2**20, f"{kept / 2**20:.1f} MiB kept after 40 hostile layouts"

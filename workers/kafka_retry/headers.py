@@ -132,7 +132,11 @@ class HeaderReader:
     compiling costs some hundred microseconds. Both apply the same rules; a test holds both to
     a plain reading of them (tests/test_headers_properties.py)."""
 
-    _LAYOUTS_KEPT = 256  # untrusted producers could send endless variants
+    # Untrusted producers can send endless variants of any size: what is kept is bounded in
+    # header names (a layout of 100,000 names is 100,000 strings), and layouts longer than
+    # `CACHED_LAYOUT_MAX` are neither kept nor compiled (their reading is linear anyway).
+    _LAYOUT_NAMES_KEPT = 16_384
+    CACHED_LAYOUT_MAX = 64
     COMPILED_KEPT = 32
 
     def __init__(
@@ -146,6 +150,7 @@ class HeaderReader:
         self._compiled_kept = compiled_kept
         self._compiled: dict[_Plan, Reader] = {}
         self._by_layout: dict[tuple[str, ...], Reader] = {}
+        self._names_kept = 0  # header names in the keys of `_by_layout`
         self._last: tuple[tuple[str, ...], Reader] = ((), self._reader(()))
 
     def parse(self, raw: Iterable[tuple[str, bytes | None]] | None) -> ParsedHeaders:
@@ -162,15 +167,19 @@ class HeaderReader:
 
     def _reader(self, keys: tuple[str, ...]) -> Reader:
         plan = self._plan(keys)
+        if len(keys) > self.CACHED_LAYOUT_MAX:
+            return functools.partial(_interpret, plan)
         read = self._compiled.get(plan)
         if read is None:
             if len(self._compiled) < self._compiled_kept:
                 read = self._compiled[plan] = _compile(plan)
             else:
                 read = functools.partial(_interpret, plan)
-        if len(self._by_layout) >= self._LAYOUTS_KEPT:
+        if self._names_kept + len(keys) > self._LAYOUT_NAMES_KEPT:
             self._by_layout.clear()
+            self._names_kept = 0
         self._by_layout[keys] = read
+        self._names_kept += len(keys)
         return read
 
     def _plan(self, keys: tuple[str, ...]) -> _Plan:

@@ -22,6 +22,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from kafka_retry import headers as h
+from kafka_retry import record_headers
 from kafka_retry.classification import Classifier, Failure
 from kafka_retry.client_log import client_log
 from kafka_retry.delay import DelayGate
@@ -42,6 +43,7 @@ DEFAULT_DRAIN_S = 20.0
 ACK_WAIT_S = 0.005  # longest consume() wait while forwards are unacknowledged
 MALFORMED_CLASS = "kafka_retry.MalformedHeaders"
 _NO_STATE = h.RetryState()  # never written to: the live lane's "no prior failure"
+_headers = record_headers.headers
 # What a tier reads of an event's retry state: due time and attempt (the only fields that can
 # make it malformed), where it came from, and what the handler and the next forward carry on.
 _TIER_FIELDS = (
@@ -256,11 +258,11 @@ class StageRunner:
         if gate is not None and not gate.admits(tp, offset):
             return
         try:
-            raw_headers = msg.headers()
-        except Exception as e:  # undecodable header names
-            parsed = h.ParsedHeaders((), h.RetryState(), (f"unreadable headers: {e}",))
-        else:
-            parsed = self._read_headers(raw_headers)
+            parsed = self._read_headers(_headers(msg))
+        except SystemError as e:  # header names that are not UTF-8: keep the others, say so
+            kept, unreadable = record_headers.salvage(msg, e)
+            parsed = self._read_headers(kept)
+            parsed = parsed._replace(problems=(*parsed.problems, unreadable))
         ts_type, ts = msg.timestamp()
         timestamp_ms = ts if ts_type != 0 and ts >= 0 else None
         now_ms = int(time.time() * 1000)
@@ -285,6 +287,9 @@ class StageRunner:
             attempt = min(failed, h.MAX_ATTEMPT) + 1
             origin = _origin(prior, tp, offset, timestamp_ms)
         else:
+            if parsed.problems:
+                self._dead_letter_malformed(msg, tp, parsed, timestamp_ms, parsed.problems, now_ms)
+                return
             prior = _NO_STATE
             attempt = 1
             origin = tuple.__new__(Origin, (tp[0], tp[1], offset, timestamp_ms))
