@@ -180,27 +180,25 @@ def _ensure_go_build(binary: Path, script: str, version: str) -> None:
     timed(f"go build {root.name}", lambda: _atomic_build(root, build))
 
 
-def ensure_helm() -> None:
-    if HELM_BIN.exists():
+def _ensure_go_install(binary: Path, package: str, version: str) -> None:
+    """`go install package@version` into the cache (one binary, built once)."""
+    if binary.exists():
         return
-    root = HELM_BIN.parent.parent
+    root = binary.parent.parent
 
     def build(tmp: Path) -> None:
         env = {**os.environ, "GOBIN": str(tmp / "bin"), "CGO_ENABLED": "0"}
-        cmd = [
-            "go",
-            "install",
-            "-trimpath",
-            "-ldflags",
-            "-s -w",
-            f"helm.sh/helm/v3/cmd/helm@{HELM_VERSION}",
-        ]
-        logfile = CACHE / "logs" / "helm-build.log"
+        cmd = ["go", "install", "-trimpath", "-ldflags", "-s -w", f"{package}@{version}"]
+        logfile = CACHE / "logs" / f"{binary.name}-build.log"
         with logfile.open("w") as out:
             if subprocess.call(cmd, env=env, stdout=out, stderr=subprocess.STDOUT) != 0:
-                raise SetupError(f"helm build failed; log: {logfile}")
+                raise SetupError(f"{binary.name} build failed; log: {logfile}")
 
-    timed(f"go install helm {HELM_VERSION}", lambda: _atomic_build(root, build))
+    timed(f"go install {binary.name} {version}", lambda: _atomic_build(root, build))
+
+
+def ensure_helm() -> None:
+    _ensure_go_install(HELM_BIN, "helm.sh/helm/v3/cmd/helm", HELM_VERSION)
 
 
 def ensure_all() -> None:
@@ -595,9 +593,23 @@ def apiserver_ready() -> bool:
     return status == 200 and body.strip() == "ok"
 
 
+# Garbage collection, namespaces, service-account tokens and ClusterRole aggregation (the
+# chart's roles aggregated into view/edit/admin), but not the workload controllers: there is
+# no kubelet, and hack/podrunner.py owns Deployment status.
+KCM_CONTROLLERS = (
+    "garbagecollector,namespace,serviceaccount,serviceaccount-token,"
+    "root-ca-certificate-publisher-controller,clusterrole-aggregation"
+)
+
+
 def start_kcm() -> None:
-    if KCM.pid() is not None:
-        return
+    pid = KCM.pid()
+    if pid is not None:
+        # One started before the controller list last changed is replaced.
+        if f"--controllers={KCM_CONTROLLERS}".encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return
+        log("kube-controller-manager runs other controllers: restarting it")
+        KCM.stop()
     KCM.start(
         [
             str(KUBE_BIN / "kube-controller-manager"),
@@ -609,10 +621,7 @@ def start_kcm() -> None:
             f"--service-account-private-key-file={PKI / 'sa.key'}",
             f"--root-ca-file={PKI / 'ca.crt'}",
             "--use-service-account-credentials=false",
-            # Garbage collection, namespaces and service-account tokens, but not the workload
-            # controllers: there is no kubelet, and hack/podrunner.py owns Deployment status.
-            "--controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token,"
-            "root-ca-certificate-publisher-controller",
+            f"--controllers={KCM_CONTROLLERS}",
             "--leader-elect=false",
             "--v=1",
         ]

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +64,13 @@ class OperatorProcess:
         log_path: Path,
         *,
         verbose: bool = True,
+        args: Sequence[str] = (),
         **env: str,
     ):
         self.kubeconfig = kubeconfig
         self.namespaces = namespaces
         self.verbose = verbose
+        self.args = list(args)
         self.log_path = log_path
         metrics = {
             "KAFKA_RETRY_METRICS_PORT": str(free_port()),
@@ -83,6 +85,7 @@ class OperatorProcess:
         args = [str(BIN / "kafka-retry-operator"), *(["--verbose"] if self.verbose else [])]
         for ns in self.namespaces:
             args += ["--namespace", ns]
+        args += self.args
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
                 args, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -108,6 +111,11 @@ class OperatorProcess:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+
+    def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Send `sig` to the operator's process group (SIGKILL: no clean-up at all)."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, sig)
 
     def restart(self) -> None:
         self.stop()

@@ -24,7 +24,9 @@ from chart_support import (
 CHART_KINDS = (
     "serviceaccounts,services,deployments.apps,roles.rbac.authorization.k8s.io,"
     "rolebindings.rbac.authorization.k8s.io,clusterroles.rbac.authorization.k8s.io,"
-    "clusterrolebindings.rbac.authorization.k8s.io,servicemonitors.monitoring.coreos.com"
+    "clusterrolebindings.rbac.authorization.k8s.io,servicemonitors.monitoring.coreos.com,"
+    "podmonitors.monitoring.coreos.com,prometheusrules.monitoring.coreos.com,configmaps,"
+    "poddisruptionbudgets.policy"
 )
 CRDS = ("retrypipelines.kafkaretry.io", "dlqreplays.kafkaretry.io")
 
@@ -73,6 +75,9 @@ def test_install_upgrade_uninstall_leaves_no_orphans(
         "rbac.scope": "namespaces",
         "watchNamespaces": f"{{{namespace},{other_namespace}}}",
         "metrics.serviceMonitor.enabled": "true",
+        "metrics.podMonitor.enabled": "true",
+        "metrics.prometheusRule.enabled": "true",
+        "metrics.grafanaDashboard.enabled": "true",
     }
     # No --wait: there is no kubelet here, so the operator pod never runs.
     helm("install", release, str(CHART), "--namespace", namespace, *set_args(install))
@@ -86,7 +91,13 @@ def test_install_upgrade_uninstall_leaves_no_orphans(
             "Role",
             "RoleBinding",
             "ServiceMonitor",
+            "PodMonitor",
+            "PrometheusRule",
+            "ConfigMap",  # the Grafana dashboard
+            "PodDisruptionBudget",
+            "ClusterRole",  # for people: aggregated into view/edit/admin
         }
+        # Leader election and `helm test` in the release namespace, the rules in each watched one.
         assert {ns for k, ns, _ in first if k == "Role"} == {namespace, other_namespace}
         for crd in CRDS:
             kubectl("get", "crd", crd)
@@ -98,6 +109,10 @@ def test_install_upgrade_uninstall_leaves_no_orphans(
             "metrics.service.enabled": "false",
             "metrics.serviceMonitor.enabled": "false",
             "operator.logLevel": "debug",
+            "replicaCount": "1",
+            "operator.leaderElection.enabled": "false",
+            "tests.enabled": "false",
+            "rbac.aggregateToDefaultRoles": "false",
         }
         helm("upgrade", release, str(CHART), "--namespace", namespace, *set_args(upgrade))
         second = released(helm, release, namespace)
@@ -108,6 +123,7 @@ def test_install_upgrade_uninstall_leaves_no_orphans(
             "ClusterRole",
             "ClusterRoleBinding",
         }
+        assert len([k for k, _, _ in second if k == "ClusterRole"]) == 1
         deployment = installed_deployment(kubectl, namespace, release)
         container = operator_container([deployment])
         assert "--all-namespaces" in container["args"]

@@ -364,10 +364,22 @@ def test_namespaces_scope_denies_everything_else(
         ("create", "deployments.apps", "-n", ns),
         ("patch", "deployments.apps", "-n", ns),
         ("delete", "deployments.apps", "-n", ns),
+        ("create", "poddisruptionbudgets.policy", "-n", ns),
+        ("patch", "poddisruptionbudgets.policy", "-n", ns),
+        ("list", "poddisruptionbudgets.policy", "-n", ns),
+        ("delete", "poddisruptionbudgets.policy", "-n", ns),
         ("create", "configmaps", "-n", ns),
         ("patch", "configmaps", "-n", ns),
         ("get", "secrets", "-n", ns),
         ("create", "events", "-n", ns),
+        ("create", "leases.coordination.k8s.io", "-n", ns),
+        ("get", f"leases.coordination.k8s.io/{installed.release}-kafka-retry-operator", "-n", ns),
+        (
+            "update",
+            f"leases.coordination.k8s.io/{installed.release}-kafka-retry-operator",
+            "-n",
+            ns,
+        ),
     ]
     denied = [
         # Outside the watched namespace: nothing at all.
@@ -391,6 +403,12 @@ def test_namespaces_scope_denies_everything_else(
         ("create", "roles.rbac.authorization.k8s.io", "-n", ns),
         ("create", "rolebindings.rbac.authorization.k8s.io", "-n", ns),
         ("update", "deployments.apps", "--subresource=scale", "-n", ns),
+        ("update", "poddisruptionbudgets.policy", "-n", ns),
+        # The leader-election Lease: only the chart's own, by name, in the release namespace.
+        ("update", "leases.coordination.k8s.io", "-n", ns),
+        ("get", "leases.coordination.k8s.io/kube-controller-manager", "-n", "kube-system"),
+        ("list", "leases.coordination.k8s.io", "-n", ns),
+        ("delete", "leases.coordination.k8s.io", "-n", ns),
         # Nothing cluster-scoped.
         ("list", "namespaces"),
         ("list", "customresourcedefinitions.apiextensions.k8s.io"),
@@ -453,5 +471,74 @@ def test_cluster_scope_grants_the_same_rules_everywhere_and_nothing_more(
             ("get", "nodes"),
         ]:
             assert not _can_i(kubectl, sa, *args), f"cluster scope must not grant: {args}"
+    finally:
+        helm("uninstall", release, "--namespace", namespace, "--wait", check=False)
+
+
+def _aggregated(kubectl: Run, role: str, release: str) -> bool:
+    """Whether the default ClusterRole `role` has picked up the release's rules (the
+    kube-controller-manager's clusterrole-aggregation controller copies them in)."""
+    rules = json.loads(kubectl("get", "clusterrole", role, "-o", "json").stdout)["rules"] or []
+    return any("kafkaretry.io" in r.get("apiGroups", []) for r in rules) and bool(
+        kubectl(
+            "get", "clusterroles", "-l", f"app.kubernetes.io/instance={release}", "-o", "name"
+        ).stdout.strip()
+    )
+
+
+def test_default_roles_get_pipelines_and_only_edit_may_replay(
+    helm: Run, kubectl: Run, namespace: str, unique: str, crds: None, tmp_path: Path
+) -> None:
+    """People bound to the default roles in a namespace: view reads pipelines and replays;
+    only edit and admin create a DLQReplay or cancel one. Proven by the API server's access
+    reviews and by real requests made as those users (impersonation)."""
+    release = f"roles-{unique}"
+    _install(helm, kubectl, release, namespace,
+             {"rbac.scope": "namespaces", "watchNamespaces": f"{{{namespace}}}"})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not all(_aggregated(kubectl, r, release) for r in ("view", "edit", "admin")):
+            assert time.monotonic() < deadline, "the chart's roles were not aggregated"
+            time.sleep(0.5)
+        users = {role: f"{role}-{unique}" for role in ("view", "edit", "admin")}
+        for role, user in users.items():
+            kubectl("create", "rolebinding", f"{role}-{unique}", f"--clusterrole={role}",
+                    f"--user={user}", "-n", namespace)  # fmt: skip
+
+        def can(user: str, *args: str) -> bool:
+            return _can_i(kubectl, user, *args, "-n", namespace)
+
+        for user in users.values():
+            for verb in ("get", "list", "watch"):
+                for kind in ("retrypipelines", "dlqreplays"):
+                    assert can(user, verb, f"{kind}.kafkaretry.io"), (user, verb, kind)
+            for kind in ("retrypipelines", "dlqreplays"):
+                assert not can(user, "patch", f"{kind}.kafkaretry.io", "--subresource=status")
+        for verb in ("create", "patch", "update", "delete"):
+            for kind in ("retrypipelines", "dlqreplays"):
+                assert not can(users["view"], verb, f"{kind}.kafkaretry.io"), (verb, kind)
+                assert can(users["edit"], verb, f"{kind}.kafkaretry.io"), (verb, kind)
+                assert can(users["admin"], verb, f"{kind}.kafkaretry.io"), (verb, kind)
+
+        # Real requests, as each user. No operator runs, so the replay just sits there.
+        replay = {
+            "apiVersion": "kafkaretry.io/v1alpha1",
+            "kind": "DLQReplay",
+            "metadata": {"name": f"replay-{unique}", "namespace": namespace},
+            "spec": {"pipeline": "billing-orders"},
+        }
+        as_view = kubectl("create", f"--as={users['view']}", "-f", "-",
+                          input=json.dumps(replay), check=False)  # fmt: skip
+        assert as_view.returncode != 0 and "forbidden" in as_view.stderr.lower(), as_view
+        kubectl("create", f"--as={users['edit']}", "-f", "-", input=json.dumps(replay))
+        kubectl("get", f"--as={users['view']}", "dlqreplay", f"replay-{unique}", "-n", namespace)
+        cancel = ["patch", "dlqreplay", f"replay-{unique}", "-n", namespace, "--type=merge",
+                  "-p", '{"spec":{"cancel":true}}']  # fmt: skip
+        refused = kubectl(*cancel, f"--as={users['view']}", check=False)
+        assert refused.returncode != 0 and "forbidden" in refused.stderr.lower(), refused
+        kubectl(*cancel, f"--as={users['admin']}")
+        got = json.loads(kubectl("get", "dlqreplay", f"replay-{unique}", "-n", namespace,
+                                 "-o", "json").stdout)  # fmt: skip
+        assert got["spec"]["cancel"] is True
     finally:
         helm("uninstall", release, "--namespace", namespace, "--wait", check=False)

@@ -10,14 +10,18 @@ import subprocess
 from typing import Any
 
 import pytest
+import yaml
 
 from chart_support import (
+    AGGREGATE_LABELS,
     CHART,
     ROOT,
     Manifest,
     Run,
     ensure_service_monitor_crd,
     env_of,
+    is_test_object,
+    is_user_role,
     kinds,
     one,
     operator_container,
@@ -25,6 +29,7 @@ from chart_support import (
     to_yaml,
 )
 
+README = ROOT / "README.md"
 NAMESPACES = {"rbac.scope": "namespaces", "watchNamespaces": "{team-b,team-a}"}
 
 
@@ -48,11 +53,14 @@ def test_helm_lint(helm: Run) -> None:
 
 
 def test_cluster_scope(helm: Run) -> None:
-    docs = render(helm, "kro", "ops")
+    docs = [d for d in render(helm, "kro", "ops") if not is_user_role(d)]
     assert kinds(docs) == [
         ("ClusterRole", None),
         ("ClusterRoleBinding", None),
         ("Deployment", "ops"),
+        ("PodDisruptionBudget", "ops"),
+        ("Role", "ops"),  # leader election: the Lease
+        ("RoleBinding", "ops"),
         ("Service", "ops"),
         ("ServiceAccount", "ops"),
     ]
@@ -67,11 +75,14 @@ def test_cluster_scope(helm: Run) -> None:
 
 
 def test_namespaces_scope(helm: Run) -> None:
-    docs = render(helm, "kro", "ops", NAMESPACES)
+    docs = [d for d in render(helm, "kro", "ops", NAMESPACES) if not is_user_role(d)]
     assert kinds(docs) == [
         ("Deployment", "ops"),
+        ("PodDisruptionBudget", "ops"),
+        ("Role", "ops"),  # leader election: the Lease
         ("Role", "team-a"),
         ("Role", "team-b"),
+        ("RoleBinding", "ops"),
         ("RoleBinding", "team-a"),
         ("RoleBinding", "team-b"),
         ("Service", "ops"),
@@ -83,10 +94,48 @@ def test_namespaces_scope(helm: Run) -> None:
         "--namespace=team-b",
     ]
     assert "--all-namespaces" not in args
-    roles = [d for d in docs if d["kind"] == "Role"]
+    roles = [d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] != "ops"]
     assert roles[0]["rules"] == roles[1]["rules"]
     # The namespaced rules are exactly the cluster-scope rules, just bound per namespace.
-    assert roles[0]["rules"] == one(render(helm, "kro", "ops"), "ClusterRole")["rules"]
+    (cluster_role,) = [
+        d for d in render(helm, "kro", "ops") if d["kind"] == "ClusterRole" and not is_user_role(d)
+    ]
+    assert roles[0]["rules"] == cluster_role["rules"]
+
+
+def test_watch_namespaces_is_refused_under_cluster_scope(helm: Run) -> None:
+    """A list of namespaces under cluster scope would be a promise the ClusterRole does not keep:
+    the render fails and says what to do instead."""
+    proc = helm("template", "kro", str(CHART), "--set", "watchNamespaces={shop}", check=False)
+    assert proc.returncode != 0
+    assert "watchNamespaces needs rbac.scope=namespaces" in proc.stderr, proc.stderr
+    assert "every namespace" in proc.stderr, proc.stderr
+
+
+def test_user_roles(helm: Run) -> None:
+    """Read for view, write for edit and admin; never a status subresource write; off with
+    `rbac.aggregateToDefaultRoles=false`. Rendered the same in both scopes."""
+    for values in (None, NAMESPACES):
+        roles = {d["metadata"]["name"]: d for d in render(helm, "kro", "ops", values)
+                 if is_user_role(d)}  # fmt: skip
+        view, edit = (
+            roles.pop("kro-kafka-retry-operator-view"),
+            roles.pop("kro-kafka-retry-operator-edit"),
+        )
+        assert not roles
+        assert {k for k, v in view["metadata"]["labels"].items() if v == "true"} == set(
+            AGGREGATE_LABELS
+        )
+        assert {k for k, v in edit["metadata"]["labels"].items() if v == "true"} == set(
+            AGGREGATE_LABELS[1:]
+        )
+        (read,) = view["rules"]
+        assert read["verbs"] == ["get", "list", "watch"]
+        (write,) = edit["rules"]
+        assert not [r for r in write["resources"] if "/" in r], write
+        assert "create" in write["verbs"] and "patch" in write["verbs"]
+    off = render(helm, "kro", "ops", {"rbac.aggregateToDefaultRoles": "false"})
+    assert not [d for d in off if is_user_role(d)]
 
 
 def test_service_monitor_on_and_off(helm: Run) -> None:
@@ -114,8 +163,6 @@ def test_operator_pod_is_restricted(helm: Run) -> None:
     docs = render(helm, "kro", "ops")
     deployment = one(docs, "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
     pod = spec["template"]["spec"]
     container = operator_container(docs)
 
@@ -136,6 +183,51 @@ def test_operator_pod_is_restricted(helm: Run) -> None:
     (liveness,) = [a for a in container["args"] if a.startswith("--liveness=")]
     assert liveness == f"--liveness=http://0.0.0.0:{ports[probe['port']]}{probe['path']}"
     assert pod["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
+
+
+def test_high_availability(helm: Run) -> None:
+    """Two replicas that elect a leader on a Lease the operator may update by name, rolled one
+    at a time, under a PDB that selects exactly the operator's pods; one replica without
+    election is replaced with Recreate; two without election are refused."""
+    docs = render(helm, "kro", "ops")
+    deployment = one(docs, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    args = operator_container(docs)["args"]
+    assert "--leader-election-lease=kro-kafka-retry-operator" in args
+    assert {"--lease-duration-seconds=15", "--renew-deadline-seconds=10"} <= set(args)
+    env = env_of(operator_container(docs), "ops", pod_name="kro-0")
+    assert env["POD_NAMESPACE"] == "ops" and env["POD_NAME"] == "kro-0"
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": spec["selector"]}
+    (lease_role,) = [d for d in docs if d["kind"] == "Role"]
+    assert {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+            "resourceNames": ["kro-kafka-retry-operator"], "verbs": ["get", "update"]
+            } in lease_role["rules"]  # fmt: skip
+
+    single = {"replicaCount": "1", "operator.leaderElection.enabled": "false"}
+    docs = render(helm, "kro", "ops", single)
+    assert one(docs, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+    assert not [a for a in operator_container(docs)["args"] if a.startswith("--leader")]
+    assert {d["kind"] for d in docs}.isdisjoint({"PodDisruptionBudget", "Role"})
+    proc = helm("template", "kro", str(CHART), "--set", "operator.leaderElection.enabled=false",
+                check=False)  # fmt: skip
+    assert proc.returncode != 0
+    assert "replicaCount > 1 needs operator.leaderElection.enabled" in proc.stderr
+
+    spread = {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+              "whenUnsatisfiable": "ScheduleAnyway"}  # fmt: skip
+    docs = render(helm, "kro", "ops", None, "--set-json",
+                  f"topologySpreadConstraints=[{json.dumps(spread)}]")  # fmt: skip
+    (constraint,) = one(docs, "Deployment")["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert constraint == {
+        **spread,
+        "labelSelector": {"matchLabels": spec["selector"]["matchLabels"]},
+    }
 
 
 def test_worker_defaults_reach_the_operator(helm: Run) -> None:
@@ -175,8 +267,74 @@ def test_worker_defaults_reach_the_operator(helm: Run) -> None:
         },
     )
     container = operator_container(docs)
-    assert container["image"].endswith("/kafka-retry-operator@sha256:" + "a" * 64)
+    assert container["image"] == "kafka-retry-operator@sha256:" + "a" * 64
     assert env_of(container, "ops")["KAFKA_RETRY_WORKER_IMAGE"] == "reg.example/billing:4.5"
+
+
+def test_default_image_is_the_one_the_readme_builds(helm: Run) -> None:
+    """A plain install runs the image the README's `docker build` names, pulled only if the
+    node lacks it; the operator's own fallback for tier workers is the same image."""
+    from kafka_retry_operator.config import DEFAULT_WORKER_IMAGE
+
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    container = operator_container(render(helm, "kro", "ops"))
+    expected = f"kafka-retry-operator:{chart['appVersion']}"
+    assert container["image"] == expected
+    assert container["imagePullPolicy"] == "IfNotPresent"
+    assert env_of(container, "ops")["KAFKA_RETRY_WORKER_IMAGE"] == expected
+    assert expected == DEFAULT_WORKER_IMAGE
+    built = re.findall(r"^docker build -t (\S+) \.$", README.read_text(), re.M)
+    assert built == [expected], built
+
+
+def _crd_upgrade_commands(text: str) -> list[str]:
+    return [
+        " ".join(line.split("#")[0].split())
+        for line in text.splitlines()
+        if "kubectl apply" in line and "crds/" in line and "--server-side" in line
+    ]
+
+
+def test_notes_and_readme_agree_on_upgrading_crds(helm: Run) -> None:
+    """The install notes and the README's "Upgrading CRDs" give the same command, one that
+    takes the CRDs' fields over from Helm (server-side apply with --force-conflicts)."""
+    notes = helm("install", "kro", str(CHART), "--namespace", "ops", "--dry-run=client").stdout
+    readme = README.read_text().split("### Upgrading CRDs", 1)[1].split("\n## ", 1)[0]
+    (from_notes,) = _crd_upgrade_commands(notes.split("NOTES:", 1)[1])
+    (from_readme,) = _crd_upgrade_commands(readme)
+    expected = "kubectl apply --server-side --force-conflicts -f {}crds/"
+    assert from_notes == expected.format("<chart>/"), from_notes
+    assert from_readme == expected.format(""), from_readme
+    assert "helm test kro -n ops --logs" in notes
+
+
+def test_helm_test_objects(helm: Run) -> None:
+    """`helm test` runs a pod whose labels no operator selector matches, as a ServiceAccount
+    bound to a Role that can read the operator Deployment and list RetryPipelines, no more."""
+    docs = [d for d in render(helm, "kro", "ops", tests=True) if is_test_object(d)]
+    assert kinds(docs) == [
+        ("Pod", "ops"),
+        ("Role", "ops"),
+        ("RoleBinding", "ops"),
+        ("ServiceAccount", "ops"),
+    ]
+    pod = one(docs, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    operator = render(helm, "kro", "ops")
+    selector = one(operator, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert not selector.items() <= pod["metadata"]["labels"].items()
+    assert pod["spec"]["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
+    assert one(docs, "Role")["rules"] == [
+        {
+            "apiGroups": ["apps"],
+            "resources": ["deployments"],
+            "resourceNames": [one(operator, "Deployment")["metadata"]["name"]],
+            "verbs": ["get"],
+        },
+        {"apiGroups": ["kafkaretry.io"], "resources": ["retrypipelines"], "verbs": ["list"]},
+    ]
+    assert not [d for d in render(helm, "kro", "ops", {"tests.enabled": "false"}, tests=True)
+                if is_test_object(d)]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -279,7 +437,12 @@ def test_server_dry_run_both_scopes_with_service_monitor(
     ensure_service_monitor_crd(kubectl)
     release = f"dry-{unique}"
     for values in (
-        {"metrics.serviceMonitor.enabled": "true"},
+        {
+            "metrics.serviceMonitor.enabled": "true",
+            "metrics.podMonitor.enabled": "true",
+            "metrics.prometheusRule.enabled": "true",
+            "metrics.grafanaDashboard.enabled": "true",
+        },
         {"rbac.scope": "namespaces", "watchNamespaces": f"{{{namespace},{second_namespace}}}"},
     ):
         docs = render(helm, release, namespace, values, "--include-crds")

@@ -410,6 +410,8 @@ def test_settings_from_the_environment() -> None:
         ("KAFKA_RETRY_METRICS_PORT", "70000", "not a port number"),
         ("KAFKA_RETRY_OPERATOR_STATUS_INTERVAL", "15s", "not a number"),
         ("KAFKA_RETRY_OPERATOR_SECRET_CHECK_INTERVAL", "1m", "not a number"),
+        ("KAFKA_RETRY_WORKER_LOG_FORMAT", "yaml", "is not text or json"),
+        ("KAFKA_RETRY_WORKER_TOPOLOGY_SPREAD", '{"maxSkew": 1}', "a JSON list of objects"),
     ],
 )
 def test_unusable_settings_are_named(name: str, value: str, message: str) -> None:
@@ -506,3 +508,62 @@ def test_claims_the_older_pipeline_keeps_overlapping_names() -> None:
     # Deleting: names another pipeline claims are kept.
     keys = claims.topic_keys(spec("g.p", "x.t"), spec("g.p", "x.t").topology("a", "old"))
     assert claims.held_by_others(("a", "old"), keys, index) == {k[2] for k in keys}
+
+
+def test_json_logs_and_spread_reach_the_worker_deployment() -> None:
+    spread = {"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "ScheduleAnyway"}
+    config = OperatorConfig.from_env(
+        {
+            "KAFKA_RETRY_WORKER_LOG_FORMAT": "json",
+            "KAFKA_RETRY_WORKER_TOPOLOGY_SPREAD": json.dumps([spread]),
+        }
+    )
+    defaults = children.WorkerDefaults(
+        "op:1", {}, log_format=config.worker_log_format,
+        topology_spread=config.worker_topology_spread,
+    )  # fmt: skip
+    spec = _spec()
+    topo = spec.topology("shop", "billing-orders")
+    d = children.tier_deployment("shop", "billing-orders", spec, topo.tiers[0], topo, defaults)
+    pod = d["spec"]["template"]["spec"]
+    assert pod["containers"][0]["args"] == ["--tier", "retry-1", "--log-format=json"]
+    assert pod["topologySpreadConstraints"] == [{**spread, "labelSelector": d["spec"]["selector"]}]
+    # The defaults change nothing of existing Deployments: no extra args, no spread.
+    plain = _deployment(spec)["spec"]["template"]["spec"]
+    assert plain["containers"][0]["args"] == ["--tier", "retry-1"]
+    assert "topologySpreadConstraints" not in plain
+
+
+def test_tier_budget_selects_its_tier() -> None:
+    budget = children.tier_pdb("shop", "billing-orders", "retry-1")
+    assert budget["spec"] == {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": children.selector_labels("billing-orders", "retry-1")},
+    }
+    assert budget["metadata"]["name"] == _deployment(_spec())["metadata"]["name"]
+
+
+@pytest.mark.parametrize(
+    ("duration", "deadline", "period"), [(15, 15, 2), (15, 10, 10), (15, 10, 0)]
+)
+def test_lease_timings_must_nest(duration: int, deadline: int, period: float) -> None:
+    from kafka_retry_operator.leader import LeaseSettings
+
+    with pytest.raises(ValueError, match="retry period < renew deadline < lease duration"):
+        LeaseSettings("l", "ns", "me", duration, deadline, period)
+    assert LeaseSettings("l", "ns", "me").request_timeout <= 2.5  # (15 - 10) / 2
+
+
+def test_worker_json_logs() -> None:
+    """`kafka-retry worker --log-format json`: one JSON object a line, with a timestamp and a
+    severity (as the operator's kopf JSON lines)."""
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "kafka-retry"), "worker", "--tier", "x",
+         "--log-format", "json"],
+        env={"KAFKA_RETRY_TOPOLOGY": "{not json"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2  # a bad topology, logged
+    (line,) = [json.loads(x) for x in proc.stderr.splitlines() if x.startswith("{")]
+    assert line["severity"] == "error" and "cannot load the topology" in line["message"]
+    assert line["timestamp"].endswith("+00:00") and line["logger"] == "kafka_retry.worker"

@@ -102,6 +102,8 @@ class WorkerDefaults:
     pull_policy: str = "IfNotPresent"
     pod_security_context: Mapping[str, Any] = field(default_factory=dict)
     security_context: Mapping[str, Any] = field(default_factory=dict)
+    log_format: str = "text"  # `kafka-retry worker --log-format`
+    topology_spread: tuple[Mapping[str, Any], ...] = ()  # topologySpreadConstraints
 
 
 def worker_image(spec: RetryPipelineSpec, default_image: str) -> str:
@@ -165,7 +167,9 @@ def tier_deployment(
         "image": worker_image(spec, defaults.image),
         "imagePullPolicy": defaults.pull_policy,
         "command": list(WORKER_COMMAND),
-        "args": ["--tier", tier.name],
+        # Text is the worker's default: Deployments of text-logging workers stay as they were.
+        "args": ["--tier", tier.name]
+        + ([f"--log-format={defaults.log_format}"] if defaults.log_format != "text" else []),
         "env": env,
         "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         "livenessProbe": {
@@ -216,9 +220,44 @@ def tier_deployment(
                     ),
                     "containers": [container],
                     "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
+                    **_spread(defaults.topology_spread, selector_labels(pipeline, tier.name)),
                 },
             },
         },
+    }
+
+
+def _spread(
+    constraints: tuple[Mapping[str, Any], ...], selector: Mapping[str, str]
+) -> dict[str, Any]:
+    """topologySpreadConstraints over the tier's own pods unless a constraint says otherwise."""
+    if not constraints:
+        return {}
+    spread = [{"labelSelector": {"matchLabels": dict(selector)}, **c} for c in constraints]
+    return {"topologySpreadConstraints": spread}
+
+
+def pdb_name(pipeline: str, tier: str) -> str:
+    return deployment_name(pipeline, tier)
+
+
+def tier_pdb(namespace: str, pipeline: str, tier: str) -> dict[str, Any]:
+    """At most one of a tier's workers evicted at a time (a node drain): the others go on
+    consuming while the evicted one's partitions move. Only for tiers of more than one replica
+    (with one, the budget would block every drain)."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {
+            "name": pdb_name(pipeline, tier),
+            "namespace": namespace,
+            "labels": {
+                **pipeline_labels(pipeline),
+                LABEL_COMPONENT: "tier-worker",
+                LABEL_TIER: tier,
+            },
+        },
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(pipeline, tier)}},
     }
 
 

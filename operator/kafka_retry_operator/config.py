@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 N = TypeVar("N", int, float)
 
-DEFAULT_WORKER_IMAGE = "ghcr.io/kafka-retry-operator/kafka-retry-operator:0.1.0"
+DEFAULT_WORKER_IMAGE = "kafka-retry-operator:0.1.0"  # the chart's default image (values.yaml)
 DEFAULT_WORKER_RESOURCES: dict[str, Any] = {
     "requests": {"cpu": "50m", "memory": "128Mi"},
     "limits": {"memory": "512Mi"},
@@ -25,6 +25,10 @@ DEFAULT_WORKER_RESOURCES: dict[str, Any] = {
 ENV_WORKER_IMAGE = "KAFKA_RETRY_WORKER_IMAGE"
 ENV_WORKER_RESOURCES = "KAFKA_RETRY_WORKER_RESOURCES"  # JSON {"requests": {...}, "limits": {...}}
 ENV_WORKER_PULL_POLICY = "KAFKA_RETRY_WORKER_IMAGE_PULL_POLICY"
+ENV_WORKER_LOG_FORMAT = "KAFKA_RETRY_WORKER_LOG_FORMAT"  # text | json
+# JSON list of topologySpreadConstraints for tier-worker pods (a missing labelSelector selects
+# the tier's own pods).
+ENV_WORKER_TOPOLOGY_SPREAD = "KAFKA_RETRY_WORKER_TOPOLOGY_SPREAD"
 ENV_STATUS_INTERVAL = "KAFKA_RETRY_OPERATOR_STATUS_INTERVAL"
 ENV_SECRET_CHECK_INTERVAL = "KAFKA_RETRY_OPERATOR_SECRET_CHECK_INTERVAL"
 ENV_KAFKA_TIMEOUT = "KAFKA_RETRY_OPERATOR_KAFKA_TIMEOUT"
@@ -50,6 +54,8 @@ class OperatorConfig:
         default_factory=lambda: dict(DEFAULT_WORKER_RESOURCES)
     )
     worker_pull_policy: str = "IfNotPresent"
+    worker_log_format: str = "text"
+    worker_topology_spread: tuple[Mapping[str, Any], ...] = ()
     # How often lag, DLQ depth and worker readiness are measured and written to status.
     status_interval: float = 15.0
     # How often each pipeline's Kafka Secret is read again to notice a rotation.
@@ -73,8 +79,13 @@ class OperatorConfig:
         port = _number(env, ENV_METRICS_PORT, int, DEFAULT_METRICS_PORT)
         if not 0 <= port <= 65535:
             raise ConfigError(f"{ENV_METRICS_PORT}: {port} is not a port number (0 turns it off)")
+        log_format = env.get(ENV_WORKER_LOG_FORMAT) or "text"
+        if log_format not in ("text", "json"):
+            raise ConfigError(f"{ENV_WORKER_LOG_FORMAT}: {log_format!r} is not text or json")
         return cls(
             worker_image=env.get(ENV_WORKER_IMAGE) or DEFAULT_WORKER_IMAGE,
+            worker_log_format=log_format,
+            worker_topology_spread=_json_objects(env, ENV_WORKER_TOPOLOGY_SPREAD),
             worker_resources=_json_object(env, ENV_WORKER_RESOURCES) or DEFAULT_WORKER_RESOURCES,
             worker_pull_policy=env.get(ENV_WORKER_PULL_POLICY) or "IfNotPresent",
             status_interval=_number(env, ENV_STATUS_INTERVAL, float, 15.0),
@@ -105,6 +116,20 @@ def _json_object(env: Mapping[str, str], name: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"{name}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def _json_objects(env: Mapping[str, str], name: str) -> tuple[dict[str, Any], ...]:
+    """The variable as a JSON list of objects; unset or empty is `()`."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return ()
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{name}: invalid JSON ({e}): {raw[:200]}") from None
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(f"{name}: expected a JSON list of objects")
+    return tuple(value)
 
 
 def _number(env: Mapping[str, str], name: str, kind: type[N], default: N) -> N:

@@ -45,6 +45,7 @@ class Kube:
         self.core = client.CoreV1Api(api)
         self.apps = client.AppsV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.policy = client.PolicyV1Api(api)
 
     def secret_settings(self, namespace: str, name: str) -> dict[str, str]:
         """The Secret's keys and decoded values (librdkafka settings). Never log the result."""
@@ -59,6 +60,30 @@ class Kube:
 
     def apply_deployment(self, body: dict[str, Any]) -> None:
         _apply(self.apps.patch_namespaced_deployment, body)
+
+    def apply_pdb(self, body: dict[str, Any]) -> None:
+        _apply(self.policy.patch_namespaced_pod_disruption_budget, body)
+
+    def worker_pdbs(self, namespace: str, pipeline: str) -> dict[str, str]:
+        """The pipeline's tier PodDisruptionBudgets now in the cluster: name -> owner uid."""
+        found = self.policy.list_namespaced_pod_disruption_budget(
+            namespace, label_selector=f"{LABEL_PIPELINE}={pipeline}"
+        )
+        result: dict[str, str] = {}
+        for pdb in found.items:
+            meta = pdb.metadata
+            if meta is None or not meta.name:
+                continue
+            owners = [o.uid for o in meta.owner_references or [] if o.controller]
+            result[meta.name] = owners[0] if owners else ""
+        return result
+
+    def delete_pdb(self, namespace: str, name: str) -> None:
+        try:
+            self.policy.delete_namespaced_pod_disruption_budget(name, namespace)
+        except ApiException as e:
+            if e.status != 404:
+                raise
 
     def worker_deployments(self, namespace: str, pipeline: str) -> dict[str, tuple[str, str]]:
         """The pipeline's tier Deployments now in the cluster: tier -> (name, owner uid)."""

@@ -43,6 +43,9 @@ PREFIX = "kafka_retry_operator"
 READY_STATES = ("True", "False", "Unknown")
 RESULTS = ("ok", "temporary_error", "permanent_error")
 REPLAY_PHASES = (PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+# 1 on the replica that reconciles; a standby (standby.py) serves 0.
+LEADER_METRIC = f"{PREFIX}_leader"
+LEADER_HELP = "1 on the operator replica that holds the leader Lease and reconciles, else 0."
 
 
 class Measurements(Protocol):
@@ -138,6 +141,8 @@ class OperatorMetrics:
         with self._lock:
             ready = dict(self._ready)
             replays = Tally(self._replays.values())
+
+        yield GaugeMetricFamily(LEADER_METRIC, LEADER_HELP, value=1)
 
         by_state = GaugeMetricFamily(
             f"{PREFIX}_pipelines",

@@ -131,6 +131,24 @@ def apply_children(
     for tier, (deployment_name, owner_uid) in rt.kube.worker_deployments(namespace, name).items():
         if tier not in wanted and owner_uid == body.metadata.uid:
             rt.kube.delete_deployment(namespace, deployment_name)
+    apply_disruption_budgets(rt, body, spec, topology)
+
+
+def apply_disruption_budgets(
+    rt: Runtime, body: kopf.Body, spec: RetryPipelineSpec, topology: Topology
+) -> None:
+    """A PodDisruptionBudget per tier while the tier runs more than one worker; the budgets of
+    tiers scaled down to one, suspended or removed go."""
+    namespace, name = body.metadata.namespace or "", body.metadata.name or ""
+    several = spec.workers.replicas > 1 and not spec.suspend
+    budgets = [children.tier_pdb(namespace, name, t.name) for t in topology.tiers if several]
+    kopf.adopt(budgets, owner=body)
+    for budget in budgets:
+        rt.kube.apply_pdb(budget)
+    keep = {b["metadata"]["name"] for b in budgets}
+    for pdb, owner_uid in rt.kube.worker_pdbs(namespace, name).items():
+        if pdb not in keep and owner_uid == body.metadata.uid:
+            rt.kube.delete_pdb(namespace, pdb)
 
 
 def forget(rt: Runtime, key: PipelineKey) -> None:

@@ -39,6 +39,8 @@ class Runtime:
             config.worker_pull_policy,
             config.worker_pod_security_context,
             config.worker_security_context,
+            config.worker_log_format,
+            config.worker_topology_spread,
         )
         return cls(config, Kube(api), admins, fleet, sampler, metrics, checks, defaults)
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from confluent_kafka import KafkaException
 
+from kafka_retry import logformat
 from kafka_retry.forwarding import FatalProducerError
 from kafka_retry.handlers import HandlerFn, HandlerLoadError, build_handler
 from kafka_retry.kafka_config import (
@@ -85,12 +86,18 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--topology-file", help=f"topology JSON file (default: ${TOPOLOGY_ENV})", default=None
     )
+    p.add_argument(
+        "--log-format",
+        choices=logformat.FORMATS,
+        default="text",
+        help="text: time, level, logger and message per line (default); json: one object a line",
+    )
     p.set_defaults(func=run_worker)
 
 
 def run_worker(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
     env = os.environ if environ is None else environ
-    configure_logging(env)
+    configure_logging(env, getattr(args, "log_format", "text"))
     try:
         topology = load_topology(args.topology_file, env)
         topology.tier(args.tier)
@@ -128,11 +135,8 @@ def run_worker(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
     return EXIT_OK
 
 
-def configure_logging(environ: Mapping[str, str]) -> None:
-    logging.basicConfig(
-        level=environ.get(LOG_LEVEL_ENV, "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def configure_logging(environ: Mapping[str, str], fmt: str = "text") -> None:
+    logformat.configure(environ.get(LOG_LEVEL_ENV, "INFO"), fmt)
 
 
 def _idle(topology: Topology, tier: str, port: int) -> int:

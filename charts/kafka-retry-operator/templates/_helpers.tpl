@@ -30,12 +30,28 @@ app.kubernetes.io/name: {{ include "kro.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
-{{/* Labels on every object of the release. */}}
+{{/* Labels on every object of the release but the `helm test` ones. */}}
 {{- define "kro.labels" -}}
-helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{ include "kro.selectorLabels" . }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/component: operator
+{{ include "kro.releaseLabels" . }}
+{{- end }}
+
+{{/*
+Labels of the `helm test` objects: their own name and component, so that no selector of the
+operator's pods (metrics Service, PodDisruptionBudget) ever picks the test pod.
+*/}}
+{{- define "kro.testLabels" -}}
+app.kubernetes.io/name: {{ include "kro.name" . }}-test
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: test
+{{ include "kro.releaseLabels" . }}
+{{- end }}
+
+{{/* Labels shared by everything the release renders. */}}
+{{- define "kro.releaseLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/part-of: kafka-retry-operator
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
@@ -77,7 +93,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/*
 The namespaces the operator watches in `namespaces` scope: validated, de-duplicated, sorted.
-Fails the render with a clear message when the scope and the list disagree.
+Fails the render with a clear message when the scope and the list disagree, both ways: under
+`cluster` scope a list would be a promise the ClusterRole does not keep.
 */}}
 {{- define "kro.watchNamespaces" -}}
 {{- if eq .Values.rbac.scope "namespaces" }}
@@ -85,5 +102,7 @@ Fails the render with a clear message when the scope and the list disagree.
 {{- fail "rbac.scope=namespaces needs watchNamespaces: the list of namespaces to watch" }}
 {{- end }}
 {{- .Values.watchNamespaces | uniq | sortAlpha | join "," }}
+{{- else if .Values.watchNamespaces }}
+{{- fail "watchNamespaces needs rbac.scope=namespaces: with rbac.scope=cluster the operator watches, and may write in, every namespace. Set rbac.scope=namespaces to confine it to watchNamespaces (recommended), or drop watchNamespaces" }}
 {{- end }}
 {{- end }}

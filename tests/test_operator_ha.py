@@ -1,0 +1,258 @@
+"""Two operator replicas with leader election, on the real API server and Kafka, at the
+chart's Lease settings.
+
+- kill -9 of the leader while pipelines are being created and changed: the standby takes the
+  Lease within its duration and finishes the work; no child is duplicated or left behind, and
+  no pipeline's status goes backwards or flaps (watched event by event throughout).
+- A leader frozen (SIGSTOP) past its renew deadline loses the Lease to the standby, and when it
+  wakes up (SIGCONT) it exits at once instead of reconciling beside the new leader.
+"""
+
+# ruff: noqa: F401, F811 - pytest fixtures are imported from operator_support by name
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from chart_support import CHART
+from operator_support import (
+    Kubectl,
+    OperatorProcess,
+    apply,
+    pipeline,
+    podrunner,
+    release_pipelines,
+    wait_condition,
+    wait_for,
+)
+
+# What the chart deploys (values.yaml), so the takeover is measured at the deployed settings.
+ELECTION = yaml.safe_load((CHART / "values.yaml").read_text())["operator"]["leaderElection"]
+LEASE_S = ELECTION["leaseDurationSeconds"]
+RETRY_S = ELECTION["retryPeriodSeconds"]
+
+
+def election_args(lease: str, namespace: str, identity: str) -> list[str]:
+    return [
+        f"--leader-election-lease={lease}",
+        f"--leader-election-namespace={namespace}",
+        f"--leader-election-identity={identity}",
+        f"--lease-duration-seconds={ELECTION['leaseDurationSeconds']}",
+        f"--renew-deadline-seconds={ELECTION['renewDeadlineSeconds']}",
+        f"--retry-period-seconds={ELECTION['retryPeriodSeconds']}",
+    ]
+
+
+def lease_spec(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
+    proc = kubectl("get", "lease", name, "-n", namespace, "-o", "json", check=False)
+    return dict(json.loads(proc.stdout)["spec"]) if proc.returncode == 0 else {}
+
+
+class StatusRecorder:
+    """Every RetryPipeline event in the namespace, as (name, generation, observedGeneration,
+    Ready status), from a watch that runs throughout."""
+
+    def __init__(self, k8s_api: Any, namespace: str) -> None:
+        from kubernetes import client, watch
+
+        self._api = client.CustomObjectsApi(k8s_api)
+        self._watch = watch.Watch()
+        self._namespace = namespace
+        self.events: list[tuple[str, int, int, str]] = []
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._watch_all, daemon=True)
+
+    def _watch_all(self) -> None:
+        try:
+            self._run()
+        except BaseException as e:  # the test checks the watch saw the whole window
+            self.error = e
+
+    def _run(self) -> None:
+        stream = self._watch.stream(
+            self._api.list_namespaced_custom_object,
+            "kafkaretry.io", "v1alpha1", self._namespace, "retrypipelines",
+            timeout_seconds=600,
+        )  # fmt: skip
+        for event in stream:
+            obj = event["object"]
+            status = obj.get("status") or {}
+            ready = next(
+                (c["status"] for c in status.get("conditions") or [] if c["type"] == "Ready"), ""
+            )
+            self.events.append(
+                (
+                    obj["metadata"]["name"],
+                    int(obj["metadata"].get("generation") or 0),
+                    int(status.get("observedGeneration") or 0),
+                    ready,
+                )
+            )
+
+    def __enter__(self) -> StatusRecorder:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.watched_throughout = self._thread.is_alive() and self.error is None
+        self._watch.stop()
+
+    def flaps(self) -> list[str]:
+        """Regressions: observedGeneration going back, or Ready leaving True and coming back
+        within one observed generation (two writers taking turns)."""
+        problems = []
+        by_name: dict[str, list[tuple[int, str]]] = {}
+        for name, _gen, observed, ready in self.events:
+            by_name.setdefault(name, []).append((observed, ready))
+        for name, seen in by_name.items():
+            for (before, _), (after, _) in itertools.pairwise(seen):
+                if after < before:
+                    problems.append(f"{name}: observedGeneration {before} -> {after}")
+            for generation in {g for g, _ in seen}:
+                states = [r for g, r in seen if g == generation]
+                collapsed = [r for i, r in enumerate(states) if i == 0 or states[i - 1] != r]
+                if "True" in collapsed and collapsed.index("True") != len(collapsed) - 1:
+                    problems.append(f"{name} generation {generation}: Ready went {collapsed}")
+        return problems
+
+
+@pytest.fixture
+def candidates(
+    crds: None, kubeconfig: str, kubectl: Kubectl, namespace: str, tmp_path: Path, unique: str
+) -> Iterator[Callable[..., OperatorProcess]]:
+    """Make operator replicas (not started) that elect a leader on one Lease."""
+    made: list[OperatorProcess] = []
+
+    def make(identity: str, *extra: str) -> OperatorProcess:
+        args = [*election_args(f"kro-{unique}", namespace, identity), *extra]
+        op = OperatorProcess(
+            kubeconfig, [namespace], tmp_path / f"operator-{identity}.log", args=args
+        )
+        made.append(op)
+        return op
+
+    yield make
+    for op in made:  # thaw a frozen one, so that it can be stopped
+        if op.proc is not None and op.proc.poll() is None:
+            op.kill(signal.SIGCONT)
+    live = [op for op in made if op.proc is not None and op.proc.poll() is None]
+    if live:
+        release_pipelines(kubectl, namespace)
+    for op in made:
+        op.stop()
+
+
+def _holder(kubectl: Kubectl, namespace: str, unique: str) -> str:
+    return str(lease_spec(kubectl, namespace, f"kro-{unique}").get("holderIdentity") or "")
+
+
+def _children(kubectl: Kubectl, namespace: str) -> tuple[dict[str, list[str]], list[str]]:
+    """Tier Deployments by pipeline (with the uid of their one controller), and ConfigMaps."""
+    deployments = json.loads(kubectl("get", "deployments", "-n", namespace, "-o", "json").stdout)[
+        "items"
+    ]
+    by_pipeline: dict[str, list[str]] = {}
+    for d in deployments:
+        (owner,) = [o for o in d["metadata"]["ownerReferences"] if o.get("controller")]
+        by_pipeline.setdefault(owner["name"], []).append(d["metadata"]["name"])
+    configmaps = kubectl(
+        "get", "configmaps", "-n", namespace, "-o", "name",
+        "-l", "app.kubernetes.io/component=topology",
+    ).stdout.split()  # fmt: skip
+    return {k: sorted(v) for k, v in by_pipeline.items()}, sorted(configmaps)
+
+
+def test_standby_takes_over_from_a_killed_leader_and_a_frozen_one(
+    candidates: Callable[..., OperatorProcess],
+    podrunner: Any,
+    k8s_api: Any,
+    kubectl: Kubectl,
+    namespace: str,
+    kafka_bootstrap: str,
+    make_topic: Callable[..., str],
+    unique: str,
+) -> None:
+    a, b = candidates("op-a"), candidates("op-b")
+    a.start()
+    wait_for(lambda: _holder(kubectl, namespace, unique) == "op-a", 30, "op-a leads")
+    b.start()
+    wait_for(lambda: "standby; op-a holds the Lease" in b.log(), 30, "op-b stands by")
+
+    def make(i: int, **spec: Any) -> dict[str, Any]:
+        doc = pipeline(f"p{i}", kafka_bootstrap, make_topic(f"src{i}"), f"g{i}-{unique}", **spec)
+        doc["spec"]["workers"] = {"replicas": 0}  # the work here is the control plane's
+        doc["spec"]["topics"]["deletionPolicy"] = "Delete"  # the teardown's finalizers clean up
+        return doc
+
+    docs = [make(i) for i in range(3)]
+    for doc in docs:
+        apply(kubectl, namespace, doc)
+    for doc in docs:
+        wait_condition(kubectl, namespace, doc["metadata"]["name"], timeout=90)
+    assert "leads" not in b.log(), "the standby reconciled while op-a led"
+
+    with StatusRecorder(k8s_api, namespace) as recorder:
+        # Changes in flight when the leader dies: a tier added, a tier removed, a delay changed
+        # and a new pipeline.
+        docs[0]["spec"]["tiers"].append({"name": "retry-3", "delaySeconds": 3})
+        docs[1]["spec"]["tiers"] = docs[1]["spec"]["tiers"][:1]
+        docs[2]["spec"]["tiers"][0]["delaySeconds"] = 5
+        docs.append(make(3))
+        for doc in docs:
+            apply(kubectl, namespace, doc)
+        a.kill()
+        killed = time.monotonic()
+        wait_for(lambda: _holder(kubectl, namespace, unique) == "op-b", LEASE_S + 10, "takeover")
+        takeover = time.monotonic() - killed
+        assert takeover <= LEASE_S + RETRY_S + 1, f"took {takeover:.1f}s (lease {LEASE_S}s)"
+        for doc in docs:
+            wait_condition(kubectl, namespace, doc["metadata"]["name"], timeout=90)
+        time.sleep(3)  # a few status refreshes (1 s apart here) more, still watched
+    print(f"takeover after kill -9: {takeover:.1f}s (lease duration {LEASE_S}s)")
+
+    assert recorder.events and recorder.watched_throughout, f"watch failed: {recorder.error}"
+    assert not recorder.flaps(), recorder.flaps()
+    deployments, configmaps = _children(kubectl, namespace)
+    assert deployments == {
+        doc["metadata"]["name"]: sorted(
+            f"{doc['metadata']['name']}-{t['name']}" for t in doc["spec"]["tiers"]
+        )
+        for doc in docs
+    }
+    assert len(configmaps) == len(docs), configmaps
+    spec = lease_spec(kubectl, namespace, f"kro-{unique}")
+    assert spec["leaseTransitions"] == 1, spec
+
+    # A frozen leader: op-b stops (SIGSTOP) past its renew deadline; a new op-a takes over;
+    # op-b, thawed, finds its deadline passed and exits before doing anything else.
+    a2 = candidates("op-a2", "--log-format=json").start()
+    wait_for(lambda: "standby; op-b holds the Lease" in a2.log(), 30, "op-a2 stands by")
+    b.kill(signal.SIGSTOP)
+    wait_for(lambda: _holder(kubectl, namespace, unique) == "op-a2", LEASE_S + 10, "takeover")
+    b.kill(signal.SIGCONT)
+    assert b.proc is not None
+    assert b.proc.wait(timeout=10) == 1
+    assert "lost the Lease" in b.log(), b.log()[-2000:]
+    docs[3]["spec"]["tiers"][0]["delaySeconds"] = 7
+    apply(kubectl, namespace, docs[3])
+    wait_condition(kubectl, namespace, "p3", timeout=90)
+
+    # Log lines carry a time and a level: text by default, JSON objects with --log-format=json.
+    text_line = re.compile(
+        r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\] \S+ +\[(DEBUG|INFO|WARNING|ERROR|CRITICAL) *\] "
+    )
+    lines = [line for line in b.log().splitlines() if line.startswith("[")]
+    assert lines and all(text_line.match(line) for line in lines), lines[:5]
+    objects = [json.loads(line) for line in a2.log().splitlines() if line.startswith("{")]
+    assert any("leads" in o["message"] for o in objects), objects[:5]
+    assert all(o["timestamp"] and o["severity"] for o in objects)
