@@ -36,6 +36,8 @@ SLF4J_VERSION = "2.0.17"
 ETCD_VERSION = "v3.6.16"
 KUBE_VERSION = "v1.34.4"
 HELM_VERSION = "v3.19.5"
+# Prometheus's Go module versions are v0.<major*100+minor>.<patch>: v0.316.0 is 3.16.0.
+PROMTOOL_VERSION = "v0.316.0"
 
 HACK = Path(__file__).resolve().parent
 CACHE = Path(
@@ -58,6 +60,7 @@ ETCD_BIN = CACHE / f"etcd-{ETCD_VERSION}" / "bin" / "etcd"
 BUILD_REVISION = "r2"  # bump when a build script changes, so caches rebuild
 KUBE_BIN = CACHE / f"kube-{KUBE_VERSION}-{BUILD_REVISION}" / "bin"
 HELM_BIN = CACHE / f"helm-{HELM_VERSION}" / "bin" / "helm"
+PROMTOOL_BIN = CACHE / f"promtool-{PROMTOOL_VERSION}" / "bin" / "promtool"
 
 KAFKA_POM = f"""<project xmlns="http://maven.apache.org/POM/4.0.0"><modelVersion>4.0.0</modelVersion>
 <groupId>local</groupId><artifactId>kafka-broker</artifactId><version>1</version>
@@ -201,6 +204,12 @@ def ensure_helm() -> None:
     _ensure_go_install(HELM_BIN, "helm.sh/helm/v3/cmd/helm", HELM_VERSION)
 
 
+def ensure_promtool() -> None:
+    """Prometheus's promtool, for the unit tests of the chart's alert rules."""
+    package = "github.com/prometheus/prometheus/cmd/promtool"
+    _ensure_go_install(PROMTOOL_BIN, package, PROMTOOL_VERSION)
+
+
 def ensure_all() -> None:
     (CACHE / "logs").mkdir(parents=True, exist_ok=True)
     with cache_lock("build"):
@@ -208,6 +217,7 @@ def ensure_all() -> None:
         _ensure_go_build(ETCD_BIN, "build-etcd.sh", ETCD_VERSION)
         _ensure_go_build(KUBE_BIN / "kube-controller-manager", "build-kube.sh", KUBE_VERSION)
         ensure_helm()
+        ensure_promtool()
 
 
 # --------------------------------------------------------------------------- processes
@@ -669,6 +679,7 @@ def env_vars() -> dict[str, str]:
         "KUBECONFIG": str(KUBECONFIG),
         "KRO_KAFKA_BOOTSTRAP": kafka_bootstrap(),
         "KRO_HELM": str(HELM_BIN),
+        "KRO_PROMTOOL": str(PROMTOOL_BIN),
         "KRO_UNPRIVILEGED_KUBECONFIG": str(RUN / "kubeconfig-nobody"),
         "KRO_RUN": str(RUN),
     }
