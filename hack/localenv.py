@@ -321,7 +321,18 @@ def _port_open(port: int) -> bool:
 def start_kafka() -> None:
     if KAFKA.pid() is not None:
         return
-    data = RUN / "kafka"
+    _start_broker(KAFKA, RUN / "kafka", KAFKA_PORT, KAFKA_CONTROLLER_PORT)
+
+
+def _start_broker(
+    server: Server,
+    data: Path,
+    port: int,
+    controller_port: int,
+    overrides: dict[str, str] | None = None,
+) -> None:
+    """A single-node KRaft broker in `data` (emptied first); `overrides` are broker settings
+    added to (or replacing) ours."""
     shutil.rmtree(data, ignore_errors=True)
     data.mkdir(parents=True)
     props = data / "server.properties"
@@ -330,10 +341,9 @@ def start_kafka() -> None:
             [
                 "process.roles=broker,controller",
                 "node.id=1",
-                f"controller.quorum.voters=1@127.0.0.1:{KAFKA_CONTROLLER_PORT}",
-                f"listeners=PLAINTEXT://127.0.0.1:{KAFKA_PORT},"
-                f"CONTROLLER://127.0.0.1:{KAFKA_CONTROLLER_PORT}",
-                f"advertised.listeners=PLAINTEXT://127.0.0.1:{KAFKA_PORT}",
+                f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
+                f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
                 "controller.listener.names=CONTROLLER",
                 "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
                 "inter.broker.listener.name=PLAINTEXT",
@@ -357,6 +367,7 @@ def start_kafka() -> None:
                 "delete.topic.enable=true",
                 "num.partitions=1",
                 "log.segment.bytes=16777216",
+                *(f"{k}={v}" for k, v in (overrides or {}).items()),
             ]
         )
         + "\n"
@@ -377,9 +388,36 @@ def start_kafka() -> None:
             "-c",
             str(props),
         ],
-        RUN / "logs" / "kafka-format.log",
+        RUN / "logs" / f"{server.name}-format.log",
     )
-    KAFKA.start([*java, "kafka.Kafka", str(props)])
+    server.start([*java, "kafka.Kafka", str(props)])
+
+
+@contextlib.contextmanager
+def extra_kafka(name: str, overrides: dict[str, str], timeout: float = 180) -> Iterator[str]:
+    """Another broker, for a test that needs broker settings ours do not have (a Kafka
+    setting that is cluster-wide and read-only, like offsets.retention.minutes); yields its
+    bootstrap servers and stops it after."""
+    server = Server(name)
+    server.stop()
+    port = _free_port()
+    data = RUN / name
+    server.bring_up(
+        lambda: _start_broker(server, data, port, _free_port(), overrides),
+        lambda: _broker_ready(f"127.0.0.1:{port}"),
+        timeout,
+    )
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _kafka_uuid() -> str:
@@ -389,12 +427,14 @@ def _kafka_uuid() -> str:
 
 
 def kafka_ready() -> bool:
+    return _broker_ready(kafka_bootstrap())
+
+
+def _broker_ready(bootstrap: str) -> bool:
     from confluent_kafka.admin import AdminClient
 
     # log_level 2: "connection refused" while the broker boots is expected, not news.
-    admin = AdminClient(
-        {"bootstrap.servers": kafka_bootstrap(), "socket.timeout.ms": 2000, "log_level": 2}
-    )
+    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 2000, "log_level": 2})
     md = admin.list_topics(timeout=2)
     return bool(md.brokers)
 

@@ -138,12 +138,12 @@ def operator(
 
 
 def release_pipelines(kubectl: Kubectl, namespace: str, timeout: int = 60) -> None:
-    """Delete the namespace's pipelines while the operator still runs (its finalizer would
-    otherwise keep the namespace terminating forever); strip the finalizer of any left."""
-    kubectl(
-        "delete", "retrypipelines", "--all", "-n", namespace, f"--timeout={timeout}s", check=False
-    )
-    left = kubectl("get", "retrypipelines", "-n", namespace, "-o", "name", check=False)
+    """Delete the namespace's replays and pipelines while the operator still runs (its
+    finalizers would otherwise keep the namespace terminating forever); strip the finalizer of
+    any left."""
+    for kind in ("dlqreplays", "retrypipelines"):
+        kubectl("delete", kind, "--all", "-n", namespace, f"--timeout={timeout}s", check=False)
+    left = kubectl("get", "dlqreplays,retrypipelines", "-n", namespace, "-o", "name", check=False)
     for name in left.stdout.split():
         kubectl(
             "patch",

@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
+import urllib.request
 from collections import defaultdict
 from typing import Any
 
 import pytest
 
 from dlq_support import (
+    BIN,
     FixedService,
     cli,
     fill_dlq,
@@ -294,3 +297,140 @@ def test_missing_pipeline_and_unknown_tier_are_rejected_with_a_reason(
     proc = cli("dlq", "replay", "orders", "--target-tier", "retry-9", "-n", namespace,
                "--kubeconfig", kubeconfig)  # fmt: skip
     assert proc.returncode == 1 and "has no tier 'retry-9'" in proc.stderr
+
+
+def _lease(kubectl: Kubectl, namespace: str) -> dict[str, Any] | None:
+    rp = get(kubectl, namespace, "rp", "orders") or {}
+    lease = (rp.get("status") or {}).get("replayLease")
+    return dict(lease) if lease else None
+
+
+def test_two_operators_run_one_replay_once(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str,  # noqa: F811
+    kafka_bootstrap: str, make_topic: Any, unique: str, kubeconfig: str, tmp_path: Any,
+    cleanup_topics: list[str],  # noqa: F811
+) -> None:  # fmt: skip
+    """The replay lock is the lease on the pipeline's status, not a process's memory: a second
+    operator watching the same namespace does not replay the same DLQ again."""
+    dlq, retry1 = _pipeline(kubectl, namespace, kafka_bootstrap, make_topic, unique,
+                            cleanup_topics)  # fmt: skip
+    count = 300
+    fill_dlq(kafka_bootstrap, dlq, count)
+    second = OperatorProcess(kubeconfig, [namespace], tmp_path / "second.log").start()
+
+    def second_watches() -> bool:  # it has seen the pipeline: its watches are up
+        try:
+            with urllib.request.urlopen(second.metrics_url, timeout=5) as r:
+                return 'pipeline="orders"' in r.read().decode()
+        except OSError:
+            return False
+
+    wait_for(second_watches, 60, "the second operator watching", every=1)
+    leases = []
+
+    def succeeded() -> dict[str, Any] | None:
+        leases.append(_lease(kubectl, namespace))
+        status = _status(kubectl, namespace, "once")
+        return status if status.get("phase") == "Succeeded" else None
+
+    try:
+        _replay(kubectl, namespace, "once", maxMessagesPerSecond=30)
+        status = wait_for(succeeded, 90, "once Succeeded")
+        time.sleep(3)  # a second replayer, if any, would still be sending
+    finally:
+        second.stop()
+    records = replayed_records(kafka_bootstrap, retry1, status["replayId"], expect=count)
+    _exactly_once(records, count)
+    assert status["replayed"] == count
+    held = [lease for lease in leases if lease]
+    assert held and {lease["replay"] for lease in held} == {"once"}, held
+    assert all(lease["holder"].startswith("operator/") for lease in held)
+    wait_for(lambda: _lease(kubectl, namespace) is None, 30, "the lease released")
+
+
+def test_direct_replays_and_dlqreplays_honour_one_lease(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str,  # noqa: F811
+    kafka_bootstrap: str, make_topic: Any, unique: str, kubeconfig: str,
+    cleanup_topics: list[str],  # noqa: F811
+) -> None:  # fmt: skip
+    dlq, retry1 = _pipeline(kubectl, namespace, kafka_bootstrap, make_topic, unique,
+                            cleanup_topics)  # fmt: skip
+    count = 150
+    fill_dlq(kafka_bootstrap, dlq, count)
+    kube = ("-n", namespace, "--kubeconfig", kubeconfig)
+
+    # A direct replay holds the lease: a DLQReplay waits for it, naming it.
+    direct = subprocess.Popen(
+        [str(BIN / "kafka-retry"), "dlq", "replay", "orders", "--direct", "--rate", "15", *kube],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: _depth(kafka_bootstrap, dlq) < count, 30, "the direct replay going")
+        _replay(kubectl, namespace, "after")
+        waiting = wait_for(
+            lambda: (s := _status(kubectl, namespace, "after")).get("conditions") and s, 30,
+            "after's status",
+        )  # fmt: skip
+        reason = waiting["conditions"][0]
+        assert waiting["phase"] == "Pending", waiting
+        assert reason["reason"] == "WaitingForReplay" and "direct:" in reason["message"], reason
+        held = _lease(kubectl, namespace)
+        assert held is not None and held["replay"].startswith("direct:")
+        assert held["holder"].startswith("kafka-retry/")
+        _out, err = direct.communicate(timeout=60)
+    finally:
+        if direct.poll() is None:
+            direct.kill()
+    assert direct.returncode == 0, err
+    direct_id = held["replay"].removeprefix("direct:")
+    after = _wait_phase(kubectl, namespace, "after", "Succeeded", operator)
+    assert after["replayed"] == 0, "the direct replay took them all"
+    _exactly_once(replayed_records(kafka_bootstrap, retry1, direct_id, expect=count), count)
+
+    # A DLQReplay holds it: a direct replay refuses; deleting the DLQReplay stops it and
+    # gives the lease back, so the next replay starts at once and takes exactly the rest.
+    fill_dlq(kafka_bootstrap, dlq, count, first=count)
+    _replay(kubectl, namespace, "slow", maxMessagesPerSecond=5)  # 30 s for all
+    wait_for(lambda: _status(kubectl, namespace, "slow").get("replayed", 0) >= 10, 60, "10")
+    refused = cli("dlq", "replay", "orders", "--direct", *kube)
+    assert refused.returncode == 1 and "slow" in refused.stderr, refused.stderr
+    kubectl("delete", "dlqreplay", "slow", "-n", namespace, "--timeout=60s")
+    wait_for(lambda: _lease(kubectl, namespace) is None, 30, "the lease released")
+    _replay(kubectl, namespace, "rest")
+    rest = _wait_phase(kubectl, namespace, "rest", "Succeeded", operator)
+    assert 0 < rest["replayed"] < count
+    theirs = replayed_records(kafka_bootstrap, retry1, rest["replayId"], expect=rest["replayed"])
+    _exactly_once(theirs, rest["replayed"])
+    assert _depth(kafka_bootstrap, dlq) == 0
+
+
+def test_events_a_filtered_replay_sent_past_its_cursor_are_marked(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str,  # noqa: F811
+    kafka_bootstrap: str, make_topic: Any, unique: str, kubeconfig: str,
+    cleanup_topics: list[str],  # noqa: F811
+) -> None:  # fmt: skip
+    """A replay of the timeouts only: after the first bad order of a partition, the timeouts
+    it replays stay counted as waiting. `dlq list` and `status` say which, and by whom."""
+    dlq, _ = _pipeline(kubectl, namespace, kafka_bootstrap, make_topic, unique, cleanup_topics)
+    fill_dlq(kafka_bootstrap, dlq, 40)  # every fourth a BadOrder, the others ReadTimeouts
+    _replay(kubectl, namespace, "timeouts", filter={"errorClasses": ["ReadTimeout"]})
+    status = _wait_phase(kubectl, namespace, "timeouts", "Succeeded", operator)
+    past = sum(p.get("replayedPastCursor", 0) for p in status["partitions"])
+    assert past > 0, status["partitions"]
+    kube = ("-n", namespace, "--kubeconfig", kubeconfig)
+
+    listed = cli("dlq", "list", "orders", "-o", "json", "--limit", "0", *kube)
+    assert listed.returncode == 0, listed.stderr
+    events = json.loads(listed.stdout)
+    marked = [e for e in events if e.get("replayedBy") == "timeouts"]
+    assert len(marked) == past
+    assert all(e["errorClass"].endswith("ReadTimeout") for e in marked)
+    unmarked = [e for e in events if "replayedBy" not in e]
+    assert all(e["errorClass"].endswith("BadOrder") for e in unmarked)
+    assert f"{past} waiting event(s) were replayed already ({past} by timeouts)" in listed.stderr
+
+    table = cli("dlq", "list", "orders", "--limit", "0", *kube)
+    assert table.stdout.splitlines()[0].split()[-1] == "STATE"
+    assert table.stdout.count("replayed by timeouts") == past, table.stdout
+    shown = cli("status", "orders", *kube)
+    assert f"{past} waiting event(s) were replayed already" in shown.stdout, shown.stdout

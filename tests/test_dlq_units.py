@@ -3,10 +3,13 @@ status, turn-taking between replays, and the CLI's argument errors."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 
 from dlq_support import cli
 from kafka_retry import headers as h
+from kafka_retry import replay_lease
 from kafka_retry import replay_resource as rr
 from kafka_retry.dlq import DlqRecord, EventFilter, parse_time, printable
 from kafka_retry.dlq_replay import (
@@ -23,6 +26,7 @@ from kafka_retry.model import (
     Handler,
     HttpHandler,
     ReplayFilter,
+    ReplayLease,
     ResolvedTier,
     Topology,
 )
@@ -153,8 +157,25 @@ def test_one_replay_per_pipeline_first_come_first_served() -> None:
     assert rr.blocker("c", [a, b, c, d]) == "b"
     assert rr.blocker("d", [a, c, d]) == "c"
     assert rr.blocker("c", [a, c, d]) is None
-    assert rr.blocker("c", [a, c, d], claimed=["d"]) == "d"
     assert rr.blocker("b", [a, b, c, d]) is None
+
+
+def test_a_lease_expires_its_duration_after_its_last_renewal() -> None:
+    lease = ReplayLease(
+        replay="r",
+        holder="operator/h/1",
+        acquire_time="2024-01-01T00:00:00.000000Z",
+        renew_time="2024-01-01T00:00:10.000000Z",
+        lease_duration_seconds=15,
+    )
+    at = datetime(2024, 1, 1, 0, 0, 24, 999_000, tzinfo=UTC)
+    assert not replay_lease.expired(lease, at)
+    assert replay_lease.expired(lease, at + timedelta(milliseconds=1))
+    obj = {"status": {"replayLease": lease.wire()}}
+    assert replay_lease.held(obj, at) == lease
+    assert replay_lease.held(obj, at + timedelta(seconds=1)) is None
+    assert replay_lease.held({"status": {"replayLease": {"replay": "r"}}}) is None  # malformed
+    assert replay_lease.expired(lease.model_copy(update={"renew_time": "yesterday"}))
 
 
 def test_printable_payloads() -> None:

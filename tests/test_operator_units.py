@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from kubernetes.client.exceptions import ApiException
 from kafka_retry import depth
 from kafka_retry.kafka_secret import KafkaSecret, SecretNotFound
 from kafka_retry.model import RetryPipelineSpec, Topology
-from kafka_retry_operator import children, secret_rotation, topics
+from kafka_retry_operator import children, offset_keeper, secret_rotation, topics
 from kafka_retry_operator import conditions as c
 from kafka_retry_operator import status as st
 from kafka_retry_operator.config import ConfigError, OperatorConfig
@@ -346,6 +347,17 @@ def test_compose_ready_status() -> None:
     assert st.dlq_growth(s, again) is None
 
 
+def test_an_emptied_dlq_drops_its_oldest_timestamp_once() -> None:
+    full = st.compose(_record(), Sample(0.0, {}, 2, 1_700_000_000_000), None, _workers(), {})
+    empty = st.compose(_record(), Sample(1.0, {}, 0, None), None, _workers(), full, at="T2")
+    assert empty["dlq"] == {"depth": 0, "lastUpdated": "T2"}
+    patch = st.merge_patch(full, empty)
+    assert patch["dlq"] == {"depth": 0, "lastUpdated": "T2", "oldestTimestamp": None}
+    written = {**full, **empty}  # what the API server holds after the merge patch
+    again = st.compose(_record(), Sample(2.0, {}, 0, None), None, _workers(), written, at="T3")
+    assert not st.differs(written, again)
+
+
 def test_compose_not_ready_and_unreachable() -> None:
     s = st.compose(_record(), None, ClusterHealth(False, "down"), _workers(ready=1), {}, at="T")
     conds = {x["type"]: x for x in s["conditions"]}
@@ -360,6 +372,34 @@ def test_suspended_is_ready_with_reason() -> None:
     s = st.compose(_record(replicas=0, suspended=True), None, None, workers, {}, at="T")
     conds = {x["type"]: x for x in s["conditions"]}
     assert (conds["Ready"]["status"], conds["Ready"]["reason"]) == ("True", "Suspended")
+
+
+def test_a_stopped_tiers_oldest_event_near_its_retention_is_at_risk() -> None:
+    workers = {t: st.TierWorkers(t, 0, 0, 0, True) for t in ("retry-1", "retry-2")}
+    record = _record(replicas=0, suspended=True)
+    now = 1_700_000_000.0
+    day_ms = 24 * 3600 * 1000
+
+    def ready(oldest_ms: float) -> dict[str, Any]:
+        sample = Sample(now, {}, None, None, {"retry-2": int(oldest_ms)})
+        s = st.compose(record, sample, None, workers, {}, at="T", now_s=now)
+        return next(x for x in s["conditions"] if x["type"] == "Ready")
+
+    safe = ready(now * 1000 - day_ms)  # a week's retention: six days left
+    assert (safe["status"], safe["reason"]) == ("True", "Suspended")
+    assert "the oldest (on retry-2, from 2023-11-13T22:13:20.000Z) is kept until" in safe["message"]
+    risky = ready(now * 1000 - 6.5 * day_ms)  # twelve hours left
+    assert (risky["status"], risky["reason"]) == ("False", "EventsAtRisk")
+    assert "retry-2" in risky["message"] and "resume the pipeline" in risky["message"]
+
+
+def test_idle_group_offsets_are_refreshed_every_quarter_of_the_retention() -> None:
+    at = datetime(2024, 1, 1, tzinfo=UTC)
+    assert offset_keeper.due({}, 3600, at)
+    last = {"lastOffsetRefreshTime": "2024-01-01T00:00:00Z"}
+    assert not offset_keeper.due(last, 3600, at + timedelta(seconds=899))
+    assert offset_keeper.due(last, 3600, at + timedelta(seconds=900))
+    assert offset_keeper.due({"lastOffsetRefreshTime": "garbage"}, 3600, at)
 
 
 def test_dlq_growth() -> None:

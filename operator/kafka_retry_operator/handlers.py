@@ -5,8 +5,9 @@
 - reconcile (create/update/resume): parse the spec once, then `reconciler.reconcile`.
 - finalize (delete): topics per `deletionPolicy`; children go by owner references.
 - refresh_status (timer): status from memory (the sampler's batched measurements and the
-  Deployment index), written only when it changed; an Event when the DLQ grows; a rotated
-  Kafka Secret noticed (`secret_rotation`) and handed to reconcile.
+  Deployment index), written only when it changed; an Event when the DLQ grows; the idle
+  groups' committed offsets kept from expiring (`offset_keeper`); a rotated Kafka Secret
+  noticed (`secret_rotation`) and handed to reconcile.
 - tier_workers (index): the tier Deployments' replica counts, so no handler lists them.
 - pipeline_claims (index): the Kafka names every pipeline claims (`claims`), so that of two
   overlapping pipelines the younger creates nothing and deletes nothing of the older's.
@@ -25,7 +26,8 @@ import kopf
 from pydantic import ValidationError
 
 from kafka_retry.model import GROUP, LABEL_PIPELINE, LABEL_TIER, VERSION, RetryPipelineSpec
-from kafka_retry_operator import children, claims, reconciler, secret_rotation
+from kafka_retry.replay_lease import Lease
+from kafka_retry_operator import children, claims, offset_keeper, reconciler, secret_rotation
 from kafka_retry_operator import replay as replay  # registers the DLQReplay handlers
 from kafka_retry_operator import status as st
 from kafka_retry_operator.config import ENV_METRICS_PORT, OperatorConfig
@@ -33,6 +35,8 @@ from kafka_retry_operator.fleet import PipelineKey, PipelineRecord
 from kafka_retry_operator.kube import SECRET_VERSION_SEEN, api_client
 from kafka_retry_operator.runtime import Runtime, runtime_of
 from kafka_retry_operator.topics import Retry
+
+log = logging.getLogger(__name__)
 
 PLURAL = "retrypipelines"
 # Read at import: kopf takes a timer's interval when the handler is registered.
@@ -185,7 +189,7 @@ def reconcile(
             raise kopf.PermanentError(f"invalid spec: {message}") from None
         record, verdict = reconciler.reconcile(rt, body, parsed, _claims(kwargs), logger)
         new = _status(rt, record, kwargs, status)
-        patch.status.update(new)
+        patch.status.update(st.merge_patch(status, new))
         rt.metrics.pipeline_status(key, new)
         if verdict.retry is Retry.LATER:
             raise kopf.TemporaryError(
@@ -246,7 +250,7 @@ async def refresh_status(
         return
     new = _status(rt, record, kwargs, status)
     if st.differs(status, new):
-        patch.status.update(new)
+        patch.status.update(st.merge_patch(status, new))
     rt.metrics.pipeline_status(key, new, record)
     grew = st.dlq_growth(status, new)
     if grew:
@@ -257,6 +261,11 @@ async def refresh_status(
             message=f"DLQ depth grew from {grew[0]} to {grew[1]} events "
             f"(topic {record.topology.dlq_topic})",
         )
+    health = rt.sampler.health(record.cluster)
+    if health is not None and health.reachable:
+        retention = health.offsets_retention_s or offset_keeper.FALLBACK_RETENTION_S
+        if offset_keeper.due(status, retention):
+            await asyncio.to_thread(_keep_offsets, rt, record)
     if record.secret and rt.secret_checks.due(key, time.monotonic()):
         rotated = await asyncio.to_thread(
             secret_rotation.rotated_version, rt.kube, namespace or "", *record.secret
@@ -270,6 +279,20 @@ async def refresh_status(
                 reason="KafkaSecretRotated",
                 message=f"Secret {record.secret[0]} changed: reconciling, tier workers roll",
             )
+
+
+def _keep_offsets(rt: Runtime, record: PipelineRecord) -> None:
+    admin = rt.admins.admin(record.cluster) if record.cluster is not None else None
+    if admin is None:
+        return
+    namespace, name = record.key
+    lease = Lease(rt.kube.core.api_client, namespace, name, offset_keeper.LEASE_NAME, replay.HOLDER)
+    try:
+        offset_keeper.refresh(
+            lease, admin, record.topology, record.replicas == 0, rt.config.kafka_timeout
+        )
+    except Exception as e:  # tried again at the next pass
+        log.warning("%s/%s: offsets not refreshed: %s", namespace, name, e)
 
 
 def _status(

@@ -1,28 +1,34 @@
 """The DLQReplay handler: the operator executes replays with the data plane's engine
 (`kafka_retry.dlq_replay`), one per pipeline at a time, with progress and checkpoints in status.
 
-Each active DLQReplay gets a thread of its own (not kopf's handler pool, so a long replay or a
-queue of waiting ones never starves reconciles), started and fed by a kopf event handler. No
-finalizer: deleting a DLQReplay never waits for the operator (what was replayed stays
-replayed), and a replay deleted mid-run just stops.
+Each active DLQReplay (not Succeeded, Failed or Cancelled) is a kopf daemon, started for it
+wherever it is seen (at startup too) and stopped when it is deleted or the operator exits. The
+daemon is async and waits without a thread; the replay itself, which blocks on Kafka, runs on
+a thread of its own while the daemon renews the lease, so a long replay or a queue of waiting
+ones never starves reconciles. Unexpected errors (the API server away) end the daemon with a
+`TemporaryError`, and kopf runs it again after a back-off.
 
-1. Terminal phases (Succeeded, Failed, Cancelled) are left alone.
+1. Terminal phases are left alone (the daemon's filter no longer matches them).
 2. Validation: the pipeline must exist (`PipelineNotFound`) and parse (`InvalidPipeline`), the
    target tier must be one of its tiers (`UnknownTier`) whose topic is neither the source nor
    the DLQ topic (`InvalidTarget`), the filter's times RFC 3339 (`InvalidSpec`). -> Failed.
-3. Its turn (`replay_resource.blocker`): Pending with reason `WaitingForReplay` while another
-   replay of the pipeline runs or an older one waits.
+3. Its turn: Pending with reason `WaitingForReplay` while another replay of the pipeline runs
+   or an older one waits (`replay_resource.blocker`), then the pipeline's replay lease
+   (`kafka_retry.replay_lease`, on the RetryPipeline's status) is taken: it is what keeps two
+   operators, or the operator and `kafka-retry dlq replay --direct`, from replaying at once.
 4. Running: a snapshot of the DLQ's end offsets and a checkpoint go into status, updated about
    every second after the broker acknowledged everything sent. A restarted operator resumes
-   from the checkpoint (the engine skips what it had already sent).
-5. `spec.cancel: true` -> Cancelled with the counts so far; stopping the operator only
-   interrupts (the next one resumes). Kafka errors are retried with back-off from the last
-   checkpoint, `MAX_ATTEMPTS` times, then Failed with reason `KafkaError`.
+   from the checkpoint (the engine skips what it had already sent) once it holds the lease:
+   at once after a clean stop, which releases it, or when it expires after a crash.
+5. `spec.cancel: true` -> Cancelled with the counts so far; deleting the DLQReplay or stopping
+   the operator only interrupts (what was replayed stays replayed; the next operator resumes
+   a replay that still exists). Kafka errors are retried with back-off from the last
+   checkpoint, `MAX_ATTEMPTS` times in a row, then Failed with reason `KafkaError`.
 """
 
 from __future__ import annotations
 
-import copy
+import asyncio
 import logging
 import threading
 from collections.abc import Mapping
@@ -33,11 +39,13 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from kafka_retry import replay_lease
 from kafka_retry import replay_resource as rr
 from kafka_retry.dlq import DlqError, EventFilter, KafkaAccess, TopicNotFound
 from kafka_retry.dlq_replay import Checkpoint, InvalidTarget, Outcome, Replayer, ReplayResult
 from kafka_retry.kafka_secret import SecretNotFound
 from kafka_retry.model import GROUP, VERSION, DLQReplaySpec, DLQReplayStatus, RetryPipelineSpec
+from kafka_retry.replay_lease import Lease, LeaseLost
 from kafka_retry_operator import conditions as c
 from kafka_retry_operator.kafka_admin import InvalidKafkaSettings
 from kafka_retry_operator.runtime import Runtime, runtime_of
@@ -47,6 +55,9 @@ log = logging.getLogger(__name__)
 CONDITION = "Succeeded"  # like a Job's: Unknown while pending or running
 MAX_ATTEMPTS = 5
 TURN_POLL_S = 2.0
+STOP_TIMEOUT_S = 30.0  # a stopped replay writes its last checkpoint within this
+# This process as a lease holder: a replay resumed by another process waits for the lease.
+HOLDER = replay_lease.identity("operator")
 
 # Reasons (status.conditions[0].reason), documented in docs/dlq.md.
 WAITING_FOR_REPLAY = "WaitingForReplay"
@@ -62,151 +73,169 @@ KAFKA_ERROR = "KafkaError"
 TOPIC_NOT_FOUND = "TopicNotFound"
 KAFKA_SECRET_NOT_FOUND = "KafkaSecretNotFound"
 
-_turns_lock = threading.Lock()
-_claimed: dict[tuple[str, str], str] = {}  # (namespace, pipeline) -> the replay running it
-
 
 class _Finished(Exception):
-    """The replay reached a terminal phase; its status is written."""
+    """The replay reached a terminal phase (its status is written), or is gone."""
 
 
 @kopf.on.event(GROUP, VERSION, rr.PLURAL)
-def replay_events(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Every DLQReplay event (and each object at startup) lands here; cheap bookkeeping."""
-    _jobs.observe(runtime_of(memo), event.get("type"), body)
+def replay_phases(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Every DLQReplay's phase, for the `kafka_retry_operator_replays` metric."""
+    uid = str(body.get("metadata", {}).get("uid") or "")
+    phase = (body.get("status") or {}).get("phase") or rr.PENDING
+    runtime_of(memo).metrics.replay_phase(uid, None if event.get("type") == "DELETED" else phase)
 
 
-@kopf.on.cleanup()
-def stop_replays(**_: Any) -> None:
-    """Running replays write a last checkpoint; the next operator resumes them."""
-    _jobs.stop_all(timeout=30)
+def _active(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") not in rr.TERMINAL
 
 
-class _Jobs:
-    """The replay threads of this process, by object uid."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._jobs: dict[str, ReplayJob] = {}
-        self._finished: set[str] = set()  # stale events must not restart these
-
-    def observe(self, rt: Runtime, event_type: str | None, body: Mapping[str, Any]) -> None:
-        meta = body.get("metadata") or {}
-        uid = str(meta.get("uid") or "")
-        phase = (body.get("status") or {}).get("phase")
-        rt.metrics.replay_phase(uid, None if event_type == "DELETED" else phase or rr.PENDING)
-        with self._lock:
-            job = self._jobs.get(uid)
-            if event_type == "DELETED":
-                self._finished.discard(uid)
-                if job is not None:
-                    job.stop.set()  # what was replayed stays replayed
-                return
-            if job is not None:
-                job.latest = copy.deepcopy(dict(body))  # spec.cancel is seen from here
-                return
-            if uid in self._finished or phase in rr.TERMINAL:
-                return
-            job = ReplayJob(rt, str(meta.get("namespace") or ""), str(meta.get("name")), body)
-            self._jobs[uid] = job
-        thread = threading.Thread(target=self._run, args=(uid, job), name=f"replay-{job.key}")
-        thread.daemon = True  # `stop_replays` lets it write its last checkpoint first
-        thread.start()
-
-    def _run(self, uid: str, job: ReplayJob) -> None:
-        try:
-            finished = job.run()
-        finally:
-            with self._lock:
-                self._jobs.pop(uid, None)
-                if finished:
-                    self._finished.add(uid)
-
-    def stop_all(self, timeout: float) -> None:
-        with self._lock:
-            jobs = list(self._jobs.values())
-        for job in jobs:
-            job.stop.set()
-        for job in jobs:
-            job.done.wait(timeout)
-
-
-_jobs = _Jobs()
+@kopf.daemon(GROUP, VERSION, rr.PLURAL, when=_active, cancellation_timeout=STOP_TIMEOUT_S)
+async def run_replay(
+    name: str,
+    namespace: str | None,
+    body: kopf.Body,
+    stopped: kopf.DaemonStopped,
+    memo: kopf.Memo,
+    retry: int,
+    **_: Any,
+) -> None:
+    rt = runtime_of(memo)
+    job = ReplayJob(rt, namespace or "", name, body, attempt=retry)
+    try:
+        replayer = await asyncio.to_thread(job.prepare)
+        if await job.take_turn(stopped):
+            await job.replay(replayer, stopped)
+    except _Finished:
+        return
+    except LeaseLost as e:
+        raise kopf.TemporaryError(f"{e}; waiting for it again", delay=TURN_POLL_S) from None
+    except Exception as e:  # the API server away, ...: kopf runs the daemon again
+        delay = rt.config.backoff(retry)
+        log.warning("dlqreplay %s: %s; retrying in %.0fs", job.key, e, delay)
+        raise kopf.TemporaryError(str(e), delay=delay) from e
+    finally:
+        await asyncio.to_thread(job.close)
 
 
 class ReplayJob:
-    """One DLQReplay, from validation to a terminal phase (or an interruption), on its own
-    thread. Unexpected errors (the API server away) are retried with back-off."""
+    """One DLQReplay, from validation to a terminal phase (or an interruption). The methods
+    that block (API calls, Kafka) run off the event loop."""
 
-    def __init__(self, rt: Runtime, namespace: str, name: str, body: Mapping[str, Any]) -> None:
+    def __init__(
+        self, rt: Runtime, namespace: str, name: str, body: kopf.Body, attempt: int = 0
+    ) -> None:
         self.rt = rt
+        self.attempt = attempt  # earlier runs of this daemon that failed
         self.namespace = namespace
         self.name = name
         self.key = f"{namespace}/{name}"
-        self.latest = copy.deepcopy(dict(body))
-        self.stop = threading.Event()
-        self.done = threading.Event()
+        self.body = body  # kopf's live view: spec.cancel is seen here
+        self.stop = threading.Event()  # the replay thread's stop (deletion, exit, lease lost)
         self.custom: Any = client.CustomObjectsApi(rt.kube.core.api_client)
+        self.latest: Mapping[str, Any] = dict(body)
         self.status = DLQReplayStatus.model_validate(dict(body.get("status") or {}))
+        self.lease: Lease | None = None
         self._owner = f"dlqreplay:{self.key}"
 
     # ------------------------------------------------------------------ flow
 
-    def run(self) -> bool:
-        """True once a terminal phase is written; False when stopped (or deleted)."""
-        failures = 0
+    def prepare(self) -> Replayer:
+        """The replay as it is now, validated; _Finished when it is done or invalid."""
+        self._refresh()
+        spec = self._spec()
+        event_filter = self._filter(spec)
+        pipeline_spec = self._pipeline(spec.pipeline)
+        topology = pipeline_spec.topology(self.namespace, spec.pipeline)
+        replayer = self._replayer(spec, topology, pipeline_spec, event_filter)
+        self.lease = Lease(self.custom.api_client, self.namespace, spec.pipeline, self.name, HOLDER)
+        return replayer
+
+    async def take_turn(self, stopped: kopf.DaemonStopped) -> bool:
+        """Wait until this replay holds its pipeline's lease; False if stopped meanwhile."""
+        while not stopped:
+            if await asyncio.to_thread(self._try_turn):
+                return True
+            await stopped.wait(TURN_POLL_S)
+        return False
+
+    async def replay(self, replayer: Replayer, stopped: kopf.DaemonStopped) -> None:
+        """Run the replay on a thread of its own, renewing the lease meanwhile; a stop or a
+        lost lease interrupts it (after its last checkpoint)."""
+        assert self.lease is not None
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()  # the thread's exception, or None
+
+        def settle(error: BaseException | None) -> None:
+            if not done.done():
+                done.set_result(error)
+
+        def work() -> None:
+            error: BaseException | None = None
+            try:
+                self._replay(replayer)
+            except BaseException as e:
+                error = e
+            loop.call_soon_threadsafe(settle, error)
+
+        threading.Thread(target=work, name=f"replay-{self.key}", daemon=True).start()
+        lost: LeaseLost | None = None
         try:
-            while not self.stop.is_set():
+            while not done.done():
+                tick: asyncio.Future[Any] = asyncio.ensure_future(
+                    stopped.wait(replay_lease.RENEW_EVERY_S)
+                )
+                await asyncio.wait({done, tick}, return_when=asyncio.FIRST_COMPLETED)
+                tick.cancel()
+                if done.done():
+                    break
+                if stopped:
+                    self.stop.set()
+                    break
                 try:
-                    self._refresh()
-                    self._run()
-                    return False  # stopped
-                except _Finished:
-                    return True
-                except Exception as e:
-                    delay = self.rt.config.backoff(failures)
-                    failures += 1
-                    log.warning("dlqreplay %s: %s; retrying in %.0fs", self.key, e, delay)
-                    self.stop.wait(delay)
-            return False
+                    await asyncio.to_thread(self.lease.renew)
+                except LeaseLost as e:
+                    log.warning("dlqreplay %s: %s; interrupting", self.key, e)
+                    lost = e
+                    self.stop.set()
+                    break
+                except Exception as e:  # the API server away: renew at the next tick
+                    log.warning("dlqreplay %s: lease not renewed: %s", self.key, e)
+            error = await asyncio.shield(done)
+        except asyncio.CancelledError:
+            self.stop.set()  # kopf gave up waiting: the thread still stops at its next event
+            raise
+        if error is not None:
+            raise error
+        if lost is not None:
+            raise lost
+
+    def close(self) -> None:
+        """Give the lease back (a replay that resumes elsewhere need not wait for it to
+        expire) and the Kafka client; the pipeline's DLQ depth may have changed."""
+        try:
+            if self.lease is not None:
+                self.lease.release()
+        except Exception as e:  # it expires on its own
+            log.warning("dlqreplay %s: lease not released: %s", self.key, e)
         finally:
             self.rt.admins.release(self._owner)
-            self.done.set()
+            self.rt.sampler.wake()
 
     def _refresh(self) -> None:
-        """The object as it is now (an event may be stale); gone means stop."""
+        """The object as it is now; _Finished when terminal or gone."""
         try:
             obj = self.custom.get_namespaced_custom_object(
                 GROUP, VERSION, self.namespace, rr.PLURAL, self.name
             )
         except ApiException as e:
             if e.status == 404:
-                self.stop.set()
-                return
+                raise _Finished() from None
             raise
-        self.latest = obj
         self.status = DLQReplayStatus.model_validate(obj.get("status") or {})
         if self.status.phase in rr.TERMINAL:
             raise _Finished()
-
-    def _run(self) -> None:
-        if self.stop.is_set():
-            return
-        spec = self._spec()
-        event_filter = self._filter(spec)
-        pipeline_spec = self._pipeline(spec.pipeline)
-        topology = pipeline_spec.topology(self.namespace, spec.pipeline)
-        replayer = self._replayer(spec, topology, pipeline_spec, event_filter)
-        key = (self.namespace, spec.pipeline)
-        if not self._take_turn(key):
-            return
-        try:
-            self._replay(replayer, spec)
-        finally:
-            with _turns_lock:
-                if _claimed.get(key) == self.name:
-                    del _claimed[key]
-            self.rt.sampler.wake()  # the pipeline's DLQ depth changed
+        self.latest = obj
 
     def _spec(self) -> DLQReplaySpec:
         try:
@@ -280,65 +309,63 @@ class ReplayJob:
             timeout=self.rt.config.kafka_timeout,
         )
 
-    def _take_turn(self, key: tuple[str, str]) -> bool:
-        """Wait until this replay may run; False if stopped meanwhile."""
-        while not self.stop.is_set():
-            if self._cancel_requested() and self.status.phase == rr.PENDING:
-                self._finish("Cancelled", CANCELLED, "cancelled before it started")
-            with _turns_lock:
-                holder = _claimed.get(key)
-                if holder is None or holder == self.name:
-                    if self.status.phase == rr.RUNNING:  # resuming: the turn is ours
-                        waiting_for = None
-                    else:
-                        refs = rr.list_replays(self.custom.api_client, *key)
-                        waiting_for = rr.blocker(self.name, refs)
-                    if waiting_for is None:
-                        _claimed[key] = self.name
-                        return True
-                else:
-                    waiting_for = holder
-            self._patch(
-                phase=rr.PENDING,
-                condition=c.Verdict(
-                    CONDITION, "Unknown", WAITING_FOR_REPLAY, f"waiting for replay {waiting_for}"
-                ),
-            )
-            self.stop.wait(TURN_POLL_S)
+    def _try_turn(self) -> bool:
+        """Take the lease if it is this replay's turn; otherwise say what it waits for."""
+        assert self.lease is not None
+        self._refresh()
+        if self._cancel_requested() and self.status.phase == rr.PENDING:
+            self._finish("Cancelled", CANCELLED, "cancelled before it started")
+        if self.status.phase != rr.RUNNING:  # a Running one resumes: the turn is its own
+            refs = rr.list_replays(self.custom.api_client, self.namespace, self.lease.pipeline)
+            before = rr.blocker(self.name, refs)
+            if before is not None:
+                self._waiting(f"waiting for replay {before}")
+                return False
+        try:
+            other = self.lease.acquire()
+        except replay_lease.PipelineNotFound as e:
+            self._finish("Failed", PIPELINE_NOT_FOUND, f"{e} not found")
+        if other is None:
+            return True
+        if other.replay == self.name:  # its previous process's lease: quiet until it expires
+            log.info("dlqreplay %s: waiting for %s", self.key, replay_lease.describe(other))
+        else:
+            self._waiting(f"waiting for {replay_lease.describe(other)}")
         return False
 
-    def _replay(self, replayer: Replayer, spec: DLQReplaySpec) -> None:
-        checkpoint = Checkpoint.from_status(self.status) if self.status.phase == "Running" else None
-        attempt = 0
-        while True:
-            try:
-                if checkpoint is None:
-                    checkpoint = replayer.snapshot()
-                    self._running(replayer, checkpoint, "replay started")
-                else:
-                    self._running(replayer, checkpoint, "replaying from the last checkpoint")
-                result = replayer.run(
-                    checkpoint,
-                    on_checkpoint=self._checkpointed,
-                    should_cancel=self._cancel_requested,
-                    should_stop=self.stop.is_set,
-                )
-            except DlqError as e:
-                attempt += 1
-                checkpoint = Checkpoint.from_status(self.status) or checkpoint
-                if attempt >= MAX_ATTEMPTS:
-                    reason = TOPIC_NOT_FOUND if isinstance(e, TopicNotFound) else KAFKA_ERROR
-                    self._finish("Failed", reason, f"{e} (after {attempt} attempts)")
-                delay = self.rt.config.backoff(attempt - 1)
-                log.warning("dlqreplay %s interrupted, retrying in %.0fs: %s", self.key, delay, e)
-                self._patch(
-                    condition=c.Verdict(CONDITION, "Unknown", KAFKA_ERROR, f"{e}; retrying")
-                )
-                if self.stop.wait(delay):
-                    return
-                continue
-            self._done(result)
-            return
+    def _waiting(self, message: str) -> None:
+        condition = c.Verdict(CONDITION, "Unknown", WAITING_FOR_REPLAY, message)
+        if self.status.phase == rr.RUNNING:  # resuming: it stays Running, and says why
+            self._patch(condition=condition)
+        else:
+            self._patch(phase=rr.PENDING, condition=condition)
+
+    def _replay(self, replayer: Replayer) -> None:
+        """From the checkpoint in status (or a new snapshot) to the end, a cancel or a stop.
+        A Kafka error is raised after it is shown in status: kopf runs the daemon again from
+        the last checkpoint, until `MAX_ATTEMPTS` such attempts fail -> Failed."""
+        resuming = self.status.phase == rr.RUNNING
+        checkpoint = Checkpoint.from_status(self.status) if resuming else None
+        try:
+            if checkpoint is None:
+                checkpoint = replayer.snapshot()
+                self._running(replayer, checkpoint, "replay started")
+            else:
+                self._running(replayer, checkpoint, "replaying from the last checkpoint")
+            result = replayer.run(
+                checkpoint,
+                on_checkpoint=self._checkpointed,
+                should_cancel=self._cancel_requested,
+                should_stop=self.stop.is_set,
+            )
+        except DlqError as e:
+            attempts = self.attempt + 1
+            if attempts >= MAX_ATTEMPTS:
+                reason = TOPIC_NOT_FOUND if isinstance(e, TopicNotFound) else KAFKA_ERROR
+                self._finish("Failed", reason, f"{e} (after {attempts} attempts)")
+            self._patch(condition=c.Verdict(CONDITION, "Unknown", KAFKA_ERROR, f"{e}; retrying"))
+            raise
+        self._done(result)
 
     # ------------------------------------------------------------------ status
 
@@ -450,7 +477,7 @@ class ReplayJob:
         self.status = DLQReplayStatus.model_validate(merged)
 
     def _cancel_requested(self) -> bool:
-        spec: Mapping[str, Any] = self.latest.get("spec") or {}
+        spec: Mapping[str, Any] = self.body.get("spec") or {}
         return bool(spec.get("cancel"))
 
 

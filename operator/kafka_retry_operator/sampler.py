@@ -1,13 +1,21 @@
-"""Measures tier lag and DLQ depth of every pipeline, one batched pass per Kafka cluster.
+"""Measures tier lag and DLQ depth of every pipeline, one batched pass per Kafka cluster, each
+cluster on its own schedule.
 
-A background thread wakes every interval (or soon after a reconcile asks it to) and, for each
-cluster in use, asks the shared AdminClient for: all topics' partition counts (one metadata
-request), the low and high watermarks of every tier and DLQ partition of every pipeline on
-that cluster (two `list_offsets` calls), and the committed offsets of every tier group and
-DLQ cursor group (one request per group, all in flight at once). The oldest waiting DLQ
-event's timestamp is read by a small consumer, only for partitions whose head moved. Kopf's
-per-pipeline timers then read the results from memory: the API server and Kafka see one
-pass, however many pipelines there are.
+Every cluster in use has a thread of its own that wakes every interval (or soon after a
+reconcile of one of its pipelines asks it to) and asks the cluster's shared AdminClient for:
+all topics' partition counts (one metadata request), the low and high watermarks of every tier
+and DLQ partition of every pipeline on it (two `list_offsets` calls), and the committed offsets
+of every tier group and DLQ cursor group (one request per group, all in flight at once). The
+oldest waiting DLQ event's timestamp is read by a small consumer, only for partitions whose
+head moved. Kopf's per-pipeline timers then read the results from memory: the API server and
+Kafka see one pass per cluster, however many pipelines there are.
+
+An unreachable cluster costs its own thread the Kafka timeout per pass and marks its own
+pipelines `KafkaUnreachable`; no other cluster's pass waits for it. The work is bounded per
+cluster: one pass in flight, started at most once per interval (a burst of wake-ups is one
+pass), every admin call bounded by the timeout; an unreachable cluster is asked for its
+metadata only. A thread per cluster is in proportion to what the cluster's AdminClient already
+runs (librdkafka's main thread and one per broker).
 """
 
 from __future__ import annotations
@@ -16,13 +24,18 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaException
 
 from kafka_retry import depth
-from kafka_retry.offset_queries import TP, committed, partition_counts, watermarks
+from kafka_retry.offset_queries import (
+    TP,
+    committed,
+    offsets_retention_s,
+    partition_counts,
+    watermarks,
+)
 from kafka_retry_operator.fleet import Fleet, PipelineKey, PipelineRecord
 from kafka_retry_operator.kafka_admin import (
     AdminRegistry,
@@ -41,11 +54,13 @@ class Sample:
     tier_lag: Mapping[str, int | None] = field(default_factory=dict)
     dlq_depth: int | None = None
     dlq_oldest_ms: int | None = None
+    # Of a suspended (or scaled to zero) pipeline: each tier's oldest waiting event (ms).
+    tier_oldest_ms: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class PassStats:
-    """The last full pass over every cluster (exported as operator metrics)."""
+    """A cluster's last pass, or all clusters' last passes as one (operator metrics)."""
 
     duration_s: float
     pipelines: int  # measured in it (those bound to a cluster)
@@ -56,27 +71,27 @@ class PassStats:
 class ClusterHealth:
     reachable: bool
     error: str = ""
+    offsets_retention_s: float | None = None  # the brokers' offsets.retention.minutes
 
 
 class Sampler:
+    """The per-cluster sampling threads and what they measured, read by the status timers."""
+
     def __init__(
         self, fleet: Fleet, admins: AdminRegistry, interval: float, timeout: float
     ) -> None:
         self._fleet = fleet
-        self._admins = admins
-        self._interval = interval
-        self._timeout = timeout
+        self.admins = admins
+        self.interval = interval
+        self.timeout = timeout
         self._lock = threading.Lock()
         self._samples: dict[PipelineKey, Sample] = {}
         self._health: dict[Cluster, ClusterHealth] = {}
-        self._peekers: dict[Cluster, Consumer] = {}
-        self._peeked: dict[TP, tuple[int, int]] = {}  # (topic, partition) -> (offset, ts)
+        self._passes: dict[Cluster, PassStats] = {}
+        self._clusters: dict[Cluster, _ClusterLoop] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sampler")
-        self._last_pass: PassStats | None = None
-        self.passes = 0
 
     # ------------------------------------------------------------------ reading
 
@@ -91,8 +106,17 @@ class Sampler:
             return self._health.get(cluster)
 
     def last_pass(self) -> PassStats | None:
+        """The clusters' last passes as one: the slowest duration, the pipelines measured,
+        and the oldest end (it stops moving when any cluster's sampling stops)."""
         with self._lock:
-            return self._last_pass
+            passes = list(self._passes.values())
+        if not passes:
+            return None
+        return PassStats(
+            duration_s=max(p.duration_s for p in passes),
+            pipelines=sum(p.pipelines for p in passes),
+            finished_at=min(p.finished_at for p in passes),
+        )
 
     def forget(self, key: PipelineKey) -> None:
         with self._lock:
@@ -101,72 +125,154 @@ class Sampler:
     # ------------------------------------------------------------------ running
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="sampler", daemon=True)
+        """The supervisor: keeps one sampling thread per cluster in use."""
+        self._thread = threading.Thread(target=self._supervise, name="sampler", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=self._timeout + 5)
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        for consumer in self._peekers.values():
-            consumer.close()
-        self._peekers.clear()
+            self._thread.join(timeout=5)
+        with self._lock:
+            loops = list(self._clusters.values())
+            self._clusters.clear()
+        for loop in loops:
+            loop.stop()
+        for loop in loops:
+            loop.join(self.timeout + 5)
 
-    def wake(self) -> None:
-        """Measure soon (after a reconcile), not at the next interval."""
-        self._wake.set()
+    def wake(self, cluster: Cluster | None = None) -> None:
+        """Measure soon (after a reconcile or a replay), not at the next interval: `cluster`'s
+        pipelines, or all with None. A cluster not sampled yet gets its thread now."""
+        with self._lock:
+            loop = self._clusters.get(cluster) if cluster is not None else None
+        if loop is not None:
+            loop.wake()
+        else:
+            self._wake.set()
 
-    def _loop(self) -> None:
+    def _supervise(self) -> None:
         while not self._stop.is_set():
-            if self._wake.wait(self._interval):
-                self._stop.wait(COALESCE_S)
+            woken = self._wake.wait(self.interval)
             self._wake.clear()
             if self._stop.is_set():
                 break
             try:
-                self.run_once()
-            except Exception:  # the loop must outlive any one bad pass
-                log.exception("sampling pass failed")
+                self._sync(wake_all=woken)
+            except Exception:  # the supervisor must outlive any one bad step
+                log.exception("sampler supervision failed")
 
-    def run_once(self) -> None:
-        """One pass over every cluster in use; clusters are measured in parallel."""
-        started = time.monotonic()
+    def _sync(self, wake_all: bool) -> None:
+        """Start a thread for each cluster newly in use, stop those of clusters no longer in
+        use, and drop samples of pipelines no longer in the fleet."""
         records = self._fleet.records()
-        by_cluster: dict[Cluster, list[PipelineRecord]] = {}
-        for record in records:
-            if record.cluster is not None:
-                by_cluster.setdefault(record.cluster, []).append(record)
-        with self._lock:  # a pass in flight when a pipeline was deleted may have re-added it
+        in_use = {r.cluster for r in records if r.cluster is not None}
+        with self._lock:
             for key in self._samples.keys() - {r.key for r in records}:
                 del self._samples[key]
-        for gone in set(self._peekers) - set(by_cluster):
-            self._peekers.pop(gone).close()
-        futures = [self._pool.submit(self._measure, c, rs) for c, rs in by_cluster.items()]
-        for f in futures:
-            f.result()
-        stats = PassStats(
-            duration_s=time.monotonic() - started,
-            pipelines=sum(len(rs) for rs in by_cluster.values()),
-            finished_at=time.time(),
-        )
-        with self._lock:
-            self._last_pass = stats
-        self.passes += 1
+            gone = [self._clusters.pop(c) for c in set(self._clusters) - in_use]
+            for loop in gone:
+                self._health.pop(loop.cluster, None)
+                self._passes.pop(loop.cluster, None)
+            new = [_ClusterLoop(self, c) for c in in_use - set(self._clusters)]
+            self._clusters.update((loop.cluster, loop) for loop in new)
+            woken = list(self._clusters.values()) if wake_all else []
+        for loop in gone:
+            loop.stop()
+        for loop in new:
+            loop.start()
+        for loop in woken:
+            loop.wake()
 
-    def _measure(self, cluster: Cluster, records: list[PipelineRecord]) -> None:
-        admin = self._admins.admin(cluster)
-        if admin is None:
+    # ------------------------------------------------------------------ one cluster
+
+    def _records(self, cluster: Cluster) -> list[PipelineRecord]:
+        return [r for r in self._fleet.records() if r.cluster == cluster]
+
+    def _unreachable(self, cluster: Cluster, error: str, stats: PassStats) -> None:
+        with self._lock:
+            if cluster in self._clusters:
+                self._health[cluster] = ClusterHealth(False, error)
+                self._passes[cluster] = stats
+
+    def _measured(
+        self,
+        cluster: Cluster,
+        samples: Mapping[PipelineKey, Sample],
+        stats: PassStats,
+        offsets_retention_s: float | None,
+    ) -> None:
+        """Store a pass's results: only for pipelines still on this cluster (one deleted or
+        moved during the pass is not brought back)."""
+        current = {r.key for r in self._records(cluster)}
+        with self._lock:
+            for key, sample in samples.items():
+                if key in current:
+                    self._samples[key] = sample
+            if cluster in self._clusters:
+                self._health[cluster] = ClusterHealth(True, "", offsets_retention_s)
+                self._passes[cluster] = stats
+
+
+class _ClusterLoop:
+    """One cluster's sampling thread, with its own peek consumer and head-timestamp cache."""
+
+    def __init__(self, sampler: Sampler, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self._sampler = sampler
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._peeker: Consumer | None = None
+        self._peeked: dict[TP, tuple[int, int]] = {}  # (topic, partition) -> (offset, ts)
+        self._retention_s: float | None = None  # read once, at the first pass that answers
+        self._retention_read = False
+        self._thread = threading.Thread(target=self._loop, name=f"sampler-{cluster}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def join(self, timeout: float) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()
+                try:
+                    self.run_once()
+                except Exception:  # the loop must outlive any one bad pass
+                    log.exception("sampling pass on %s failed", self.cluster)
+                if self._wake.wait(self._sampler.interval):
+                    self._stop.wait(COALESCE_S)  # a burst of reconciles gets one pass
+        finally:
+            if self._peeker is not None:
+                self._peeker.close()
+
+    def run_once(self) -> None:
+        sampler, cluster, timeout = self._sampler, self.cluster, self._sampler.timeout
+        admin = sampler.admins.admin(cluster)
+        records = sampler._records(cluster)
+        if admin is None or not records:
             return
         started = time.monotonic()
         try:
-            counts = partition_counts(admin, self._timeout)
+            counts = partition_counts(admin, timeout)
         except KafkaException as e:
-            with self._lock:
-                error = f"cannot reach Kafka at {cluster}: {e}"
-                self._health[cluster] = ClusterHealth(False, error)
+            stats = PassStats(time.monotonic() - started, 0, time.time())
+            sampler._unreachable(cluster, f"cannot reach Kafka at {cluster}: {e}", stats)
             return
+        if not self._retention_read:
+            self._retention_s = offsets_retention_s(admin, timeout)
+            self._retention_read = True
         tps: set[TP] = set()
         groups: dict[str, set[TP]] = {}
         for r in records:
@@ -177,47 +283,65 @@ class Sampler:
             parts = _partitions(r.topology.dlq_topic, counts)
             tps.update(parts)
             groups.setdefault(depth.cursor_group(r.topology.dlq_topic), set()).update(parts)
-        marks = watermarks(admin, tps, self._timeout)
-        offsets = committed(admin, {g: sorted(p) for g, p in groups.items() if p}, self._timeout)
+        marks = watermarks(admin, tps, timeout)
+        offsets = committed(admin, {g: sorted(p) for g, p in groups.items() if p}, timeout)
 
         now = time.time()
-        samples: dict[PipelineKey, Sample] = {}
+        tiers: dict[PipelineKey, dict[str, depth.Backlog | None]] = {}
+        dlqs: dict[PipelineKey, depth.Backlog | None] = {}
         heads: dict[TP, int] = {}
-        dlq_heads: dict[PipelineKey, list[TP]] = {}
         for r in records:
-            lag: dict[str, int | None] = {}
-            for tier in r.topology.tiers:
-                lag[tier.name] = _total(tier.topic, counts, marks, offsets, tier.consumer_group)
+            tiers[r.key] = {
+                t.name: _backlog(t.topic, counts, marks, offsets, t.consumer_group)
+                for t in r.topology.tiers
+            }
             dlq = r.topology.dlq_topic
-            backlog = _backlog(dlq, counts, marks, offsets, depth.cursor_group(dlq))
-            if backlog is not None:
-                for p, offset in backlog.heads.items():
-                    heads[(dlq, p)] = offset
-                dlq_heads[r.key] = [(dlq, p) for p in backlog.heads]
-            samples[r.key] = Sample(now, lag, backlog.total if backlog else None, None)
-        stamps = self._oldest(cluster, heads)
-        with self._lock:
-            for key, s in samples.items():
-                found = [stamps[tp] for tp in dlq_heads.get(key, []) if tp in stamps]
-                oldest = min(found) if found else None
-                self._samples[key] = Sample(s.taken_at, s.tier_lag, s.dlq_depth, oldest)
-            self._health[cluster] = ClusterHealth(True)
+            dlqs[r.key] = _backlog(dlq, counts, marks, offsets, depth.cursor_group(dlq))
+            heads.update(_heads(dlq, dlqs[r.key]))
+            if r.replicas == 0:  # events wait on the tiers: how old the oldest are
+                for t in r.topology.tiers:
+                    heads.update(_heads(t.topic, tiers[r.key][t.name]))
+        stamps = self._oldest(heads)
+
+        def oldest(topic: str, backlog: depth.Backlog | None) -> int | None:
+            found = [stamps[tp] for tp in _heads(topic, backlog) if tp in stamps]
+            return min(found) if found else None
+
+        samples: dict[PipelineKey, Sample] = {}
+        for r in records:
+            dlq_backlog = dlqs[r.key]
+            tier_oldest = {}
+            if r.replicas == 0:
+                tier_oldest = {
+                    t.name: oldest(t.topic, tiers[r.key][t.name]) for t in r.topology.tiers
+                }
+            samples[r.key] = Sample(
+                now,
+                {name: b.total if b else None for name, b in tiers[r.key].items()},
+                dlq_backlog.total if dlq_backlog else None,
+                oldest(r.topology.dlq_topic, dlq_backlog),
+                {name: ms for name, ms in tier_oldest.items() if ms is not None},
+            )
+        duration = time.monotonic() - started
+        stats = PassStats(duration, len(records), time.time())
+        sampler._measured(cluster, samples, stats, self._retention_s)
         log.debug(
             "sampled %d pipelines, %d partitions on %s in %.2fs",
             len(records),
             len(tps),
             cluster,
-            time.monotonic() - started,
+            duration,
         )
 
-    def _oldest(self, cluster: Cluster, heads: Mapping[TP, int]) -> dict[TP, int]:
+    def _oldest(self, heads: Mapping[TP, int]) -> dict[TP, int]:
         """Timestamps of the DLQ heads: cached per (partition, offset), peeked when moved."""
         stale = {tp: o for tp, o in heads.items() if self._peeked.get(tp, (-1, 0))[0] != o}
         if stale:
+            timeout = self._sampler.timeout / 2
             try:
-                found = depth.peek_timestamps(self._peeker(cluster), stale, self._timeout / 2)
+                found = depth.peek_timestamps(self._consumer(), stale, timeout)
             except KafkaException as e:
-                log.warning("cannot read DLQ heads on %s: %s", cluster, e)
+                log.warning("cannot read DLQ heads on %s: %s", self.cluster, e)
                 found = {}
             for tp, ts in found.items():
                 self._peeked[tp] = (stale[tp], ts)
@@ -227,10 +351,10 @@ class Sampler:
             if self._peeked.get(tp, (-1, 0))[0] == o
         }
 
-    def _peeker(self, cluster: Cluster) -> Consumer:
-        consumer = self._peekers.get(cluster)
-        if consumer is None:
-            config = self._admins.client_config(cluster) or {"bootstrap.servers": str(cluster)}
+    def _consumer(self) -> Consumer:
+        if self._peeker is None:
+            admins = self._sampler.admins
+            config = admins.client_config(self.cluster) or {"bootstrap.servers": str(self.cluster)}
             config.update(
                 {
                     "group.id": PEEK_GROUP,
@@ -239,13 +363,16 @@ class Sampler:
                     "fetch.wait.max.ms": 100,
                 }
             )
-            consumer = Consumer(config)
-            self._peekers[cluster] = consumer
-        return consumer
+            self._peeker = Consumer(config)
+        return self._peeker
 
 
 def _partitions(topic: str, counts: Mapping[str, int]) -> Iterable[TP]:
     return [(topic, p) for p in range(counts.get(topic, 0))]
+
+
+def _heads(topic: str, backlog: depth.Backlog | None) -> dict[TP, int]:
+    return {(topic, p): offset for p, offset in backlog.heads.items()} if backlog else {}
 
 
 def _backlog(
@@ -260,14 +387,3 @@ def _backlog(
     if topic not in counts or group not in offsets:
         return None
     return depth.backlog(topic, counts[topic], marks, offsets[group])
-
-
-def _total(
-    topic: str,
-    counts: Mapping[str, int],
-    marks: Mapping[TP, tuple[int, int]],
-    offsets: Mapping[str, Mapping[TP, int | None]],
-    group: str,
-) -> int | None:
-    b = _backlog(topic, counts, marks, offsets, group)
-    return b.total if b is not None else None

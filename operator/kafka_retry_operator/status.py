@@ -10,6 +10,7 @@ status, and the timer writes nothing.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,9 +25,13 @@ from kafka_retry.model import (
 from kafka_retry_operator import conditions as c
 from kafka_retry_operator.fleet import PipelineRecord
 from kafka_retry_operator.sampler import ClusterHealth, Sample
-from kafka_retry_operator.topics import KAFKA_UNREACHABLE
+from kafka_retry_operator.topics import KAFKA_UNREACHABLE, tier_retention_ms
 
 INVALID_SPEC = "InvalidSpec"
+# Ready=False while the tier workers are stopped and a waiting event is less than this away
+# from its tier topic's retention.
+EVENTS_AT_RISK = "EventsAtRisk"
+AT_RISK_S = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -81,16 +86,20 @@ def compose(
     workers: Mapping[str, TierWorkers],
     previous: Mapping[str, Any],
     at: str | None = None,
+    now_s: float | None = None,
 ) -> dict[str, Any]:
     at = at or c.now()
     topics = topics_verdict(record, health)
     workers_ready = workers_verdict(record, workers)
     suspended = record.suspended and topics.ok and workers_ready.ok
+    kept, at_risk = _retention(record, sample, time.time() if now_s is None else now_s)
     ready = c.ready(
         [topics, workers_ready],
         ok_reason="Suspended" if suspended else "Ready",
-        ok_message="tier workers stopped; events wait on their tiers" if suspended else "",
+        ok_message=f"tier workers stopped; events wait on their tiers{kept}" if suspended else "",
     )
+    if ready.ok and at_risk:
+        ready = c.Verdict(c.READY, "False", EVENTS_AT_RISK, at_risk)
     conditions = c.stamp(
         [ready, topics, workers_ready], _list(previous.get("conditions")), record.generation, at
     )
@@ -116,6 +125,30 @@ def compose(
         dlq=_dlq(sample, previous.get("dlq"), at),
         tier_count=len(tiers),
     ).wire()
+
+
+def _retention(record: PipelineRecord, sample: Sample | None, now_s: float) -> tuple[str, str]:
+    """For tiers whose workers are stopped: until when Kafka keeps their oldest waiting event
+    (a note for the Suspended message), and a message when that is less than a day away."""
+    if record.replicas or sample is None or not sample.tier_oldest_ms:
+        return "", ""
+    tiers = {t.name: t for t in record.topology.tiers}
+    deletions = {
+        name: (ms + tier_retention_ms(tiers[name].delay_seconds)) / 1000
+        for name, ms in sample.tier_oldest_ms.items()
+        if name in tiers
+    }
+    if not deletions:
+        return "", ""
+    tier = min(deletions, key=lambda name: deletions[name])
+    when = _rfc3339(int(deletions[tier] * 1000))
+    oldest = _rfc3339(sample.tier_oldest_ms[tier])
+    if deletions[tier] - now_s > AT_RISK_S:
+        return f"; the oldest (on {tier}, from {oldest}) is kept until {when}", ""
+    return "", (
+        f"tier workers stopped: the oldest waiting event on {tier} (from {oldest}) reaches "
+        f"its topic's retention at {when}, and Kafka deletes it; resume the pipeline"
+    )
 
 
 def _dlq(sample: Sample | None, previous: Any, at: str) -> DlqStatus | None:
@@ -149,6 +182,20 @@ def invalid(
 def differs(previous: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
     """Whether writing `new` would change anything (keys absent from `new` are not ours)."""
     return any(previous.get(k) != v for k, v in new.items())
+
+
+def merge_patch(previous: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The merge patch that turns `previous` into `new` for the keys of `new`: a field we no
+    longer set inside one of our objects (`dlq.oldestTimestamp` once the DLQ is empty) is
+    removed with a null, since a merge patch keeps what it does not name."""
+    patch: dict[str, Any] = {}
+    for key, value in new.items():
+        old = previous.get(key)
+        if isinstance(value, Mapping) and isinstance(old, Mapping):
+            patch[key] = {**dict.fromkeys(old.keys() - value.keys()), **value}
+        else:
+            patch[key] = value
+    return patch
 
 
 def dlq_growth(previous: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[int, int] | None:

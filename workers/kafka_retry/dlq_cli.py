@@ -32,7 +32,7 @@ from typing import Any, TextIO
 import yaml
 from confluent_kafka import KafkaException
 
-from kafka_retry import dlq
+from kafka_retry import dlq, replay_lease, replay_marks
 from kafka_retry import headers as h
 from kafka_retry import replay_resource as rr
 from kafka_retry.dlq import DlqError, DlqReader, DlqRecord, EventFilter, KafkaAccess
@@ -358,18 +358,26 @@ def cmd_list(args: argparse.Namespace) -> int:
     states = dlq.partition_states(pipeline.access, topic)
     ranges = {s.partition: (s.low if args.all else s.head, s.high) for s in states}
     heads = {s.partition: s.head for s in states}
+    replayed = _replayed_ranges(pipeline)
     limit = max(0, args.limit)
     # Oldest first: a partition is in time order, so its first `limit` matches suffice.
     kept: dict[int, list[DlqRecord]] = {s.partition: [] for s in states}
+    marks: dict[tuple[int, int], str] = {}  # waiting events a replay sent already
+    marked: dict[str, int] = {}
     matched = 0
     with DlqReader(pipeline.access, topic, ranges, heads=heads) as reader:
         while not reader.finished:
             for record in reader.poll(1000, 0.2):
+                by = replay_marks.replayed_by(record, replayed) if record.waiting else None
+                if by is not None:
+                    marked[by] = marked.get(by, 0) + 1
                 if event_filter.matches(record):
                     matched += 1
                     bucket = kept[record.partition]
                     if not limit or len(bucket) < limit:
                         bucket.append(record)
+                        if by is not None:
+                            marks[(record.partition, record.offset)] = by
     records = sorted(
         (r for bucket in kept.values() for r in bucket),
         key=lambda r: (r.timestamp_ms or 0, r.partition, r.offset),
@@ -378,17 +386,49 @@ def cmd_list(args: argparse.Namespace) -> int:
         records = records[:limit]
     waiting = dlq.depth_of(states)
     if args.output == "table":
-        _print_table(_list_rows(records, show_state=args.all), sys.stdout)
+        rows = _list_rows(records, marks, show_state=args.all or bool(marks))
+        _print_table(rows, sys.stdout)
     else:
-        _dump([r.to_dict() for r in records], args.output)
+        _dump([_listed(r, marks) for r in records], args.output)
     what = "events" if args.all else "waiting events"
     shown = f"{len(records)} of {matched}" if len(records) < matched else f"{matched}"
     scope = "" if event_filter.empty else " matching"
     print(f"{shown}{scope} {what} shown; DLQ depth {waiting} ({topic})", file=sys.stderr)
+    if marked:
+        print(f"note: {_replayed_note(marked)}", file=sys.stderr)
     return EXIT_OK if matched else EXIT_NOTHING
 
 
-def _list_rows(records: Sequence[DlqRecord], *, show_state: bool) -> list[list[str]]:
+def _replayed_ranges(pipeline: Pipeline) -> list[replay_marks.ReplayedRange]:
+    if pipeline.api is None:
+        return []
+    assert pipeline.namespace is not None
+    objects = rr.replay_objects(pipeline.api, pipeline.namespace, pipeline.name)
+    return replay_marks.replayed_ranges(objects)
+
+
+def _replayed_note(marked: Mapping[str, int]) -> str:
+    """Why some waiting events show as replayed (docs/dlq.md)."""
+    total = sum(marked.values())
+    by = ", ".join(f"{n} by {name}" for name, n in sorted(marked.items()))
+    return (
+        f"{total} waiting event(s) were replayed already ({by}): a filtered replay's cursor "
+        "stops at the first event it skipped, so they stay counted until the events before "
+        "them are replayed or purged, and a replay that matches them sends them again"
+    )
+
+
+def _listed(record: DlqRecord, marks: Mapping[tuple[int, int], str]) -> dict[str, Any]:
+    out = record.to_dict()
+    by = marks.get((record.partition, record.offset))
+    if by is not None:
+        out["replayedBy"] = by
+    return out
+
+
+def _list_rows(
+    records: Sequence[DlqRecord], marks: Mapping[tuple[int, int], str], *, show_state: bool
+) -> list[list[str]]:
     header = ["TIME", "PARTITION:OFFSET", "KEY", "ERROR", "MESSAGE", "ATTEMPTS", "ORIGIN"]
     rows = [header + (["STATE"] if show_state else [])]
     for r in records:
@@ -406,7 +446,8 @@ def _list_rows(records: Sequence[DlqRecord], *, show_state: bool) -> list[list[s
             origin,
         ]
         if show_state:
-            row.append("waiting" if r.waiting else "replayed")
+            by = marks.get((r.partition, r.offset))
+            row.append(f"replayed by {by}" if by else "waiting" if r.waiting else "replayed")
         rows.append(row)
     return rows
 
@@ -548,16 +589,24 @@ def _confirm(prompt: str) -> bool:
 
 
 def _refuse_while_replaying(pipeline: Pipeline, what: str) -> None:
+    """A replay holding the pipeline's lease (an operator's or a direct one), or a DLQReplay
+    Running (between two of its attempts it may hold none), makes us refuse."""
     assert pipeline.namespace is not None
+    lease = replay_lease.held({"status": pipeline.status or {}})
+    if lease is not None and lease.replay.startswith(replay_lease.DIRECT_PREFIX):
+        raise CliError(
+            f"a direct replay is running on this DLQ: {replay_lease.describe(lease)}; wait for "
+            f"it, or pass --force to {what} anyway"
+        )
     running = [
-        r
+        r.name
         for r in rr.list_replays(pipeline.api, pipeline.namespace, pipeline.name)
-        if r.phase == rr.RUNNING
+        if r.phase == rr.RUNNING or (lease is not None and r.name == lease.replay)
     ]
     if running:
         raise CliError(
-            f"replay {running[0].name} is running on this DLQ; wait for it or cancel it "
-            f"(kafka-retry dlq cancel {running[0].name}), or pass --force to {what} anyway"
+            f"replay {running[0]} is running on this DLQ; wait for it or cancel it "
+            f"(kafka-retry dlq cancel {running[0]}), or pass --force to {what} anyway"
         )
 
 
@@ -700,10 +749,12 @@ def _report(name: str, phase: str, status: Mapping[str, Any], reason: str, messa
 
 
 def _replay_direct(args: argparse.Namespace, pipeline: Pipeline, event_filter: EventFilter) -> int:
-    if pipeline.api is not None and not args.force:
-        _refuse_while_replaying(pipeline, "replay directly")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     replay_id = f"direct-{stamp}-{uuid.uuid4().hex[:6]}"
+    lease = None
+    if pipeline.api is not None and not args.force:
+        _refuse_while_replaying(pipeline, "replay directly")
+        lease = _take_lease(pipeline, replay_id)
     replayer = Replayer(
         pipeline.topology,
         pipeline.access,
@@ -720,7 +771,7 @@ def _replay_direct(args: argparse.Namespace, pipeline: Pipeline, event_filter: E
     def progress(cp: Checkpoint) -> None:
         bar.update(cp.replayed, cp.skipped, cp.total, "Running")
 
-    with _sigint_sets(cancel):
+    with _sigint_sets(cancel), _holding(lease, cancel):
         print(
             f"replaying {pipeline.topology.dlq_topic} -> {replayer.target.topic} as "
             f"{replay_id} (Ctrl-C cancels)",
@@ -732,6 +783,71 @@ def _replay_direct(args: argparse.Namespace, pipeline: Pipeline, event_filter: E
     total = cp.examined if result.outcome == Outcome.SUCCEEDED else cp.total
     bar.update(cp.replayed, cp.skipped, total, phase, final=True)
     return _report(replay_id, phase, cp.to_status(), "", "")
+
+
+def _take_lease(pipeline: Pipeline, replay_id: str) -> replay_lease.Lease:
+    """The pipeline's replay lease, as the operator's replays take it: refused while another
+    replay holds it."""
+    from kubernetes.client.exceptions import ApiException
+
+    assert pipeline.namespace is not None
+    lease = replay_lease.Lease(
+        pipeline.api,
+        pipeline.namespace,
+        pipeline.name,
+        replay_lease.DIRECT_PREFIX + replay_id,
+        replay_lease.identity("kafka-retry"),
+    )
+    try:
+        other = lease.acquire()
+    except replay_lease.PipelineNotFound as e:
+        raise CliError(f"{e} not found") from None
+    except ApiException as e:
+        raise CliError(
+            f"cannot take the pipeline's replay lease (patch on retrypipelines/status): "
+            f"{_api_reason(e)}; or pass --force to replay without it"
+        ) from None
+    if other is not None:
+        name = other.replay
+        how = "wait for it"
+        if ":" not in name:  # a DLQReplay (direct and operator leases have a prefix)
+            how += f" or cancel it (kafka-retry dlq cancel {name})"
+        raise CliError(
+            f"{replay_lease.describe(other)} holds this DLQ; {how}, or pass --force to replay "
+            "directly anyway"
+        )
+    return lease
+
+
+@contextlib.contextmanager
+def _holding(lease: replay_lease.Lease | None, cancel: threading.Event) -> Iterator[None]:
+    """Renew the lease while the replay runs, and release it after; a lost lease (this
+    process stalled past its expiry) cancels the replay."""
+    if lease is None:
+        yield
+        return
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(replay_lease.RENEW_EVERY_S):
+            try:
+                lease.renew()
+            except replay_lease.LeaseLost as e:
+                print(f"\n{e}: cancelling", file=sys.stderr)
+                cancel.set()
+                return
+            except Exception as e:  # the API server away: try again at the next tick
+                logging.getLogger(__name__).warning("replay lease not renewed: %s", e)
+
+    renewer = threading.Thread(target=renew, name="lease", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        done.set()
+        renewer.join()
+        with contextlib.suppress(Exception):  # it expires on its own
+            lease.release()
 
 
 @contextlib.contextmanager
@@ -772,13 +888,16 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     pipeline = locate(args)
+    replayed: list[replay_marks.ReplayedRange] = []
     if pipeline.api is None:
         status = _live_status(pipeline)
         replays: list[rr.ReplayRef] = []
     else:
         assert pipeline.namespace is not None
         status = pipeline.status or {}
-        replays = rr.list_replays(pipeline.api, pipeline.namespace, pipeline.name)
+        objects = rr.replay_objects(pipeline.api, pipeline.namespace, pipeline.name)
+        replays = rr.order(rr.ReplayRef.of(o) for o in objects)
+        replayed = replay_marks.replayed_ranges(objects)
     if args.output != "table":
         _dump(
             {
@@ -827,6 +946,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         oldest = f", oldest from {d.oldest_timestamp}" if d.oldest_timestamp else ""
         out.write(f"{d.depth} event(s) waiting{oldest}\n")
+        if d.depth and replayed:
+            states = dlq.partition_states(pipeline.access, topo.dlq_topic)
+            marked = replay_marks.count_waiting(pipeline.access, topo.dlq_topic, states, replayed)
+            if marked:
+                out.write(f"  {_replayed_note(marked)} (kafka-retry dlq list)\n")
     if replays:
         out.write("\n")
         rows = [["REPLAY", "PHASE", "PROGRESS", "REASON", "CREATED"]]

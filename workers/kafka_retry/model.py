@@ -470,6 +470,21 @@ class DlqStatus(ApiModel):
     )
 
 
+class ReplayLease(ApiModel):
+    """Who replays the pipeline's DLQ now: one replay at a time (kafka_retry.replay_lease)."""
+
+    replay: str = Field(
+        description="The DLQReplay holding it, or `direct:<id>` for `kafka-retry dlq replay "
+        "--direct`."
+    )
+    holder: str = Field(description="The process replaying (operator or CLI, host and pid).")
+    acquire_time: str = Field(description="When this holder took it (RFC 3339).")
+    renew_time: str = Field(description="When this holder last renewed it (RFC 3339).")
+    lease_duration_seconds: int = Field(
+        ge=1, description="It expires this long after renewTime unless renewed."
+    )
+
+
 class RetryPipelineStatus(ApiModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -480,6 +495,16 @@ class RetryPipelineStatus(ApiModel):
     dlq: DlqStatus | None = None
     tier_count: int | None = Field(
         default=None, description="Number of retry tiers (for `kubectl get`)."
+    )
+    replay_lease: ReplayLease | None = Field(
+        default=None,
+        description="Held while a replay of the DLQ runs; written by replays, not by status.",
+    )
+    last_offset_refresh_time: str | None = Field(
+        default=None,
+        description="When the operator last committed the offsets of the pipeline's idle "
+        "groups again (the DLQ cursor; tier groups while suspended), so that Kafka's "
+        "offsets.retention.minutes never expires them (RFC 3339).",
     )
 
 

@@ -106,3 +106,42 @@ def partition_counts(admin: AdminClient, timeout: float) -> dict[str, int]:
         for name, topic in metadata.topics.items()
         if topic.error is None
     }
+
+
+def commit(admin: AdminClient, offsets: Mapping[str, Mapping[TP, int]], timeout: float) -> set[str]:
+    """Commit each group's offsets through the admin API (no consumer joins the group); all
+    groups' requests are in flight together. Answers the groups whose commit failed: Kafka
+    refuses one for a group that has members (they commit their own)."""
+    futures = {}
+    for group, tps in offsets.items():
+        if not tps:
+            continue
+        parts = [TopicPartition(t, p, o) for (t, p), o in sorted(tps.items())]
+        request = [ConsumerGroupTopicPartitions(group, parts)]
+        futures[group] = admin.alter_consumer_group_offsets(request, request_timeout=timeout)[group]
+    failed = set()
+    for group, future in futures.items():
+        try:
+            future.result(timeout=timeout)
+        except Exception as e:
+            log.debug("alter_consumer_group_offsets %s: %s", group, e)
+            failed.add(group)
+    return failed
+
+
+def offsets_retention_s(admin: AdminClient, timeout: float) -> float | None:
+    """The cluster's `offsets.retention.minutes` in seconds, as a broker reports it; None
+    when no broker answers or describing configs is not allowed."""
+    from confluent_kafka.admin import ConfigResource, ResourceType
+
+    try:
+        brokers = list(admin.list_topics(timeout=timeout).brokers)
+        if not brokers:
+            return None
+        resource = ConfigResource(ResourceType.BROKER, str(brokers[0]))
+        configs = admin.describe_configs([resource], request_timeout=timeout)[resource]
+        entry = configs.result(timeout=timeout).get("offsets.retention.minutes")
+        return float(entry.value) * 60 if entry is not None and entry.value else None
+    except Exception as e:
+        log.debug("offsets.retention.minutes: %s", e)
+        return None

@@ -2,8 +2,9 @@
 listing a pipeline's replays, and the rule for whose turn it is.
 
 One replay runs per pipeline at a time (they would race on the DLQ cursor): a replay starts
-when no other replay of its pipeline is Running and none created before it is still Pending;
-the others wait in phase Pending with reason `WaitingForReplay`, first come first served.
+when no other replay of its pipeline is Running and none created before it is still Pending,
+and it holds the pipeline's replay lease; the others wait in phase Pending with reason
+`WaitingForReplay`, first come first served.
 """
 
 from __future__ import annotations
@@ -66,28 +67,41 @@ def new_replay(namespace: str, spec: DLQReplaySpec, *, name: str | None = None) 
 
 
 def list_replays(api_client: Any, namespace: str, pipeline: str | None = None) -> list[ReplayRef]:
-    """The namespace's DLQReplays (of one pipeline), oldest first. Selected by spec, not by
-    label: a hand-written replay may have no label."""
+    """The namespace's DLQReplays (of one pipeline), oldest first."""
+    return order(ReplayRef.of(obj) for obj in replay_objects(api_client, namespace, pipeline))
+
+
+def replay_objects(
+    api_client: Any, namespace: str, pipeline: str | None = None
+) -> list[dict[str, Any]]:
+    """The DLQReplay objects themselves, oldest first. Selected by spec, not by label: a
+    hand-written replay may have no label."""
     from kubernetes import client
 
     custom: Any = client.CustomObjectsApi(api_client)
     found = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
-    refs = [ReplayRef.of(obj) for obj in found.get("items", [])]
-    return order([r for r in refs if pipeline is None or r.pipeline == pipeline])
+    objects = [o for o in found.get("items", []) if pipeline is None or _pipeline(o) == pipeline]
+    return sorted(objects, key=lambda o: (_meta(o, "creationTimestamp"), _meta(o, "name")))
+
+
+def _pipeline(obj: dict[str, Any]) -> str:
+    return str((obj.get("spec") or {}).get("pipeline", ""))
+
+
+def _meta(obj: dict[str, Any], field: str) -> str:
+    return str((obj.get("metadata") or {}).get(field) or "")
 
 
 def order(replays: Iterable[ReplayRef]) -> list[ReplayRef]:
     return sorted(replays, key=lambda r: (r.created, r.name))
 
 
-def blocker(me: str, replays: Sequence[ReplayRef], claimed: Iterable[str] = ()) -> str | None:
-    """The name of the replay that `me` must wait for, or None if it is `me`'s turn.
-
-    `replays` are the pipeline's replays; `claimed` names those that a process has already
-    started but whose status may not say Running yet."""
+def blocker(me: str, replays: Sequence[ReplayRef]) -> str | None:
+    """The name of the replay that `me` must wait for, or None if it is `me`'s turn (the
+    pipeline's replay lease, `kafka_retry.replay_lease`, is then taken)."""
     ours = order(replays)
     for r in ours:
-        if r.name != me and (r.phase == RUNNING or r.name in set(claimed)):
+        if r.name != me and r.phase == RUNNING:
             return r.name
     for r in ours:
         if r.name == me:

@@ -1,0 +1,109 @@
+"""Committed offsets that Kafka would expire: a pipeline's idle groups kept alive by the operator.
+
+Kafka deletes the committed offsets of a group without members `offsets.retention.minutes`
+after their last commit (7 days by default). That setting is cluster-wide and read-only, so the
+test runs a broker of its own with a one-minute retention (checked every second); the operator
+runs at its usual settings and reads the retention from the broker."""
+
+# ruff: noqa: F401, F811 - pytest fixtures are imported from operator_support by name
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+import localenv
+from dlq_support import fill_dlq
+from kafka_retry import depth
+from kafka_retry.model import RetryPipelineSpec
+from kafka_retry.offset_queries import committed
+from operator_support import (
+    Kubectl,
+    OperatorProcess,
+    apply,
+    get,
+    operator,
+    pipeline,
+    wait_condition,
+    wait_for,
+)
+
+pytestmark = pytest.mark.e2e
+
+RETENTION_S = 60
+
+
+@pytest.fixture(scope="module")
+def short_retention_kafka(localenv_up: dict[str, str]) -> Iterator[str]:
+    with localenv.extra_kafka(
+        "kafka-offsets-1m",
+        {"offsets.retention.minutes": "1", "offsets.retention.check.interval.ms": "1000"},
+    ) as bootstrap:
+        yield bootstrap
+
+
+def test_idle_groups_keep_their_offsets_past_the_brokers_retention(
+    operator: OperatorProcess,
+    kubectl: Kubectl,
+    namespace: str,
+    short_retention_kafka: str,
+    unique: str,
+) -> None:
+    """A suspended pipeline whose DLQ was partly replayed (its cursor committed) and whose
+    tier worker had committed before the suspension: past the retention, depth and lag still
+    count from those offsets, because the operator commits them again."""
+    bootstrap = short_retention_kafka
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    source = f"orders-{unique}"
+    admin.create_topics([NewTopic(source, 1, 1)])[source].result(timeout=30)
+    group = f"svc-{unique}"
+    doc = pipeline(
+        "kept",
+        bootstrap,
+        source,
+        group,
+        tiers=[{"name": "retry-1", "delaySeconds": 1}],
+        suspend=True,
+    )
+    apply(kubectl, namespace, doc)
+    wait_condition(kubectl, namespace, "kept", type_="TopicsReady", timeout=90)
+    topology = RetryPipelineSpec.model_validate(doc["spec"]).topology(namespace, "kept")
+    tier, dlq = topology.tiers[0], topology.dlq_topic
+
+    fill_dlq(bootstrap, dlq, 5, source_topic=source, group=group)
+    depth.advance_cursor(admin, dlq, {0: 3})  # a replay passed the first three
+    producer = Producer({"bootstrap.servers": bootstrap})
+    for i in range(4):
+        producer.produce(tier.topic, key=b"k", value=f"e{i}".encode())
+    assert producer.flush(30) == 0
+    worker = Consumer({"bootstrap.servers": bootstrap, "group.id": tier.consumer_group})
+    worker.commit(offsets=[TopicPartition(tier.topic, 0, 2)], asynchronous=False)  # then stopped
+    worker.close()
+
+    def measured() -> tuple[Any, Any]:
+        status = (get(kubectl, namespace, "rp", "kept") or {}).get("status") or {}
+        lag = next((t.get("lag") for t in status.get("tiers") or []), None)
+        return (status.get("dlq") or {}).get("depth"), lag
+
+    wait_for(lambda: measured() == (2, 2), 60, "DLQ depth 2 and tier lag 2")
+    deadline = time.monotonic() + RETENTION_S * 1.5 + 10
+    while time.monotonic() < deadline:
+        assert measured() == (2, 2), "an expired offset: depth and lag count from the start"
+        time.sleep(2)
+
+    groups = {
+        depth.cursor_group(dlq): [(dlq, 0)],
+        tier.consumer_group: [(tier.topic, 0)],
+    }
+    assert committed(admin, groups, 10) == {
+        depth.cursor_group(dlq): {(dlq, 0): 3},
+        tier.consumer_group: {(tier.topic, 0): 2},
+    }
+    status = (get(kubectl, namespace, "rp", "kept") or {})["status"]
+    assert status["lastOffsetRefreshTime"].endswith("Z")
+    assert "replayLease" not in status, "the refresh gave the lease back"
