@@ -1,5 +1,6 @@
 # Entry points. `make demo` runs the local demo, `make test` runs every test; both set up
-# what they need (Python venv, Kafka, etcd, kube-apiserver, helm), cached outside the checkout.
+# what they need (Python venv, Kafka, etcd, kube-apiserver, helm, the local node and the
+# image), cached outside the checkout. KRO_NODE=0 leaves the local node out.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 VENV = $(shell ./hack/venv.sh)
@@ -14,12 +15,16 @@ venv: ## create or update the cached Python environment
 	@./hack/venv.sh
 
 .PHONY: up
-up: ## start local Kafka, etcd, kube-apiserver, kube-controller-manager (idempotent)
+up: ## start Kafka, etcd, kube-apiserver, kube-controller-manager and the local node (idempotent)
 	$(PY) hack/localenv.py up
 
 .PHONY: down
-down: ## stop the local servers
+down: ## stop the local servers and the node; restore the host settings the node changed
 	$(PY) hack/localenv.py down
+
+.PHONY: image
+image: ## build the image from the Dockerfile (buildah) and import it into the node's containerd
+	$(PY) hack/localenv.py image
 
 .PHONY: env
 env: ## print shell exports for the local servers: eval "$$(make -s env)"

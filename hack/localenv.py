@@ -48,6 +48,7 @@ RUN = Path(os.environ.get("KRO_RUN", CACHE / "run"))
 
 KAFKA_PORT = int(os.environ.get("KRO_KAFKA_PORT", "19092"))
 KAFKA_CONTROLLER_PORT = KAFKA_PORT + 1
+KAFKA_POD_PORT = KAFKA_PORT + 2  # the listener for pods, on the local node's bridge
 ETCD_PORT = int(os.environ.get("KRO_ETCD_PORT", "12379"))
 APISERVER_PORT = int(os.environ.get("KRO_APISERVER_PORT", "16443"))
 KCM_PORT = APISERVER_PORT + 1
@@ -170,14 +171,15 @@ def ensure_kafka() -> None:
     )
 
 
-def _ensure_go_build(binary: Path, script: str, version: str) -> None:
+def _ensure_go_build(binary: Path, script: str, *args: str) -> None:
+    """Build `binary`'s cache folder with hack/`script` OUT_DIR `args`..., unless it is there."""
     if binary.exists():
         return
     root = binary.parent.parent
 
     def build(tmp: Path) -> None:
         _run_logged(
-            ["bash", str(HACK / script), str(tmp), version], CACHE / "logs" / f"{script}.log"
+            ["bash", str(HACK / script), str(tmp), *args], CACHE / "logs" / f"{root.name}.log"
         )
 
     timed(f"go build {root.name}", lambda: _atomic_build(root, build))
@@ -226,14 +228,16 @@ def ensure_all() -> None:
 @dataclass(frozen=True)
 class Server:
     name: str
+    home: Path = RUN  # holds <name>.pid and logs/<name>.log
+    marker: str = ""  # a word of its command line; its name by default
 
     @property
     def pidfile(self) -> Path:
-        return RUN / f"{self.name}.pid"
+        return self.home / f"{self.name}.pid"
 
     @property
     def logfile(self) -> Path:
-        return RUN / "logs" / f"{self.name}.log"
+        return self.home / "logs" / f"{self.name}.log"
 
     def pid(self) -> int | None:
         """The server's pid if it runs; a stale pidfile whose pid was reused is ignored."""
@@ -242,8 +246,7 @@ class Server:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
             return None
-        marker = b"kafka.Kafka" if self.name == "kafka" else self.name.encode()
-        return pid if marker in cmdline else None
+        return pid if (self.marker or self.name).encode() in cmdline else None
 
     def start(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
@@ -305,7 +308,7 @@ class Server:
         raise SetupError(f"{self.name} not ready after {timeout:.0f}s; log: {self.logfile}")
 
 
-KAFKA = Server("kafka")
+KAFKA = Server("kafka", marker="kafka.Kafka")
 ETCD = Server("etcd")
 APISERVER = Server("kube-apiserver")
 KCM = Server("kube-controller-manager")
@@ -318,10 +321,35 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def start_kafka() -> None:
+def _kafka_listeners(port: int, controller_port: int, pod_listener: str | None) -> list[str]:
+    """Host clients use 127.0.0.1; pods on the local node use `pod_listener` (address:port
+    on the bridge's gateway)."""
+    advertised = f"PLAINTEXT://127.0.0.1:{port}"
+    protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+    if pod_listener:
+        advertised += f",POD://{pod_listener}"
+        protocols += ",POD:PLAINTEXT"
+    return [
+        f"listeners={advertised},CONTROLLER://127.0.0.1:{controller_port}",
+        f"advertised.listeners={advertised}",
+        f"listener.security.protocol.map={protocols}",
+    ]
+
+
+def kafka_serves_pods(pod_address: str) -> bool:
+    """Whether the running broker has the listener for pods (a broker started while the
+    node was off has not, and must restart)."""
+    props = RUN / "kafka" / "server.properties"
+    return props.exists() and f"POD://{pod_address}:" in props.read_text()
+
+
+def start_kafka(pod_address: str | None = None) -> None:
     if KAFKA.pid() is not None:
         return
-    _start_broker(KAFKA, RUN / "kafka", KAFKA_PORT, KAFKA_CONTROLLER_PORT)
+    pod_listener = f"{pod_address}:{KAFKA_POD_PORT}" if pod_address else None
+    _start_broker(
+        KAFKA, RUN / "kafka", KAFKA_PORT, KAFKA_CONTROLLER_PORT, pod_listener=pod_listener
+    )
 
 
 def _start_broker(
@@ -330,9 +358,10 @@ def _start_broker(
     port: int,
     controller_port: int,
     overrides: dict[str, str] | None = None,
+    pod_listener: str | None = None,
 ) -> None:
     """A single-node KRaft broker in `data` (emptied first); `overrides` are broker settings
-    added to (or replacing) ours."""
+    added to (or replacing) ours; `pod_listener` (address:port) is a listener for pods."""
     shutil.rmtree(data, ignore_errors=True)
     data.mkdir(parents=True)
     props = data / "server.properties"
@@ -342,10 +371,8 @@ def _start_broker(
                 "process.roles=broker,controller",
                 "node.id=1",
                 f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
-                f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-                f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+                *_kafka_listeners(port, controller_port, pod_listener),
                 "controller.listener.names=CONTROLLER",
-                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
                 "inter.broker.listener.name=PLAINTEXT",
                 f"log.dirs={data / 'logs'}",
                 # One node: every internal topic must accept replication factor 1,
@@ -450,9 +477,9 @@ PKI = RUN / "pki"
 KUBECONFIG = RUN / "kubeconfig"
 
 
-def _token(name: str) -> str:
+def _token(name: str, pki: Path = PKI) -> str:
     """A static bearer token, made once per fresh cluster (the PKI folder is reset with it)."""
-    token_file = PKI / f"{name}.token"
+    token_file = pki / f"{name}.token"
     if not token_file.exists():
         token_file.write_text(uuid.uuid4().hex)
     return token_file.read_text().strip()
@@ -466,75 +493,54 @@ def _unprivileged_token() -> str:
     return _token("nobody")
 
 
+def issue_cert(pki: Path, name: str, subject: str, extensions: str) -> None:
+    """pki/<name>.crt and .key, signed by pki/ca.crt, unless they exist."""
+    if (pki / f"{name}.crt").exists():
+        return
+    logfile = pki / "openssl.log"
+    ext = pki / f"{name}.ext"
+    ext.write_text(extensions + "\n")
+    key, csr = str(pki / f"{name}.key"), str(pki / f"{name}.csr")
+    ca, ca_key, crt = str(pki / "ca.crt"), str(pki / "ca.key"), str(pki / f"{name}.crt")
+    _run_logged(
+        ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+         "-subj", subject],
+        logfile,
+    )  # fmt: skip
+    _run_logged(
+        ["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-days", "3650", "-extfile", str(ext), "-out", crt],
+        logfile,
+    )  # fmt: skip
+
+
+def ensure_ca(pki: Path) -> None:
+    """A CA and the service-account signing key pair in `pki`, unless they exist."""
+    pki.mkdir(parents=True, exist_ok=True)
+    logfile = pki / "openssl.log"
+    if not (pki / "sa.key").exists():
+        _run_logged(["openssl", "genrsa", "-out", str(pki / "sa.key"), "2048"], logfile)
+        _run_logged(
+            ["openssl", "rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub")],
+            logfile,
+        )
+    if not (pki / "ca.crt").exists():
+        _run_logged(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
+             "-keyout", str(pki / "ca.key"), "-out", str(pki / "ca.crt"),
+             "-subj", "/CN=kro-local-ca"],
+            logfile,
+        )  # fmt: skip
+
+
 def ensure_pki() -> None:
-    PKI.mkdir(parents=True, exist_ok=True)
-    if not (PKI / "sa.key").exists():
-        _run_logged(
-            ["openssl", "genrsa", "-out", str(PKI / "sa.key"), "2048"], RUN / "logs" / "pki.log"
-        )
-        _run_logged(
-            ["openssl", "rsa", "-in", str(PKI / "sa.key"), "-pubout", "-out", str(PKI / "sa.pub")],
-            RUN / "logs" / "pki.log",
-        )
-    if not (PKI / "ca.crt").exists():
-        _run_logged(
-            [
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "3650",
-                "-keyout",
-                str(PKI / "ca.key"),
-                "-out",
-                str(PKI / "ca.crt"),
-                "-subj",
-                "/CN=kro-local-ca",
-            ],
-            RUN / "logs" / "pki.log",
-        )
-        ext = PKI / "serving.ext"
-        ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n")
-        _run_logged(
-            [
-                "openssl",
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                str(PKI / "serving.key"),
-                "-out",
-                str(PKI / "serving.csr"),
-                "-subj",
-                "/CN=kube-apiserver",
-            ],
-            RUN / "logs" / "pki.log",
-        )
-        _run_logged(
-            [
-                "openssl",
-                "x509",
-                "-req",
-                "-in",
-                str(PKI / "serving.csr"),
-                "-CA",
-                str(PKI / "ca.crt"),
-                "-CAkey",
-                str(PKI / "ca.key"),
-                "-CAcreateserial",
-                "-days",
-                "3650",
-                "-extfile",
-                str(ext),
-                "-out",
-                str(PKI / "serving.crt"),
-            ],
-            RUN / "logs" / "pki.log",
-        )
+    ensure_ca(PKI)
+    issue_cert(
+        PKI,
+        "serving",
+        "/CN=kube-apiserver",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc",
+    )
     tokens = PKI / "tokens.csv"
     tokens.write_text(
         f'{_admin_token()},{ADMIN_TOKEN_USER},uid-admin,"system:masters"\n'
@@ -542,8 +548,16 @@ def ensure_pki() -> None:
     )
 
 
-def write_kubeconfig(path: Path, token: str, user: str, namespace: str = "default") -> None:
-    """A kubeconfig for `user`: JSON is valid YAML, and needs no YAML library here."""
+def write_kubeconfig(
+    path: Path,
+    token: str,
+    user: str,
+    namespace: str = "default",
+    server: str = "",
+    ca: Path = PKI / "ca.crt",
+) -> None:
+    """A kubeconfig for `user` (of this run's API server unless `server` names another): JSON
+    is valid YAML, and needs no YAML library here."""
     config = {
         "apiVersion": "v1",
         "kind": "Config",
@@ -551,8 +565,8 @@ def write_kubeconfig(path: Path, token: str, user: str, namespace: str = "defaul
             {
                 "name": "kro-local",
                 "cluster": {
-                    "server": f"https://127.0.0.1:{APISERVER_PORT}",
-                    "certificate-authority": str(PKI / "ca.crt"),
+                    "server": server or f"https://127.0.0.1:{APISERVER_PORT}",
+                    "certificate-authority": str(ca),
                 },
             }
         ],
@@ -569,65 +583,75 @@ def write_kubeconfig(path: Path, token: str, user: str, namespace: str = "defaul
     path.chmod(0o600)
 
 
+def etcd_command(data: Path, port: int) -> list[str]:
+    """A one-member etcd on 127.0.0.1:`port` (peers on `port` + 1), data in `data`."""
+    return [
+        str(ETCD_BIN),
+        "--name=kro",
+        f"--data-dir={data}",
+        f"--listen-client-urls=http://127.0.0.1:{port}",
+        f"--advertise-client-urls=http://127.0.0.1:{port}",
+        f"--listen-peer-urls=http://127.0.0.1:{port + 1}",
+        f"--initial-advertise-peer-urls=http://127.0.0.1:{port + 1}",
+        f"--initial-cluster=kro=http://127.0.0.1:{port + 1}",
+        "--unsafe-no-fsync",  # tests only: speed over durability
+        "--quota-backend-bytes=2147483648",
+        "--log-level=warn",
+    ]
+
+
 def start_etcd() -> None:
     if ETCD.pid() is not None:
         return
     data = RUN / "etcd"
     shutil.rmtree(data, ignore_errors=True)
-    ETCD.start(
-        [
-            str(ETCD_BIN),
-            "--name=kro",
-            f"--data-dir={data}",
-            f"--listen-client-urls=http://127.0.0.1:{ETCD_PORT}",
-            f"--advertise-client-urls=http://127.0.0.1:{ETCD_PORT}",
-            f"--listen-peer-urls=http://127.0.0.1:{ETCD_PORT + 1}",
-            f"--initial-advertise-peer-urls=http://127.0.0.1:{ETCD_PORT + 1}",
-            f"--initial-cluster=kro=http://127.0.0.1:{ETCD_PORT + 1}",
-            "--unsafe-no-fsync",  # tests only: speed over durability
-            "--quota-backend-bytes=2147483648",
-            "--log-level=warn",
-        ]
-    )
+    ETCD.start(etcd_command(data, ETCD_PORT))
 
 
-def etcd_ready() -> bool:
-    with urllib.request.urlopen(f"http://127.0.0.1:{ETCD_PORT}/health", timeout=2) as r:
+def etcd_ready(port: int = ETCD_PORT) -> bool:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
         return bool(json.load(r).get("health") == "true")
+
+
+def apiserver_command(etcd_port: int, address: str, port: int, pki: Path) -> list[str]:
+    """kube-apiserver on `address`:`port`, certificates and static tokens from `pki`."""
+    return [
+        str(KUBE_BIN / "kube-apiserver"),
+        f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+        f"--bind-address={address}",
+        f"--advertise-address={address}",
+        f"--secure-port={port}",
+        f"--tls-cert-file={pki / 'serving.crt'}",
+        f"--tls-private-key-file={pki / 'serving.key'}",
+        f"--client-ca-file={pki / 'ca.crt'}",
+        f"--token-auth-file={pki / 'tokens.csv'}",
+        "--authorization-mode=Node,RBAC",
+        f"--service-account-key-file={pki / 'sa.pub'}",
+        f"--service-account-signing-key-file={pki / 'sa.key'}",
+        "--service-account-issuer=https://kubernetes.default.svc",
+        "--api-audiences=https://kubernetes.default.svc",
+        "--service-cluster-ip-range=10.96.0.0/16",
+        "--allow-privileged=true",
+        "--enable-admission-plugins=NamespaceLifecycle,ServiceAccount",
+        "--disable-admission-plugins=DefaultStorageClass,StorageObjectInUseProtection",
+        f"--cert-dir={pki / 'apiserver-certs'}",
+        "--v=1",
+    ]
 
 
 def start_apiserver() -> None:
     if APISERVER.pid() is not None:
         return
-    APISERVER.start(
-        [
-            str(KUBE_BIN / "kube-apiserver"),
-            f"--etcd-servers=http://127.0.0.1:{ETCD_PORT}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            f"--secure-port={APISERVER_PORT}",
-            f"--tls-cert-file={PKI / 'serving.crt'}",
-            f"--tls-private-key-file={PKI / 'serving.key'}",
-            f"--client-ca-file={PKI / 'ca.crt'}",
-            f"--token-auth-file={PKI / 'tokens.csv'}",
-            "--authorization-mode=Node,RBAC",
-            f"--service-account-key-file={PKI / 'sa.pub'}",
-            f"--service-account-signing-key-file={PKI / 'sa.key'}",
-            "--service-account-issuer=https://kubernetes.default.svc",
-            "--api-audiences=https://kubernetes.default.svc",
-            "--service-cluster-ip-range=10.96.0.0/16",
-            "--allow-privileged=true",
-            "--enable-admission-plugins=NamespaceLifecycle,ServiceAccount",
-            "--disable-admission-plugins=DefaultStorageClass,StorageObjectInUseProtection",
-            f"--cert-dir={RUN / 'apiserver-certs'}",
-            "--v=1",
-        ]
-    )
+    APISERVER.start(apiserver_command(ETCD_PORT, "127.0.0.1", APISERVER_PORT, PKI))
 
 
-def _https_get(url: str, token: str, verify: bool = True) -> tuple[int, str]:
-    ctx = ssl.create_default_context(cafile=str(PKI / "ca.crt"))
-    if not verify:
+def _https_get(
+    url: str, token: str, verify: bool = True, ca: Path = PKI / "ca.crt"
+) -> tuple[int, str]:
+    if verify:
+        ctx = ssl.create_default_context(cafile=str(ca))
+    else:
+        ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
@@ -638,18 +662,37 @@ def _https_get(url: str, token: str, verify: bool = True) -> tuple[int, str]:
         return e.code, e.read().decode(errors="replace")
 
 
-def apiserver_ready() -> bool:
-    status, body = _https_get(f"https://127.0.0.1:{APISERVER_PORT}/readyz", _admin_token())
+def apiserver_ready(url: str = "", token: str = "", ca: Path = PKI / "ca.crt") -> bool:
+    url = url or f"https://127.0.0.1:{APISERVER_PORT}"
+    status, body = _https_get(f"{url}/readyz", token or _admin_token(), ca=ca)
     return status == 200 and body.strip() == "ok"
 
 
 # Garbage collection, namespaces, service-account tokens and ClusterRole aggregation (the
-# chart's roles aggregated into view/edit/admin), but not the workload controllers: there is
-# no kubelet, and hack/podrunner.py owns Deployment status.
+# chart's roles aggregated into view/edit/admin), but not the workload controllers: no kubelet
+# serves this API server (the local node has its own, see hack/node.py), and
+# hack/podrunner.py owns Deployment status here.
 KCM_CONTROLLERS = (
     "garbagecollector,namespace,serviceaccount,serviceaccount-token,"
     "root-ca-certificate-publisher-controller,clusterrole-aggregation"
 )
+
+
+def kcm_command(kubeconfig: Path, port: int, pki: Path, controllers: str) -> list[str]:
+    return [
+        str(KUBE_BIN / "kube-controller-manager"),
+        f"--kubeconfig={kubeconfig}",
+        f"--authentication-kubeconfig={kubeconfig}",
+        f"--authorization-kubeconfig={kubeconfig}",
+        "--bind-address=127.0.0.1",
+        f"--secure-port={port}",
+        f"--service-account-private-key-file={pki / 'sa.key'}",
+        f"--root-ca-file={pki / 'ca.crt'}",
+        "--use-service-account-credentials=false",
+        f"--controllers={controllers}",
+        "--leader-elect=false",
+        "--v=1",
+    ]
 
 
 def start_kcm() -> None:
@@ -660,28 +703,20 @@ def start_kcm() -> None:
             return
         log("kube-controller-manager runs other controllers: restarting it")
         KCM.stop()
-    KCM.start(
-        [
-            str(KUBE_BIN / "kube-controller-manager"),
-            f"--kubeconfig={KUBECONFIG}",
-            f"--authentication-kubeconfig={KUBECONFIG}",
-            f"--authorization-kubeconfig={KUBECONFIG}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={KCM_PORT}",
-            f"--service-account-private-key-file={PKI / 'sa.key'}",
-            f"--root-ca-file={PKI / 'ca.crt'}",
-            "--use-service-account-credentials=false",
-            f"--controllers={KCM_CONTROLLERS}",
-            "--leader-elect=false",
-            "--v=1",
-        ]
+    KCM.start(kcm_command(KUBECONFIG, KCM_PORT, PKI, KCM_CONTROLLERS))
+
+
+def healthz_ready(port: int, token: str = "") -> bool:
+    """A control-plane component's /healthz on 127.0.0.1:`port`: it serves a self-signed
+    certificate of its own (not our CA)."""
+    status, _ = _https_get(
+        f"https://127.0.0.1:{port}/healthz", token or _admin_token(), verify=False
     )
+    return status == 200
 
 
 def kcm_ready() -> bool:
-    # kube-controller-manager serves a self-signed certificate of its own (not our CA).
-    status, _ = _https_get(f"https://127.0.0.1:{KCM_PORT}/healthz", _admin_token(), verify=False)
-    return status == 200
+    return healthz_ready(KCM_PORT)
 
 
 # --------------------------------------------------------------------------- commands
@@ -714,7 +749,7 @@ def tool_bin_dir() -> Path:
 
 
 def env_vars() -> dict[str, str]:
-    return {
+    env = {
         "KRO_KUBECTL": kubectl_binary(),
         "KUBECONFIG": str(KUBECONFIG),
         "KRO_KAFKA_BOOTSTRAP": kafka_bootstrap(),
@@ -723,6 +758,11 @@ def env_vars() -> dict[str, str]:
         "KRO_UNPRIVILEGED_KUBECONFIG": str(RUN / "kubeconfig-nobody"),
         "KRO_RUN": str(RUN),
     }
+    if node.enabled():
+        env["KRO_NODE_KUBECONFIG"] = str(node.KUBECONFIG)
+        env["KRO_POD_KAFKA_BOOTSTRAP"] = f"{node.GATEWAY}:{KAFKA_POD_PORT}"
+        env["KRO_IMAGE"] = images.project_image()
+    return env
 
 
 def up() -> None:
@@ -735,6 +775,13 @@ def up() -> None:
 
 def _up_locked() -> None:
     ensure_all()
+    pod_address = None
+    if node.enabled():
+        node.up()
+        pod_address = node.GATEWAY
+        if KAFKA.pid() is not None and not kafka_serves_pods(pod_address):
+            log("restarting Kafka with a listener for pods")
+            KAFKA.stop()
     if not any(s.pid() for s in (ETCD, APISERVER)):
         shutil.rmtree(PKI, ignore_errors=True)  # fresh tokens per fresh cluster
     ensure_pki()
@@ -742,7 +789,7 @@ def _up_locked() -> None:
     write_kubeconfig(RUN / "kubeconfig-nobody", _unprivileged_token(), UNPRIVILEGED_USER)
 
     def kafka() -> None:
-        KAFKA.bring_up(start_kafka, kafka_ready, 90)
+        KAFKA.bring_up(lambda: start_kafka(pod_address), kafka_ready, 90)
 
     def kube() -> None:
         ETCD.bring_up(start_etcd, etcd_ready, 60)
@@ -751,6 +798,8 @@ def _up_locked() -> None:
 
     timed("kafka up", kafka)
     timed("etcd + kube-apiserver + kube-controller-manager up", kube)
+    if node.enabled():
+        images.ensure_in_containerd(node.ctr(), images.project_image())
     (RUN / "env.sh").write_text(shell_exports())
 
 
@@ -762,12 +811,16 @@ def shell_exports() -> str:
 def down() -> None:
     for server in reversed(ALL):
         server.stop()
+    if node.enabled():
+        node.down()
 
 
 def status() -> int:
-    for server in ALL:
-        pid = server.pid()
-        print(f"{server.name:26} {'running pid ' + str(pid) if pid else 'stopped'}")
+    servers = [(s.name, s.pid()) for s in ALL]
+    if node.enabled():
+        servers += node.status()
+    for name, pid in servers:
+        print(f"{name:31} {'running pid ' + str(pid) if pid else 'stopped'}")
     return 0
 
 
@@ -775,7 +828,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("command", choices=["ensure", "up", "down", "status", "env"])
+    parser.add_argument(
+        "command", choices=["ensure", "up", "down", "status", "env", "image", "node-down"]
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "ensure":
@@ -784,6 +839,13 @@ def main(argv: list[str] | None = None) -> int:
             up()
         elif args.command == "down":
             down()
+        elif args.command == "node-down":
+            node.down()
+        elif args.command == "image":
+            if not node.enabled():
+                raise SetupError("KRO_NODE=0: no local node to import the image into")
+            node.up()
+            images.ensure_in_containerd(node.ctr(), images.project_image())
         elif args.command == "status":
             return status()
         elif args.command == "env":
@@ -794,5 +856,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# The node and its images build on the helpers above (imported last: they import this module).
+import images  # noqa: E402
+import node  # noqa: E402
+
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as the `localenv` module that node.py and images.py import, not as a second copy
+    # named __main__ (whose SetupError would be another class).
+    import localenv
+
+    sys.exit(localenv.main())

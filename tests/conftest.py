@@ -30,6 +30,9 @@ _FIXTURE_MARKS = {
     "make_namespace": "kube",
     "kubectl": "kube",
     "helm": "helm",
+    "node_kubeconfig": "node",
+    "node_kubectl": "node",
+    "node_namespace": "node",
 }
 
 
@@ -138,6 +141,10 @@ def namespace(make_namespace: Callable[[str], str]) -> str:
 @pytest.fixture(scope="session")
 def kubectl(kubeconfig: str) -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run this machine's kubectl against the local API server."""
+    return _kubectl_runner(kubeconfig)
+
+
+def _kubectl_runner(kubeconfig: str) -> Callable[..., subprocess.CompletedProcess[str]]:
     binary = os.environ.get("KRO_KUBECTL", "kubectl")
 
     def run(
@@ -181,3 +188,63 @@ def crds(kubectl: Callable[..., subprocess.CompletedProcess[str]]) -> None:
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
     for name in ("retrypipelines.kafkaretry.io", "dlqreplays.kafkaretry.io"):
         kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+
+
+# --------------------------------------------------------------------------- the local node
+
+
+@pytest.fixture(scope="session")
+def node_kubeconfig(localenv_up: dict[str, str]) -> str:
+    """The local node's cluster (hack/node.py), where pods are real containers. Its tests
+    fail, never skip, when it does not run: they are part of the suite."""
+    import node
+
+    if not node.enabled():
+        pytest.fail(
+            "this test needs the local node (real pods), which KRO_NODE=0 leaves out: "
+            "run it where the node runs (`make up` without KRO_NODE=0)",
+            pytrace=False,
+        )
+    if not (node.running() and node.node_ready()):
+        pytest.fail(
+            f"the local node is not Ready: `make up` starts it (logs: {node.NODE / 'logs'})",
+            pytrace=False,
+        )
+    return localenv_up["KRO_NODE_KUBECONFIG"]
+
+
+@pytest.fixture(scope="session")
+def node_kubectl(node_kubeconfig: str) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """kubectl against the local node's API server."""
+    return _kubectl_runner(node_kubeconfig)
+
+
+@pytest.fixture(scope="session")
+def pod_kafka_bootstrap(node_kubeconfig: str, localenv_up: dict[str, str]) -> str:
+    """This run's Kafka as pods reach it (the listener on the node's bridge); the host
+    reaches that address too."""
+    return localenv_up["KRO_POD_KAFKA_BOOTSTRAP"]
+
+
+@pytest.fixture(scope="session")
+def image(node_kubeconfig: str, localenv_up: dict[str, str]) -> str:
+    """The image built from the Dockerfile (hack/images.py), present in the node's containerd."""
+    return localenv_up["KRO_IMAGE"]
+
+
+def make_restricted_namespace(kubectl: Callable[..., Any], name: str) -> None:
+    """A namespace where PodSecurity admission enforces the `restricted` standard."""
+    kubectl("create", "namespace", name)
+    for mode in ("enforce", "warn"):
+        kubectl("label", "namespace", name, f"pod-security.kubernetes.io/{mode}=restricted")
+
+
+@pytest.fixture
+def node_namespace(
+    node_kubectl: Callable[..., subprocess.CompletedProcess[str]], unique: str
+) -> Iterator[str]:
+    """A fresh `restricted` namespace on the local node, deleted afterwards."""
+    name = f"t-{unique}"
+    make_restricted_namespace(node_kubectl, name)
+    yield name
+    node_kubectl("delete", "namespace", name, "--wait=false", check=False)
