@@ -53,7 +53,7 @@ def source_tag() -> str:
     context holds (.dockerignore allow-lists pyproject.toml, README.md, workers/, operator/)."""
     digest = hashlib.sha256(BASE_IMAGE.encode())
     files = [ROOT / "Dockerfile", ROOT / ".dockerignore", ROOT / "pyproject.toml"]
-    files.append(ROOT / "README.md")
+    files += [ROOT / "README.md", HACK / "images.py"]  # and how it is built
     for folder in ("workers", "operator"):
         files += [
             p
@@ -134,7 +134,8 @@ def build_project_image(image: str) -> None:
         _run_logged(
             buildah(
                 "bud",
-                "--layers",  # unchanged steps are reused from the last build
+                # No --layers: buildah 1.28 would reuse the runtime stage's install step even
+                # when the wheel it mounts from the builder stage has changed.
                 "--isolation=chroot",
                 "--network=host",
                 f"--volume={HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro",
@@ -183,3 +184,17 @@ def ensure_in_containerd(ctr: list[str], image: str, build: bool = True) -> None
             build_project_image(image)
         log(f"importing {image} into containerd")
         import_image(ctr, image)
+        if image != PAUSE_IMAGE:
+            _prune_builds(keep=image)
+
+
+def _prune_builds(keep: str) -> None:
+    """Earlier builds of the project image leave buildah's storage (containerd keeps the
+    ones imported: another checkout's pods may run them)."""
+    listing = subprocess.run(
+        buildah("images", "--format={{.Name}}:{{.Tag}}"), capture_output=True, text=True
+    )
+    old = [n for n in listing.stdout.split() if n.startswith(f"{IMAGE_REPOSITORY}:") and n != keep]
+    if old:
+        subprocess.run(buildah("rmi", *old), capture_output=True)
+    subprocess.run(buildah("rmi", "--prune"), capture_output=True)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shlex
@@ -145,7 +146,7 @@ def test_dockerfile_structure() -> None:
 
 # Run inside the image, as the image's own user: what a container of it has and can do.
 _INSPECT = r"""
-import json, os, pathlib, subprocess, sysconfig
+import hashlib, json, os, pathlib, subprocess, sysconfig
 import kafka_retry, kafka_retry_operator
 out = {"uid": os.getuid(), "gid": os.getgid(), "home": os.environ.get("HOME")}
 try:
@@ -160,6 +161,11 @@ out["modules"] = [kafka_retry.__file__, kafka_retry_operator.__file__]
 site = pathlib.Path(sysconfig.get_paths()["purelib"])
 out["top_level"] = sorted(p.name for p in site.iterdir() if p.name in (
     "kafka_retry", "kafka_retry_operator", "operator", "workers"))
+out["sources"] = {
+    str(f.relative_to(site)): hashlib.sha256(f.read_bytes()).hexdigest()
+    for package in ("kafka_retry", "kafka_retry_operator")
+    for f in sorted((site / package).rglob("*.py"))
+}
 out["pip"] = (pathlib.Path(os.environ["VIRTUAL_ENV"]) / "bin" / "pip").exists()
 out["pyc"] = len(list(pathlib.Path(kafka_retry.__file__).parent.glob("__pycache__/*.pyc")))
 out["source_tree"] = [p for p in ("/src", "/dist", "/workers", "/tests") if os.path.exists(p)]
@@ -222,6 +228,18 @@ def test_built_image_runs_read_only_as_non_root_in_a_restricted_pod(
         assert module_file.startswith(env["VIRTUAL_ENV"] + "/"), report["modules"]
     # Never a top-level `operator` or `workers` package: `operator` is a stdlib module.
     assert report["top_level"] == ["kafka_retry", "kafka_retry_operator"], report
+    # The image is of this checkout: its code is the code here, not an older build's.
+    checkout = {
+        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for folder, package in (
+            (ROOT / "workers", "kafka_retry"),
+            (ROOT / "operator", "kafka_retry_operator"),
+        )
+        for f in sorted((folder / package).rglob("*.py"))
+    }
+    stale = sorted(k for k in checkout.keys() | report["sources"].keys()
+                   if checkout.get(k) != report["sources"].get(k))  # fmt: skip
+    assert not stale, f"the image's code differs from the checkout's: {stale}"
     assert report["pip"] is False, "pip is removed from the runtime venv"
     assert report["pyc"] > 0, "bytecode compiled at install time (nothing is written later)"
     assert report["source_tree"] == [], "only the wheel reaches the runtime stage"
