@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -1197,6 +1198,15 @@ def _signals() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous[1])
 
 
+def name_prefix(text: str) -> str:
+    """A prefix of topic and group names, joined with a dash unless it ends in a separator."""
+    if text and not re.fullmatch(r"[a-zA-Z0-9._-]{1,100}", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: letters, digits, '.', '_' and '-' only (it starts topic names)"
+        )
+    return text if not text or text[-1] in "-._" else f"{text}-"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hack/demo.py",
@@ -1226,8 +1236,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"default: {DEFAULT_NAMESPACE}; with `down`: stop only this demo's processes",
     )  # fmt: skip
     parser.add_argument(
-        "--prefix", default=env("DEMO_PREFIX", ""),
-        help="prefix of the topic and consumer group names (unique runs side by side)",
+        "--prefix", type=name_prefix, default=env("DEMO_PREFIX", ""),
+        help="prefix of the topic and consumer group names, for runs side by side: "
+        "`--prefix run1` names them run1-orders, run1-order-service",
     )  # fmt: skip
     parser.add_argument(
         "--no-live", action="store_true",

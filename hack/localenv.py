@@ -736,11 +736,21 @@ def kubectl_binary() -> str:
     return "kubectl"
 
 
+# This project's commands, from the venv that runs this script: `kubectl retry` is kubectl
+# finding the `kubectl-retry` plugin on PATH.
+PROJECT_COMMANDS = ("kafka-retry", "kubectl-retry", "kafka-retry-operator")
+
+
 def tool_bin_dir() -> Path:
-    """A bin/ with `kubectl` and `helm` of the right versions, to put first on PATH."""
+    """A bin/ to put first on PATH: `kubectl` and `helm` of the right versions, and this
+    checkout's commands (links into its venv; not the venv's bin/ itself, whose `python` and
+    `pip` would shadow the user's)."""
     bindir = RUN / "bin"
     bindir.mkdir(parents=True, exist_ok=True)
-    for name, target in (("kubectl", kubectl_binary()), ("helm", str(HELM_BIN))):
+    venv_bin = Path(sys.executable).parent
+    tools = [("kubectl", kubectl_binary()), ("helm", str(HELM_BIN))]
+    tools += [(name, str(venv_bin / name)) for name in PROJECT_COMMANDS]
+    for name, target in tools:
         link = bindir / name
         if link.is_symlink() or link.exists():
             link.unlink()

@@ -64,7 +64,9 @@ def test_names_columns_and_subresources() -> None:
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
         "Pipeline",
         "Phase",
-        "Progress",
+        "Replayed",
+        "Skipped",
+        "Total",
         "Age",
     ]
 

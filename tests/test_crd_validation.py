@@ -13,7 +13,7 @@ import pytest
 from pydantic import ValidationError
 
 from kafka_retry.model import RetryPipelineSpec
-from operator_support import Kubectl
+from operator_support import Kubectl, wait_for
 
 VALID: dict[str, Any] = {
     "apiVersion": "kafkaretry.io/v1alpha1",
@@ -262,3 +262,32 @@ def test_models_accept_the_valid_spec() -> None:
         "billing.orders.retry-1",
         "billing.orders.retry-2",
     ]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "retrypipeline",
+        "retrypipeline.spec",
+        "retrypipeline.spec.kafka",
+        "retrypipeline.spec.source",
+        "retrypipeline.spec.tiers",
+        "retrypipeline.spec.handler",
+        "retrypipeline.spec.workers.resources",
+        "retrypipeline.status",
+        "retrypipeline.status.conditions",
+        "dlqreplay.spec",
+        "dlqreplay.status",
+    ],
+)
+def test_kubectl_explain_describes_every_field(kubectl: Kubectl, crds: None, path: str) -> None:
+    """What `kubectl explain` shows comes from the models' docstrings and descriptions (the
+    API server publishes a changed CRD's schema within seconds)."""
+
+    def described() -> str | None:
+        out = kubectl("explain", path).stdout
+        return None if "<no description>" in out or "<empty>" in out else out
+
+    out = wait_for(described, 30, f"kubectl explain {path} without <no description>")
+    description = out.split("DESCRIPTION:", 1)[1].split("FIELDS:", 1)[0]
+    assert description.strip(), out

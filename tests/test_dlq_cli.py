@@ -3,17 +3,22 @@
 
 from __future__ import annotations
 
+import bisect
 import json
+import signal
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dataplane_support import make_topology
-from dlq_support import NOW_MS, cli, error_class, fill_dlq, replayed_records, source_of
+from dataplane_support import make_topology, read_topic
+from dlq_support import BIN, NOW_MS, cli, error_class, fill_dlq, replayed_records, source_of
 from kafka_retry import headers as h
 from kafka_retry.dlq import KafkaAccess, partition_states
+from kafka_retry.dlq_stats import age_bucket
 from kafka_retry.model import Topology
 
 COUNT = 40
@@ -24,7 +29,9 @@ def dlq_pipeline(
     kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path
 ) -> tuple[Topology, list[str]]:
     """A pipeline (3 partitions) with COUNT events in its DLQ, the first half an hour older."""
+    # Named `billing`, as the commands below call it (its consumer groups stay unique).
     topo = make_topology(kafka_bootstrap, make_topic, partitions=3)
+    topo = topo.model_copy(update={"pipeline": "test/billing"})
     path = tmp_path / "topology.json"
     path.write_text(topo.to_json())
     old = NOW_MS - 3_600_000
@@ -224,3 +231,163 @@ def test_errors_are_one_clear_line(
         assert proc.returncode == 1, (args, proc.stderr)
         assert proc.stderr == f"kafka-retry: {proc.stderr.removeprefix('kafka-retry: ')}"
         assert message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def _one_line_usage_error(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 2, (proc.args, proc.returncode, proc.stderr)
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr
+
+
+def test_bad_input_is_a_one_line_usage_error_and_changes_nothing(
+    dlq_pipeline: tuple[Topology, list[str]], kafka_bootstrap: str
+) -> None:
+    topo, where = dlq_pipeline
+    p1_end = next(
+        s.high for s in partition_states(KafkaAccess(kafka_bootstrap), topo.dlq_topic)
+        if s.partition == 1
+    )  # fmt: skip
+    cases = [
+        (["dlq", "list", "billing", *where, "--limit", "-5"], "--limit: must be 0 or more"),
+        (["dlq", "list", "billing", *where, "--since", "10m", "--until", "20m"],
+         "--since 10m is not before --until 20m: no event can match"),
+        (["dlq", "replay", "billing", *where, "--direct", "--since", "1h", "--until", "1h"],
+         "is not before --until"),
+        (["dlq", "purge", "billing", *where, "--before-offset", "1:9999", "--yes"],
+         f"offset 9999 is past the end of partition 1 of {topo.dlq_topic}: its next offset is "
+         f"{p1_end} (1:{p1_end} purges the whole partition)"),
+        (["dlq", "list", "other", *where],
+         "is the topology of pipeline test/billing, not other"),
+        (["dlq", "replay", "billing", *where, "--rate", "0"], "--rate: must be at least 1"),
+    ]  # fmt: skip
+    for args, message in cases:
+        assert message in _one_line_usage_error(cli(*args))
+    # A missing partition is worded alike by every command that names one.
+    missing = f"{topo.dlq_topic} has no partition 7 (partitions 0-2)"
+    assert missing in _one_line_usage_error(cli("dlq", "show", "billing", "7:0", *where))
+    purge = cli("dlq", "purge", "billing", *where, "--before-offset", "7:1", "--yes")
+    assert missing in _one_line_usage_error(purge)
+    # Nothing was purged, nothing replayed.
+    assert _depth(kafka_bootstrap, topo) == COUNT
+    assert all(s.low == 0 for s in partition_states(KafkaAccess(kafka_bootstrap), topo.dlq_topic))
+
+
+def test_list_into_a_closed_pipe_is_quiet(dlq_pipeline: tuple[Topology, list[str]]) -> None:
+    """`kafka-retry dlq list | head`: the reader is gone before the table is written."""
+    _, where = dlq_pipeline
+    proc = subprocess.Popen(
+        [str(BIN / "kafka-retry"), "dlq", "list", "billing", *where, "--limit", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # as `head` does once it has its lines
+    code = proc.wait(timeout=60)
+    stderr = proc.stderr.read()
+    assert code == 128 + signal.SIGPIPE, (code, stderr)
+    assert stderr == "", "no BrokenPipeError, no summary for a reader that left"
+
+
+def test_ctrl_c_cancels_a_direct_replay_with_exit_code_130(
+    dlq_pipeline: tuple[Topology, list[str]], kafka_bootstrap: str
+) -> None:
+    topo, where = dlq_pipeline
+    proc = subprocess.Popen(
+        [str(BIN / "kafka-retry"), "dlq", "replay", "billing", *where, "--direct", "--rate", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    assert "(Ctrl-C cancels)" in proc.stderr.readline()
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, err)
+    assert "Cancelled:" in out
+    replayed = int(out.split("Cancelled: ")[1].split()[0])
+    assert 1 <= replayed < COUNT
+    assert _depth(kafka_bootstrap, topo) == COUNT - replayed, "what was replayed stays replayed"
+
+
+def test_replay_rate_holds_in_every_second_even_after_a_stall(
+    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """`--rate 200`: no 1-second window on the target carries more than 200 events, also
+    right after the replaying process was stopped for a second (descheduled, a slow broker),
+    when a schedule fixed from the start would send a catch-up burst."""
+    rate, count = 200, 1000
+    topo = make_topology(kafka_bootstrap, make_topic, partitions=2)
+    topo = topo.model_copy(update={"pipeline": "test/billing"})
+    path = tmp_path / "topology.json"
+    path.write_text(topo.to_json())
+    fill_dlq(kafka_bootstrap, topo.dlq_topic, count, source_topic=topo.source_topic)
+    proc = subprocess.Popen(
+        [str(BIN / "kafka-retry"), "dlq", "replay", "billing", "--topology-file", str(path),
+         "--direct", "--rate", str(rate)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    assert "(Ctrl-C cancels)" in proc.stderr.readline()
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGSTOP)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, (out, err)
+    assert f"Succeeded: {count} replayed" in out
+
+    sent = sorted(r.timestamp_ms for r in read_topic(kafka_bootstrap, topo.tiers[0].topic,
+                                                      expect=count))  # fmt: skip
+    assert len(sent) == count
+    busiest = max(bisect.bisect_left(sent, t + 1000) - i for i, t in enumerate(sent))
+    assert busiest <= rate, f"{busiest} events in one second at --rate {rate}"
+    # And the limit is a rate, not a throttle far below it: the stall aside, close to it.
+    took_s = (sent[-1] - sent[0]) / 1000
+    assert took_s < count / rate + 1.5 + 2, f"{count} events took {took_s:.1f}s"
+
+
+def test_stats_counts_by_class_reason_tier_and_age(
+    dlq_pipeline: tuple[Topology, list[str]],
+) -> None:
+    topo, where = dlq_pipeline
+    stats = _json("dlq", "stats", "billing", *where)
+    assert stats["events"] == COUNT and stats["topic"] == topo.dlq_topic
+    assert stats["errorClasses"] == [
+        {"name": "requests.exceptions.ReadTimeout", "count": 30},
+        {"name": "billing.errors.BadOrder", "count": 10},
+    ]
+    assert stats["reasons"] == [
+        {"name": h.REASON_EXHAUSTED, "count": 30},
+        {"name": h.REASON_NON_RETRIABLE, "count": 10},
+    ]
+    assert stats["tiers"] == [{"name": "retry-2", "count": COUNT}]
+    # Half reached the DLQ when this module was imported, half an hour before that.
+    age_ms = int(time.time() * 1000) - NOW_MS
+    halves = [age_bucket(age_ms), age_bucket(age_ms + 3_600_000)]
+    assert stats["ages"] == [{"name": name, "count": 20} for name in halves]
+    table = cli("dlq", "stats", "billing", *where, "--error-class", "BadOrder")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].startswith(f"DLQ {topo.dlq_topic}: 10 matching waiting events")
+    assert any(line.split()[:3] == ["billing.errors.BadOrder", "10", "100%"] for line in lines)
+    none = cli("dlq", "stats", "billing", *where, "--key", "no-such-key")
+    assert none.returncode == 3
+
+
+def test_replay_dry_run_says_what_would_go_where_and_sends_nothing(
+    dlq_pipeline: tuple[Topology, list[str]], kafka_bootstrap: str
+) -> None:
+    topo, where = dlq_pipeline
+    args = ["dlq", "replay", "billing", *where, "--dry-run", "--error-class", "BadOrder"]
+    plan = _json(*args, "--rate", "4", "--target-tier", "retry-2")
+    assert plan["dryRun"] is True
+    assert (plan["targetTier"], plan["targetTopic"]) == ("retry-2", topo.tiers[1].topic)
+    assert plan["wouldReplay"]["events"] == 10 and plan["wouldSkip"] == 30
+    assert plan["atLeastSeconds"] == 2.5
+    text = cli(*args)
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.startswith(
+        f"dry run: would replay 10 event(s) from {topo.dlq_topic} to tier retry-1 "
+        f"({topo.tiers[0].topic}); 30 would stay waiting"
+    )
+    assert _depth(kafka_bootstrap, topo) == COUNT
+    for tier in topo.tiers:
+        assert read_topic(kafka_bootstrap, tier.topic, expect=0, timeout=5) == []

@@ -3,6 +3,7 @@ broker and API server, tier workers run by hack/podrunner.py, the CLI as users r
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import signal
@@ -134,7 +135,7 @@ def test_replay_of_1000_events_reaches_the_fixed_service_once_and_empties_the_dl
     print(f"replay of 1000 events followed in {time.monotonic() - started:.1f}s")
     name = proc.stdout.split()[0].removeprefix("dlqreplay/")
     status = _status(kubectl, namespace, name)
-    assert status["progress"] == "1000/1000" and status["total"] == 1000
+    assert status["progress"] == "1000 replayed, 0 skipped of 1000" and status["total"] == 1000
     assert status["conditions"][0]["reason"] == "Replayed"
     assert status["startTime"] and status["completionTime"]
 
@@ -154,8 +155,8 @@ def test_replay_of_1000_events_reaches_the_fixed_service_once_and_empties_the_dl
     assert _depth(kafka_bootstrap, dlq) == 0
 
     table = kubectl("get", "dlqreplays", "-n", namespace).stdout.splitlines()
-    assert table[0].split() == ["NAME", "PIPELINE", "PHASE", "PROGRESS", "AGE"]
-    assert table[1].split()[:4] == [name, "orders", "Succeeded", "1000/1000"]
+    assert table[0].split() == ["NAME", "PIPELINE", "PHASE", "REPLAYED", "SKIPPED", "TOTAL", "AGE"]
+    assert table[1].split()[:6] == [name, "orders", "Succeeded", "1000", "0", "1000"]
     shown = cli("status", "orders", "-n", namespace, "--kubeconfig", kubeconfig)
     assert name in shown.stdout and "0 event(s) waiting" in shown.stdout, shown.stdout
 
@@ -178,6 +179,52 @@ def test_rate_limit_is_a_lower_bound_on_the_duration(
     records = replayed_records(kafka_bootstrap, retry1, status["replayId"], expect=count)
     stamps = sorted(r.timestamp_ms for r in records)
     assert (stamps[-1] - stamps[0]) / 1000 >= (count - 1) / rate - 0.05, "paced, not a burst"
+    busiest = max(bisect.bisect_left(stamps, t + 1000) - i for i, t in enumerate(stamps))
+    assert busiest <= rate, f"{busiest} events in one second"
+
+
+def test_a_replay_that_matches_nothing_says_so_everywhere(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str,  # noqa: F811
+    kafka_bootstrap: str, make_topic: Any, unique: str, kubeconfig: str,
+    cleanup_topics: list[str],  # noqa: F811
+) -> None:  # fmt: skip
+    """15 events, none of the error class asked for: 0 replayed and 15 skipped, in the
+    columns of `kubectl get`, an Event from the operator, and `dlq cancel` has nothing to do."""
+    dlq, _ = _pipeline(kubectl, namespace, kafka_bootstrap, make_topic, unique, cleanup_topics)
+    fill_dlq(kafka_bootstrap, dlq, 15)
+    _replay(kubectl, namespace, "none", filter={"errorClasses": ["NoSuchError"]})
+    status = _wait_phase(kubectl, namespace, "none", "Succeeded", operator)
+    assert (status["replayed"], status["skipped"], status["total"]) == (0, 15, 15)
+    assert status["progress"] == "0 replayed, 15 skipped of 15"
+    table = kubectl("get", "dlqreplays", "none", "-n", namespace).stdout.splitlines()
+    assert table[0].split()[:6] == ["NAME", "PIPELINE", "PHASE", "REPLAYED", "SKIPPED", "TOTAL"]
+    assert table[1].split()[:6] == ["none", "orders", "Succeeded", "0", "15", "15"]
+
+    def events() -> list[dict[str, Any]]:
+        out = kubectl(
+            "get",
+            "events",
+            "-n",
+            namespace,
+            "--field-selector",
+            "involvedObject.name=none,involvedObject.kind=DLQReplay",
+            "-o",
+            "json",
+        )
+        return list(json.loads(out.stdout)["items"])  # fmt: skip
+
+    posted = wait_for(events, 30, "an Event about the finished replay")
+    assert [(e["type"], e["reason"]) for e in posted] == [("Normal", "Replayed")], posted
+    assert posted[0]["message"] == "Succeeded: 0 replayed, 15 skipped"
+    assert posted[0]["source"]["component"] == "kafka-retry-operator"
+
+    proc = cli("dlq", "cancel", "none", "-n", namespace, "--kubeconfig", kubeconfig)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert (
+        "dlqreplay/none has already ended (Succeeded, 0 replayed, 15 skipped): nothing to "
+        "cancel" in proc.stderr
+    )
+    assert not (get(kubectl, namespace, "dlqreplay", "none") or {})["spec"].get("cancel")
 
 
 def test_cancel_mid_replay_loses_nothing_and_the_next_replay_takes_the_rest(
@@ -271,6 +318,21 @@ def test_missing_pipeline_and_unknown_tier_are_rejected_with_a_reason(
     orphan = _wait_phase(kubectl, namespace, "orphan", "Failed", operator)
     assert orphan["conditions"][0]["reason"] == "PipelineNotFound"
     assert "no-such-pipeline not found" in orphan["conditions"][0]["message"]
+
+    def warned() -> list[str]:
+        out = kubectl(
+            "get",
+            "events",
+            "-n",
+            namespace,
+            "--field-selector",
+            "involvedObject.name=orphan,reason=PipelineNotFound",
+            "-o",
+            "json",
+        )
+        return [e["type"] for e in json.loads(out.stdout)["items"]]  # fmt: skip
+
+    assert wait_for(warned, 30, "a PipelineNotFound Event") == ["Warning"]
     wrong = _wait_phase(kubectl, namespace, "wrong-tier", "Failed", operator)
     assert wrong["conditions"][0]["reason"] == "UnknownTier"
     assert "no tier 'retry-9'" in wrong["conditions"][0]["message"]

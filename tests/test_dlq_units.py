@@ -3,6 +3,7 @@ status, turn-taking between replays, and the CLI's argument errors."""
 
 from __future__ import annotations
 
+import bisect
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -15,7 +16,6 @@ from kafka_retry.dlq import DlqRecord, EventFilter, parse_time, printable
 from kafka_retry.dlq_replay import (
     Checkpoint,
     InvalidTarget,
-    Pacer,
     PartitionProgress,
     replay_headers,
     resolve_target,
@@ -30,6 +30,7 @@ from kafka_retry.model import (
     ResolvedTier,
     Topology,
 )
+from kafka_retry.pacing import TokenBucket
 
 
 def _record(
@@ -93,15 +94,34 @@ def test_filter_round_trips_through_the_spec() -> None:
     assert EventFilter.from_spec(spec) == f
 
 
-def test_pacer_never_exceeds_the_rate_from_the_start() -> None:
+@pytest.mark.parametrize("rate", [1, 7, 100, 500, 5000])
+def test_token_bucket_never_exceeds_the_rate_in_any_second(rate: int) -> None:
+    """A sender that stalls now and then (a slow checkpoint, the process descheduled) never
+    puts more than `rate` events into any 1-second window, and keeps close to the rate."""
     now = [100.0]
-    pacer = Pacer(10, clock=lambda: now[0])
-    assert pacer.wait_s() == pytest.approx(0.1), "the first event waits one interval: no burst"
-    now[0] = 100.1
-    assert pacer.wait_s() == 0
-    pacer.took()
-    assert pacer.wait_s() == pytest.approx(0.1)
-    assert Pacer(None).wait_s() == 0
+    bucket = TokenBucket(rate, clock=lambda: now[0])
+    sent: list[float] = []
+    stalls = {rate * 2: 1.7, rate * 4: 0.3, rate * 5: 5.0}  # after that many events
+    while len(sent) < rate * 8:
+        wait = bucket.wait_s()
+        if wait > 0:
+            now[0] += wait
+            continue
+        bucket.take()
+        sent.append(now[0])
+        now[0] += stalls.get(len(sent), 0.0)
+    busiest = max(bisect.bisect_left(sent, t + 1.0 - 1e-9) - i for i, t in enumerate(sent))
+    assert busiest <= rate
+    pace = (rate * 2 - 1) / (sent[rate * 2 - 1] - sent[0])  # before the first stall
+    assert pace >= 0.98 * rate
+    assert bucket.burst == max(1, rate // 100)
+
+
+def test_token_bucket_without_a_rate_never_waits() -> None:
+    bucket = TokenBucket(None)
+    for _ in range(1000):
+        assert bucket.wait_s() == 0
+        bucket.take()
 
 
 def test_replay_headers_keep_originals_reset_attempt_and_mark_the_replay() -> None:
@@ -146,7 +166,7 @@ def test_checkpoint_round_trips_through_status() -> None:
 
 
 def _ref(name: str, phase: str, created: str, pipeline: str = "p") -> rr.ReplayRef:
-    return rr.ReplayRef(name, "ns", pipeline, phase, created, "", "")
+    return rr.ReplayRef(name, "ns", pipeline, phase, created, 0, 0, 0, "")
 
 
 def test_one_replay_per_pipeline_first_come_first_served() -> None:

@@ -173,7 +173,8 @@ status = pathlib.Path("/proc/self/status").read_text().splitlines()
 out["status"] = {k: v.strip() for k, _, v in (l.partition(":") for l in status)
                  if k in ("CapEff", "NoNewPrivs", "Seccomp")}
 out["commands"] = {}
-for argv in (["kafka-retry-operator"], ["kafka-retry"], ["kafka-retry", "worker"]):
+for argv in (["kafka-retry-operator"], ["kafka-retry"], ["kafka-retry", "worker"],
+             ["kubectl-retry"]):
     p = subprocess.run([*argv, "--help"], capture_output=True, text=True)
     out["commands"][" ".join(argv)] = [p.returncode, "usage" in (p.stdout + p.stderr).lower()]
 print(json.dumps(out))

@@ -48,6 +48,11 @@ def _deployments(kubectl: Kubectl, namespace: str, name: str) -> dict[str, dict[
     return {d["metadata"]["labels"]["kafkaretry.io/tier"]: d for d in json.loads(out)["items"]}
 
 
+def _depth(kubectl: Kubectl, namespace: str) -> int | None:
+    rp = get(kubectl, namespace, "rp", "billing") or {}
+    return (rp.get("status", {}).get("dlq") or {}).get("depth")
+
+
 def _owned_by(obj: dict[str, Any], owner: dict[str, Any]) -> bool:
     refs = obj["metadata"].get("ownerReferences") or []
     return any(r["uid"] == owner["metadata"]["uid"] and r.get("controller") for r in refs)
@@ -189,22 +194,38 @@ def test_dlq_depth_counts_events_that_failed_non_retriably(
     assert rp["status"]["dlq"]["oldestTimestamp"].endswith("Z")
     row = kubectl("get", "rp", "billing", "-n", namespace, "--no-headers").stdout.split()
     assert row[3] == "5", row
-    events = kubectl(
-        "get", "events", "-n", namespace, "--field-selector", "reason=DLQGrew", "-o", "json"
-    ).stdout
-    messages = [e["message"] for e in json.loads(events)["items"]]
-    assert any("to 5 events" in m for m in messages), messages
+    # Three more dead letters: the DLQ grows, but it was not empty, so no second Warning.
+    dlq = f"{group}.{source}.dlq"
+    produce_ids(kafka_bootstrap, dlq, [f"late-{i}" for i in range(3)])
+    wait_for(lambda: _depth(kubectl, namespace) == 8, 30, "status.dlq.depth == 8")
 
     # Replaying or purging advances the DLQ cursor: the depth counts what still waits.
-    dlq = f"{group}.{source}.dlq"
     depth.advance_cursor(kafka_admin, dlq, {0: 2})
-    assert depth.measure_dlq(kafka_admin, [dlq])[dlq].total == 3
+    assert depth.measure_dlq(kafka_admin, [dlq])[dlq].total == 6
+    wait_for(lambda: _depth(kubectl, namespace) == 6, 30, "depth 6 after the cursor moved")
+    depth.advance_cursor(kafka_admin, dlq, {0: 8})
+    wait_for(lambda: _depth(kubectl, namespace) == 0, 30, "depth 0 once all were dealt with")
 
-    def depth_is_3() -> Any:
-        rp = get(kubectl, namespace, "rp", "billing") or {}
-        return (rp.get("status", {}).get("dlq") or {}).get("depth") == 3
+    # Events mark transitions, from the operator's own name: topics created, workers ready,
+    # the DLQ filling (once, however many status passes saw it grow) and emptied.
+    def events() -> list[dict[str, Any]]:
+        found = kubectl("get", "events", "-n", namespace, "--field-selector",
+                        "involvedObject.name=billing,involvedObject.kind=RetryPipeline",
+                        "-o", "json").stdout  # fmt: skip
+        return list(json.loads(found)["items"])
 
-    wait_for(depth_is_3, 30, "status.dlq.depth == 3 after the cursor moved")
+    wait_for(lambda: "DLQEmptied" in {e["reason"] for e in events()}, 30, "a DLQEmptied Event")
+    posted = events()
+    by_reason: dict[str, list[dict[str, Any]]] = {}
+    for e in posted:
+        by_reason.setdefault(e["reason"], []).append(e)
+        assert e["source"]["component"] == "kafka-retry-operator", e
+    assert [e["type"] for e in by_reason["DLQGrew"]] == ["Warning"], by_reason["DLQGrew"]
+    assert "now wait in the DLQ" in by_reason["DLQGrew"][0]["message"]
+    assert len(by_reason["DLQEmptied"]) == 1 and by_reason["DLQEmptied"][0]["type"] == "Normal"
+    created = by_reason["TopicsCreated"][0]["message"]
+    assert f"{group}.{source}.retry-1" in created and dlq in created
+    assert [e["type"] for e in by_reason["WorkersReady"]] == ["Normal"]
 
 
 def test_spec_updates_reconcile_and_partitions_never_shrink(

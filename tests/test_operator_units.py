@@ -17,7 +17,7 @@ from kubernetes.client.exceptions import ApiException
 from kafka_retry import depth
 from kafka_retry.kafka_secret import KafkaSecret, SecretNotFound
 from kafka_retry.model import RetryPipelineSpec, Topology
-from kafka_retry_operator import children, offset_keeper, secret_rotation, topics
+from kafka_retry_operator import announcements, children, offset_keeper, secret_rotation, topics
 from kafka_retry_operator import conditions as c
 from kafka_retry_operator import status as st
 from kafka_retry_operator.config import ConfigError, OperatorConfig
@@ -344,7 +344,7 @@ def test_compose_ready_status() -> None:
     # Unchanged inputs compose an unchanged status: nothing to write.
     again = st.compose(_record(), sample, ClusterHealth(True), _workers(), s, at="T2")
     assert not st.differs(s, again)
-    assert st.dlq_growth(s, again) is None
+    assert announcements.status_changed(s, again, "billing.orders.dlq") == []
 
 
 def test_an_emptied_dlq_drops_its_oldest_timestamp_once() -> None:
@@ -402,10 +402,32 @@ def test_idle_group_offsets_are_refreshed_every_quarter_of_the_retention() -> No
     assert offset_keeper.due({"lastOffsetRefreshTime": "garbage"}, 3600, at)
 
 
-def test_dlq_growth() -> None:
-    assert st.dlq_growth({}, {"dlq": {"depth": 3}}) == (0, 3)
-    assert st.dlq_growth({"dlq": {"depth": 3}}, {"dlq": {"depth": 5}}) == (3, 5)
-    assert st.dlq_growth({"dlq": {"depth": 5}}, {"dlq": {"depth": 2}}) is None
+def test_events_mark_transitions_not_levels() -> None:
+    def status(depth: int | None, workers: str = "True") -> dict[str, Any]:
+        s: dict[str, Any] = {"conditions": [{"type": "WorkersReady", "status": workers,
+                                             "message": "2 tiers x 1 ready"}]}  # fmt: skip
+        if depth is not None:
+            s["dlq"] = {"depth": depth}
+        return s
+
+    def reasons(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+        return [a.reason for a in announcements.status_changed(before, after, "t.dlq")]
+
+    assert reasons({}, status(3)) == ["WorkersReady", "DLQGrew"]
+    assert reasons(status(0), status(3)) == ["DLQGrew"]
+    assert reasons(status(3), status(5)) == [], "deeper, but not a transition"
+    assert reasons(status(5), status(2)) == []
+    assert reasons(status(2), status(0)) == ["DLQEmptied"]
+    assert reasons(status(None), status(None)) == []
+    assert reasons(status(0, "False"), status(0, "True")) == ["WorkersReady"]
+    assert reasons(status(0, "True"), status(0, "False")) == []
+    grew = announcements.status_changed(status(0), status(3), "t.dlq")[-1]
+    assert grew.type == "Warning" and "3 event(s) now wait in the DLQ t.dlq" in grew.message
+    made = announcements.topics_changed(["a", "b"], [])
+    assert [(a.type, a.reason, a.message) for a in made] == [
+        ("Normal", "TopicsCreated", "created topics a, b")
+    ]
+    assert announcements.topics_changed([], []) == []
 
 
 def test_invalid_status() -> None:

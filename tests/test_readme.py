@@ -176,8 +176,29 @@ def _run_block(body: str, env: dict[str, str]) -> None:
     assert proc.returncode == 0, f"README block failed:\n{body}\n{proc.stdout}\n{proc.stderr}"
 
 
+# The variables that pick this machine's set of local servers (each checkout of a shared
+# machine may use its own); everything else of ours a fresh shell would not have.
+SERVER_SET = ("KRO_RUN", "KRO_KAFKA_PORT", "KRO_ETCD_PORT", "KRO_APISERVER_PORT", "KRO_NODE")
+
+
 def _env() -> dict[str, str]:
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    """A fresh shell's environment: none of this project's commands on PATH (the blocks
+    must put them there themselves, as a reader does), no KUBECONFIG."""
+    ours = ("kafka-retry", "kubectl-retry")
+    path = [
+        d
+        for d in os.environ["PATH"].split(os.pathsep)
+        if d and Path(d) != BIN and not any((Path(d) / c).exists() for c in ours)
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KRO_", "KUBECONFIG"))}
+    env |= {k: os.environ[k] for k in SERVER_SET if k in os.environ}
+    return {**env, "PATH": os.pathsep.join(path)}
+
+
+def test_a_fresh_shell_has_none_of_our_commands() -> None:
+    """So the runnable blocks below prove that the README's own steps put them on PATH."""
+    proc = subprocess.run(["bash", "-c", "command -v kafka-retry kubectl-retry"], env=_env())
+    assert proc.returncode != 0
 
 
 @pytest.mark.parametrize(

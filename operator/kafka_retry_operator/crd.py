@@ -201,7 +201,9 @@ def dlqreplay_crd() -> dict[str, Any]:
         columns=[
             _printer("Pipeline", "string", ".spec.pipeline", "The RetryPipeline replayed."),
             _printer("Phase", "string", ".status.phase", "Pending, Running, Succeeded, ..."),
-            _printer("Progress", "string", ".status.progress", "Replayed of total."),
+            _printer("Replayed", "integer", ".status.replayed", "Events replayed so far."),
+            _printer("Skipped", "integer", ".status.skipped", "Events the filter skipped."),
+            _printer("Total", "integer", ".status.total", "Events in the replay's snapshot."),
             _printer("Age", "date", ".metadata.creationTimestamp", "Age."),
         ],
     )

@@ -5,7 +5,7 @@
 - reconcile (create/update/resume): parse the spec once, then `reconciler.reconcile`.
 - finalize (delete): topics per `deletionPolicy`; children go by owner references.
 - refresh_status (timer): status from memory (the sampler's batched measurements and the
-  Deployment index), written only when it changed; an Event when the DLQ grows; the idle
+  Deployment index), written only when it changed; Events on transitions; the idle
   groups' committed offsets kept from expiring (`offset_keeper`); a rotated Kafka Secret
   noticed (`secret_rotation`) and handed to reconcile.
 - tier_workers (index): the tier Deployments' replica counts, so no handler lists them.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from typing import Any
 
@@ -27,7 +28,14 @@ from pydantic import ValidationError
 
 from kafka_retry.model import GROUP, LABEL_PIPELINE, LABEL_TIER, VERSION, RetryPipelineSpec
 from kafka_retry.replay_lease import Lease
-from kafka_retry_operator import children, claims, offset_keeper, reconciler, secret_rotation
+from kafka_retry_operator import (
+    announcements,
+    children,
+    claims,
+    offset_keeper,
+    reconciler,
+    secret_rotation,
+)
 from kafka_retry_operator import replay as replay  # registers the DLQReplay handlers
 from kafka_retry_operator import status as st
 from kafka_retry_operator.config import ENV_METRICS_PORT, OperatorConfig
@@ -39,6 +47,7 @@ from kafka_retry_operator.topics import Retry
 log = logging.getLogger(__name__)
 
 PLURAL = "retrypipelines"
+COMPONENT = "kafka-retry-operator"  # the source of our Events
 # Read at import: kopf takes a timer's interval when the handler is registered.
 CONFIG = OperatorConfig.from_env()
 
@@ -51,8 +60,11 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         prefix=GROUP, key="last-handled-configuration"
     )
     settings.persistence.finalizer = f"{GROUP}/finalizer"
-    # Handler logs become Kubernetes Events only from warnings up (no event spam at scale).
+    # Handler logs become Kubernetes Events only from warnings up (no event spam at scale);
+    # our own Events (`announcements`) mark transitions. All from our name, not kopf's.
     settings.posting.level = logging.WARNING
+    settings.posting.reporting_component = COMPONENT
+    settings.posting.reporting_instance = socket.gethostname()  # in a pod: the pod's name
     settings.execution.max_workers = CONFIG.max_workers
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
@@ -190,6 +202,8 @@ def reconcile(
         record, verdict = reconciler.reconcile(rt, body, parsed, _claims(kwargs), logger)
         new = _status(rt, record, kwargs, status)
         patch.status.update(st.merge_patch(status, new))
+        _announce(body, announcements.topics_changed(verdict.created, verdict.grown))
+        _announce(body, announcements.status_changed(status, new, record.topology.dlq_topic))
         rt.metrics.pipeline_status(key, new)
         if verdict.retry is Retry.LATER:
             raise kopf.TemporaryError(
@@ -252,15 +266,7 @@ async def refresh_status(
     if st.differs(status, new):
         patch.status.update(st.merge_patch(status, new))
     rt.metrics.pipeline_status(key, new, record)
-    grew = st.dlq_growth(status, new)
-    if grew:
-        kopf.event(
-            body,
-            type="Warning",
-            reason="DLQGrew",
-            message=f"DLQ depth grew from {grew[0]} to {grew[1]} events "
-            f"(topic {record.topology.dlq_topic})",
-        )
+    _announce(body, announcements.status_changed(status, new, record.topology.dlq_topic))
     health = rt.sampler.health(record.cluster)
     if health is not None and health.reachable:
         retention = health.offsets_retention_s or offset_keeper.FALLBACK_RETENTION_S
@@ -293,6 +299,11 @@ def _keep_offsets(rt: Runtime, record: PipelineRecord) -> None:
         )
     except Exception as e:  # tried again at the next pass
         log.warning("%s/%s: offsets not refreshed: %s", namespace, name, e)
+
+
+def _announce(body: kopf.Body, found: list[announcements.Announcement]) -> None:
+    for a in found:
+        kopf.event(body, type=a.type, reason=a.reason, message=a.message)
 
 
 def _status(

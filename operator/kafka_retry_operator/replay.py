@@ -422,6 +422,11 @@ class ReplayJob:
             completion_time=c.now(),
             condition=c.Verdict(CONDITION, status, reason, message),
         )
+        body: Any = self.latest  # a plain dict: kopf needs only its identity fields
+        kopf.event(
+            body, type="Warning" if phase == "Failed" else "Normal", reason=reason,
+            message=f"{phase}: {message}",
+        )  # fmt: skip
         raise _Finished()
 
     def _patch(
@@ -449,9 +454,8 @@ class ReplayJob:
             patch["completionTime"] = completion_time
         if checkpoint is not None:
             patch.update(checkpoint.to_status())
-            done = checkpoint.examined
             shown_total = checkpoint.total if total is None else total
-            patch["progress"] = f"{done}/{shown_total}"
+            patch["progress"] = rr.progress(checkpoint.replayed, checkpoint.skipped, shown_total)
         if total is not None:
             patch["total"] = total
         if condition is not None:

@@ -198,15 +198,6 @@ def merge_patch(previous: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str
     return patch
 
 
-def dlq_growth(previous: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[int, int] | None:
-    """(before, after) when the DLQ depth grew; a first measurement counts from 0."""
-    before = (previous.get("dlq") or {}).get("depth") or 0
-    after = (new.get("dlq") or {}).get("depth")
-    if after is not None and after > before:
-        return before, after
-    return None
-
-
 def _list(value: Any) -> list[Mapping[str, Any]]:
     if isinstance(value, Iterable) and not isinstance(value, str | bytes | Mapping):
         return [v for v in value if isinstance(v, Mapping)]

@@ -49,6 +49,14 @@ class TopicNotFound(DlqError):
     pass
 
 
+class InvalidRequest(DlqError):
+    """The request names a partition or offset the DLQ does not have (a usage error)."""
+
+
+def _no_partition(topic: str, partition: int, count: int) -> InvalidRequest:
+    return InvalidRequest(f"{topic} has no partition {partition} (partitions 0-{count - 1})")
+
+
 def kafka_reason(e: BaseException) -> str:
     """The short reason of a Kafka error (librdkafka's `str()` repeats codes and names)."""
     err = e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
@@ -375,7 +383,9 @@ def read_event(access: KafkaAccess, topic: str, partition: int, offset: int) -> 
     """The record at `partition:offset`, or None if there is none (deleted, out of range)."""
     states = {s.partition: s for s in partition_states(access, topic)}
     state = states.get(partition)
-    if state is None or not state.low <= offset < state.high:
+    if state is None:
+        raise _no_partition(topic, partition, len(states))
+    if not state.low <= offset < state.high:
         return None
     with DlqReader(
         access, topic, {partition: (offset, offset + 1)}, heads={partition: state.head}
@@ -498,14 +508,22 @@ def plan_purge(
 ) -> list[PurgeCut]:
     """What a purge would delete, per partition with something to delete: everything up to
     now (no option), the events that reached the DLQ before a time, or the events before
-    given offsets (other partitions untouched). Never beyond the current high watermark."""
+    given offsets (other partitions untouched; an offset past a partition's end is refused
+    rather than read as "all of it"). Never beyond the current high watermark."""
     states = partition_states(access, topic)
     by_partition = {s.partition: s for s in states}
     if before_offsets is not None:
         unknown = sorted(set(before_offsets) - set(by_partition))
         if unknown:
-            raise DlqError(f"{topic} has no partition {unknown[0]} (it has {len(states)})")
-        targets = {p: o for p, o in before_offsets.items()}
+            raise _no_partition(topic, unknown[0], len(states))
+        for p, offset in sorted(before_offsets.items()):
+            high = by_partition[p].high
+            if offset > high:
+                raise InvalidRequest(
+                    f"offset {offset} is past the end of partition {p} of {topic}: its next "
+                    f"offset is {high} ({p}:{high} purges the whole partition)"
+                )
+        targets = dict(before_offsets)
     elif before_time_ms is not None:
         targets = _offsets_for_time(access, topic, states, before_time_ms)
     else:

@@ -18,6 +18,7 @@ import base64
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -32,10 +33,10 @@ from typing import Any, TextIO
 import yaml
 from confluent_kafka import KafkaException
 
-from kafka_retry import dlq, replay_lease, replay_marks
+from kafka_retry import dlq, dlq_stats, pacing, replay_lease, replay_marks
 from kafka_retry import headers as h
 from kafka_retry import replay_resource as rr
-from kafka_retry.dlq import DlqError, DlqReader, DlqRecord, EventFilter, KafkaAccess
+from kafka_retry.dlq import DlqError, DlqReader, DlqRecord, EventFilter, InvalidRequest, KafkaAccess
 from kafka_retry.dlq_replay import Checkpoint, InvalidTarget, Outcome, Replayer, resolve_target
 from kafka_retry.kafka_config import client_settings_from_env
 from kafka_retry.model import (
@@ -48,10 +49,12 @@ from kafka_retry.model import (
 )
 from kafka_retry.topology_source import topology_from_configmap, topology_from_file
 
-EXIT_OK, EXIT_ERROR, EXIT_NOTHING, EXIT_INTERRUPTED = 0, 1, 3, 130
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOTHING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 DEFAULT_LIMIT = 100
 NO_OPERATOR_WARNING_S = 20
 OUTPUTS = ("table", "json", "yaml")
+BAR_WIDTH = 30
 
 
 class CliError(Exception):
@@ -105,10 +108,22 @@ def add_parser(subparsers: Any) -> None:
     p = sub.add_parser("list", parents=[common, output, filters], help="events waiting in the DLQ")
     p.add_argument("pipeline", metavar="PIPELINE")
     p.add_argument(
-        "--limit", type=int, default=DEFAULT_LIMIT, help="at most this many, oldest first (0: all)"
+        "--limit",
+        type=_count,
+        default=DEFAULT_LIMIT,
+        help=f"at most this many, oldest first (0: all; default {DEFAULT_LIMIT})",
     )
     p.add_argument("--all", action="store_true", help="also events already replayed")
     p.set_defaults(func=_command(cmd_list))
+
+    p = sub.add_parser(
+        "stats",
+        parents=[common, output, filters],
+        help="counts by error class, DLQ reason, last tier and age",
+    )
+    p.add_argument("pipeline", metavar="PIPELINE")
+    p.add_argument("--all", action="store_true", help="also events already replayed")
+    p.set_defaults(func=_command(cmd_stats))
 
     p = sub.add_parser("show", parents=[common, output], help="one event: headers and payload")
     p.add_argument("pipeline", metavar="PIPELINE")
@@ -133,16 +148,26 @@ def add_parser(subparsers: Any) -> None:
 
     p = sub.add_parser(
         "replay",
-        parents=[common, filters],
+        parents=[common, output, filters],
         help="replay DLQ events into a retry tier (a DLQReplay, or --direct)",
     )
     p.add_argument("pipeline", metavar="PIPELINE")
     p.add_argument("--target-tier", help="tier to replay into (default: the first)")
-    p.add_argument("--rate", type=int, help="at most this many events per second")
+    p.add_argument(
+        "--rate",
+        type=_rate,
+        help="at most this many events in any 1-second window "
+        f"(sent in bursts of at most {pacing.BURST_FRACTION:.0%}% of it)",
+    )
     p.add_argument("--name", help="name of the DLQReplay (default: generated)")
     p.add_argument("--no-wait", action="store_true", help="create the DLQReplay and return")
     p.add_argument("--direct", action="store_true", help="replay from here, without the operator")
     p.add_argument("--force", action="store_true", help="--direct even while a replay runs")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="say what would be replayed where, and how many; send nothing (-o for json/yaml)",
+    )
     p.set_defaults(func=_command(cmd_replay))
 
     p = sub.add_parser("cancel", parents=[common], help="cancel a running DLQReplay")
@@ -155,37 +180,88 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("pipeline", metavar="PIPELINE")
     p.set_defaults(func=_command(cmd_status))
 
+    p = subparsers.add_parser(
+        "top",
+        parents=[common, output],
+        help="every pipeline of a namespace, refreshed: DLQ depth, oldest event, lag, rates",
+    )
+    p.add_argument("-A", "--all-namespaces", action="store_true", help="pipelines everywhere")
+    p.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between refreshes (default 2)"
+    )
+    p.add_argument(
+        "--once", action="store_true", help="print one table and exit (also when not a terminal)"
+    )
+    p.add_argument("--iterations", type=int, help=argparse.SUPPRESS)  # tests: refreshes, then exit
+    p.set_defaults(func=_command(cmd_top))
+
+
+def _count(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _rate(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 event per second, got {value}")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
 
 def _command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Expected failures become one line on stderr and an exit code."""
 
     def run(args: argparse.Namespace) -> int:
         _configure_logging(args.verbose)
+        prog = getattr(args, "prog", "kafka-retry")
         try:
             return fn(args)
         except CliError as e:
-            return _fail(str(e), e.code)
+            return _fail(prog, str(e), e.code)
+        except InvalidRequest as e:
+            return _fail(prog, str(e), EXIT_USAGE)
         except DlqError as e:
-            return _fail(str(e), EXIT_ERROR)
+            return _fail(prog, str(e), EXIT_ERROR)
         except KafkaException as e:
-            return _fail(f"Kafka: {dlq.kafka_reason(e)}", EXIT_ERROR)
+            return _fail(prog, f"Kafka: {dlq.kafka_reason(e)}", EXIT_ERROR)
         except KeyboardInterrupt:
-            return _fail("interrupted", EXIT_INTERRUPTED)
+            return _fail(prog, "interrupted", EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            return _reader_gone()
         except Exception as e:
             if args.verbose:
                 raise
             from kubernetes.client.exceptions import ApiException
 
             if isinstance(e, ApiException):
-                return _fail(f"Kubernetes API: {e.status} {e.reason}", EXIT_ERROR)
-            return _fail(f"{type(e).__name__}: {e}", EXIT_ERROR)
+                return _fail(prog, f"Kubernetes API: {e.status} {e.reason}", EXIT_ERROR)
+            return _fail(prog, f"{type(e).__name__}: {e}", EXIT_ERROR)
 
     return run
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"kafka-retry: {message}", file=sys.stderr)
+def _fail(prog: str, message: str, code: int) -> int:
+    print(f"{prog}: {message}", file=sys.stderr)
     return code
+
+
+def _reader_gone() -> int:
+    """`kafka-retry dlq list | head`: the reader left. Quiet, and the exit code of a process
+    that SIGPIPE ended, like other Unix tools; stdout is pointed at /dev/null so that the
+    interpreter's final flush does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -266,6 +342,12 @@ def locate(args: argparse.Namespace) -> Pipeline:
             topology = topology_from_file(args.topology_file)
         except (OSError, ValueError) as e:
             raise CliError(f"cannot read the topology file {args.topology_file}: {e}") from None
+        if args.pipeline not in (topology.pipeline, topology.pipeline.rsplit("/", 1)[-1]):
+            raise CliError(
+                f"{args.topology_file} is the topology of pipeline {topology.pipeline}, "
+                f"not {args.pipeline}",
+                EXIT_USAGE,
+            )
         bootstrap = args.bootstrap_servers or topology.bootstrap_servers
 
         def from_env() -> KafkaAccess:
@@ -342,7 +424,12 @@ def filter_of(args: argparse.Namespace) -> EventFilter:
         since = dlq.parse_time(args.since, now) if args.since else None
         until = dlq.parse_time(args.until, now) if args.until else None
     except ValueError as e:
-        raise CliError(str(e), 2) from None
+        raise CliError(str(e), EXIT_USAGE) from None
+    if since is not None and until is not None and since >= until:
+        raise CliError(
+            f"--since {args.since} is not before --until {args.until}: no event can match",
+            EXIT_USAGE,
+        )
     return EventFilter(
         since_ms=since,
         until_ms=until,
@@ -356,28 +443,24 @@ def cmd_list(args: argparse.Namespace) -> int:
     pipeline = locate(args)
     topic = pipeline.topology.dlq_topic
     states = dlq.partition_states(pipeline.access, topic)
-    ranges = {s.partition: (s.low if args.all else s.head, s.high) for s in states}
-    heads = {s.partition: s.head for s in states}
     replayed = _replayed_ranges(pipeline)
-    limit = max(0, args.limit)
+    limit = args.limit
     # Oldest first: a partition is in time order, so its first `limit` matches suffice.
     kept: dict[int, list[DlqRecord]] = {s.partition: [] for s in states}
     marks: dict[tuple[int, int], str] = {}  # waiting events a replay sent already
     marked: dict[str, int] = {}
     matched = 0
-    with DlqReader(pipeline.access, topic, ranges, heads=heads) as reader:
-        while not reader.finished:
-            for record in reader.poll(1000, 0.2):
-                by = replay_marks.replayed_by(record, replayed) if record.waiting else None
+    for record in _read(pipeline, states, replayed_too=args.all):
+        by = replay_marks.replayed_by(record, replayed) if record.waiting else None
+        if by is not None:
+            marked[by] = marked.get(by, 0) + 1
+        if event_filter.matches(record):
+            matched += 1
+            bucket = kept[record.partition]
+            if not limit or len(bucket) < limit:
+                bucket.append(record)
                 if by is not None:
-                    marked[by] = marked.get(by, 0) + 1
-                if event_filter.matches(record):
-                    matched += 1
-                    bucket = kept[record.partition]
-                    if not limit or len(bucket) < limit:
-                        bucket.append(record)
-                        if by is not None:
-                            marks[(record.partition, record.offset)] = by
+                    marks[(record.partition, record.offset)] = by
     records = sorted(
         (r for bucket in kept.values() for r in bucket),
         key=lambda r: (r.timestamp_ms or 0, r.partition, r.offset),
@@ -426,6 +509,62 @@ def _listed(record: DlqRecord, marks: Mapping[tuple[int, int], str]) -> dict[str
     return out
 
 
+def _read(
+    pipeline: Pipeline, states: Sequence[dlq.PartitionState], *, replayed_too: bool = False
+) -> Iterator[DlqRecord]:
+    """The DLQ's waiting events (with `replayed_too`, also those behind the cursor that
+    retention still keeps), each partition in order."""
+    ranges = {s.partition: (s.low if replayed_too else s.head, s.high) for s in states}
+    heads = {s.partition: s.head for s in states}
+    with DlqReader(pipeline.access, pipeline.topology.dlq_topic, ranges, heads=heads) as reader:
+        while not reader.finished:
+            yield from reader.poll(1000, 0.2)
+
+
+# --------------------------------------------------------------------------- dlq stats
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    event_filter = filter_of(args)
+    pipeline = locate(args)
+    topic = pipeline.topology.dlq_topic
+    states = dlq.partition_states(pipeline.access, topic)
+    now_ms = int(time.time() * 1000)
+    stats = dlq_stats.collect(
+        (r for r in _read(pipeline, states, replayed_too=args.all) if event_filter.matches(r)),
+        now_ms,
+    )
+    if args.output != "table":
+        _dump({"pipeline": pipeline.label, "topic": topic, **stats.to_dict()}, args.output)
+    else:
+        what = "events" if args.all else "waiting events"
+        scope = "" if event_filter.empty else " matching"
+        out = sys.stdout
+        out.write(f"DLQ {topic}: {stats.events}{scope} {what}")
+        if stats.oldest_ms is not None:
+            out.write(f", reached it from {_time(stats.oldest_ms)} to {_time(stats.newest_ms)}")
+        out.write("\n")
+        _print_stats(stats, out)
+    return EXIT_OK if stats.events else EXIT_NOTHING
+
+
+def _print_stats(stats: dlq_stats.Stats, out: TextIO) -> None:
+    data = stats.to_dict()
+    for title, key in (
+        ("ERROR CLASS", "errorClasses"),
+        ("DLQ REASON", "reasons"),
+        ("LAST TIER", "tiers"),
+        ("AGE", "ages"),
+    ):
+        rows = [[title, "EVENTS", "SHARE", ""]]
+        for item in data[key]:
+            share = item["count"] / stats.events if stats.events else 0.0
+            bar = "█" * max(1, round(share * BAR_WIDTH))
+            rows.append([str(item["name"]), str(item["count"]), f"{share:.0%}", bar])
+        out.write("\n")
+        _print_table(rows, out)
+
+
 def _list_rows(
     records: Sequence[DlqRecord], marks: Mapping[tuple[int, int], str], *, show_state: bool
 ) -> list[list[str]]:
@@ -460,9 +599,9 @@ def _position(text: str) -> tuple[int, int]:
         partition, offset = text.split(":")
         p, o = int(partition), int(offset)
     except ValueError:
-        raise CliError(f"expected PARTITION:OFFSET like 0:42, got {text!r}", 2) from None
+        raise CliError(f"expected PARTITION:OFFSET like 0:42, got {text!r}", EXIT_USAGE) from None
     if p < 0 or o < 0:
-        raise CliError(f"partition and offset cannot be negative: {text!r}", 2)
+        raise CliError(f"partition and offset cannot be negative: {text!r}", EXIT_USAGE)
     return p, o
 
 
@@ -472,7 +611,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     topic = pipeline.topology.dlq_topic
     record = dlq.read_event(pipeline.access, topic, partition, offset)
     if record is None:
-        raise CliError(f"no event at {partition}:{offset} in {topic}", EXIT_NOTHING)
+        raise CliError(f"no event at {partition}:{offset} of {topic}", EXIT_NOTHING)
     if args.output != "table":
         _dump(record.to_dict(payload=True), args.output)
         return EXIT_OK
@@ -554,7 +693,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
         try:
             before_time = dlq.parse_time(args.before_time)
         except ValueError as e:
-            raise CliError(str(e), 2) from None
+            raise CliError(str(e), EXIT_USAGE) from None
     if args.before_offset:
         before_offsets = {}
         for text in args.before_offset:
@@ -614,14 +753,14 @@ def _refuse_while_replaying(pipeline: Pipeline, what: str) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    if args.rate is not None and args.rate < 1:
-        raise CliError("--rate must be at least 1 event per second", 2)
     event_filter = filter_of(args)
     pipeline = locate(args)
     try:
         resolve_target(pipeline.topology, args.target_tier)
     except InvalidTarget as e:
         raise CliError(str(e)) from None
+    if args.dry_run:
+        return _replay_plan(args, pipeline, event_filter)
     if args.direct:
         return _replay_direct(args, pipeline, event_filter)
     api = pipeline.need_cluster("a replay by the operator (use --direct)")
@@ -748,6 +887,30 @@ def _report(name: str, phase: str, status: Mapping[str, Any], reason: str, messa
     return EXIT_ERROR
 
 
+def _replay_plan(args: argparse.Namespace, pipeline: Pipeline, event_filter: EventFilter) -> int:
+    """`--dry-run`: what a replay would send where, from the DLQ as it is now; sends nothing."""
+    _, target = resolve_target(pipeline.topology, args.target_tier)
+    plan = dlq_stats.ReplayPlan(target.name, target.topic, args.rate)
+    now_ms = int(time.time() * 1000)
+    states = dlq.partition_states(pipeline.access, pipeline.topology.dlq_topic)
+    for record in _read(pipeline, states):
+        plan.add(record, event_filter, now_ms)
+    if args.output != "table":
+        _dump({"pipeline": pipeline.label, "dryRun": True, **plan.to_dict()}, args.output)
+    else:
+        out = sys.stdout
+        out.write(
+            f"dry run: would replay {plan.replayed.events} event(s) from "
+            f"{pipeline.topology.dlq_topic} to tier {target.name} ({target.topic}); "
+            f"{plan.skipped.events} would stay waiting\n"
+        )
+        if plan.seconds is not None:
+            out.write(f"at --rate {args.rate}: {_duration(math.ceil(plan.seconds))} at least\n")
+        if plan.replayed.events:
+            _print_stats(plan.replayed, out)
+    return EXIT_OK if plan.replayed.events else EXIT_NOTHING
+
+
 def _replay_direct(args: argparse.Namespace, pipeline: Pipeline, event_filter: EventFilter) -> int:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     replay_id = f"direct-{stamp}-{uuid.uuid4().hex[:6]}"
@@ -782,7 +945,8 @@ def _replay_direct(args: argparse.Namespace, pipeline: Pipeline, event_filter: E
     phase = result.outcome.value if result.outcome != Outcome.INTERRUPTED else rr.CANCELLED
     total = cp.examined if result.outcome == Outcome.SUCCEEDED else cp.total
     bar.update(cp.replayed, cp.skipped, total, phase, final=True)
-    return _report(replay_id, phase, cp.to_status(), "", "")
+    code = _report(replay_id, phase, cp.to_status(), "", "")
+    return EXIT_INTERRUPTED if cancel.is_set() else code
 
 
 def _take_lease(pipeline: Pipeline, replay_id: str) -> replay_lease.Lease:
@@ -867,20 +1031,63 @@ def _sigint_sets(event: threading.Event) -> Iterator[None]:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    """Set spec.cancel, unless the replay has already ended (then nothing is cancelled: a
+    usage error). The patch carries the resourceVersion read, so a replay that ends between
+    the read and the write is read again rather than reported as cancelled."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
     api, namespace = kube_client(args)
-    try:
-        client.CustomObjectsApi(api).patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, rr.PLURAL, args.replay, {"spec": {"cancel": True}}
+    custom: Any = client.CustomObjectsApi(api)
+    where = f"{namespace}/{args.replay}"
+    for _attempt in range(5):
+        try:
+            obj = custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, rr.PLURAL, args.replay
+            )
+        except ApiException as e:
+            if e.status == 404:
+                raise CliError(f"DLQReplay {where} not found") from None
+            raise CliError(f"cannot read DLQReplay {where}: {_api_reason(e)}") from None
+        ref = rr.ReplayRef.of(obj)
+        if not ref.active:
+            raise CliError(
+                f"dlqreplay/{args.replay} has already ended ({ref.phase}, "
+                f"{ref.replayed} replayed, {ref.skipped} skipped): nothing to cancel",
+                EXIT_USAGE,
+            )
+        version = obj["metadata"]["resourceVersion"]
+        patch = {"metadata": {"resourceVersion": version}, "spec": {"cancel": True}}
+        try:
+            custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, rr.PLURAL, args.replay, patch
+            )
+        except ApiException as e:
+            if e.status == 409:  # changed since read: look again
+                continue
+            raise CliError(f"cannot cancel DLQReplay {where}: {_api_reason(e)}") from None
+        print(
+            f"dlqreplay/{args.replay} cancel requested ({ref.phase}, {ref.replayed} replayed so "
+            "far); the operator stops it before its next event"
         )
-    except ApiException as e:
-        if e.status == 404:
-            raise CliError(f"DLQReplay {namespace}/{args.replay} not found") from None
-        raise CliError(f"cannot cancel {namespace}/{args.replay}: {_api_reason(e)}") from None
-    print(f"dlqreplay/{args.replay} cancel requested")
-    return EXIT_OK
+        return EXIT_OK
+    raise CliError(f"DLQReplay {where} kept changing; try again")
+
+
+# --------------------------------------------------------------------------- top
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from kafka_retry import top
+
+    if args.interval <= 0:
+        raise CliError("--interval must be more than 0 seconds", EXIT_USAGE)
+    api, namespace = kube_client(args)
+    where = None if args.all_namespaces else namespace
+    if args.output != "table":
+        _dump(top.snapshot(api, where), args.output)
+        return EXIT_OK
+    return top.run(args, api, where)
 
 
 # --------------------------------------------------------------------------- status
@@ -953,9 +1160,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                 out.write(f"  {_replayed_note(marked)} (kafka-retry dlq list)\n")
     if replays:
         out.write("\n")
-        rows = [["REPLAY", "PHASE", "PROGRESS", "REASON", "CREATED"]]
+        rows = [["REPLAY", "PHASE", "REPLAYED", "SKIPPED", "TOTAL", "REASON", "CREATED"]]
         for r in replays[-10:]:
-            rows.append([r.name, r.phase, r.progress or "-", r.reason or "-", r.created])
+            counts = [str(r.replayed), str(r.skipped), str(r.total)]
+            rows.append([r.name, r.phase, *counts, r.reason or "-", r.created])
         _print_table(rows, out)
     return EXIT_OK
 

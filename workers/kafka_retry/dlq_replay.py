@@ -52,6 +52,7 @@ from kafka_retry.model import (
     Topology,
 )
 from kafka_retry.offset_queries import committed
+from kafka_retry.pacing import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -184,32 +185,6 @@ class Checkpoint:
         )
 
 
-# --------------------------------------------------------------------------- pacing
-
-
-class Pacer:
-    """A rate limit without bursts: the i-th event (from 0) of a run goes no earlier than
-    start + (i + 1) / rate, so no first t seconds of a run carry more than rate * t events."""
-
-    def __init__(self, rate: float | None, clock: Callable[[], float] = time.monotonic) -> None:
-        self._interval = 1.0 / rate if rate else 0.0
-        self._clock = clock
-        self._start: float | None = None
-        self._sent = 0
-
-    def wait_s(self) -> float:
-        """Seconds until the next event may go."""
-        if not self._interval:
-            return 0.0
-        now = self._clock()
-        if self._start is None:
-            self._start = now
-        return max(0.0, self._start + (self._sent + 1) * self._interval - now)
-
-    def took(self) -> None:
-        self._sent += 1
-
-
 # --------------------------------------------------------------------------- the engine
 
 
@@ -272,7 +247,7 @@ class Replayer:
         replay_id: str,
         target_tier: str | None = None,
         event_filter: EventFilter | None = None,
-        rate: float | None = None,
+        rate: int | None = None,
         checkpoint_interval: float = CHECKPOINT_INTERVAL_S,
         batch: int = BATCH,
     ) -> None:
@@ -449,7 +424,7 @@ class _Step:
         self._already = already
         self._forwarder = forwarder
         self._abort = abort
-        self._pacer = Pacer(replayer.rate)
+        self._bucket = TokenBucket(replayer.rate)
         self.last_checkpoint = time.monotonic()
 
     def handle(self, record: DlqRecord) -> Outcome | None:
@@ -461,7 +436,7 @@ class _Step:
                 if outcome is not None:
                     return outcome
                 self._replayer.send(self._forwarder, record)
-                self._pacer.took()
+                self._bucket.take()
             cp.replayed += 1
             if p.prefix_open:
                 p.cursor = record.offset + 1
@@ -474,7 +449,7 @@ class _Step:
 
     def _pace(self) -> Outcome | None:
         """Wait for the next slot, serving delivery reports meanwhile."""
-        while (wait := self._pacer.wait_s()) > 0:
+        while (wait := self._bucket.wait_s()) > 0:
             outcome = self._abort()
             if outcome is not None:
                 return outcome

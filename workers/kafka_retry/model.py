@@ -81,6 +81,8 @@ class ApiModel(BaseModel):
 
 
 class SecretRef(ApiModel):
+    """A Secret with the pipeline's Kafka client settings."""
+
     name: str = Field(
         min_length=1,
         max_length=253,
@@ -91,6 +93,8 @@ class SecretRef(ApiModel):
 
 
 class KafkaConnection(ApiModel):
+    """How the operator, the tier workers and the CLI reach the pipeline's Kafka cluster."""
+
     bootstrap_servers: str = Field(
         min_length=1,
         max_length=2048,
@@ -102,6 +106,8 @@ class KafkaConnection(ApiModel):
 
 
 class Source(ApiModel):
+    """The topic and consumer group whose failures this pipeline retries. Immutable."""
+
     # The retry and DLQ topics are named after the source, so a new source would strand the
     # events in the old ones; the API server refuses the change instead.
     model_config = ConfigDict(
@@ -125,6 +131,8 @@ class Source(ApiModel):
 
 
 class Tier(ApiModel):
+    """A retry tier: a topic whose events are handled again once their delay has passed."""
+
     name: str = Field(
         pattern=TIER_NAME_PATTERN,
         max_length=32,  # implied by the pattern; stated so the API server can bound CEL costs
@@ -142,6 +150,9 @@ class Tier(ApiModel):
 
 
 class DeadLetterQueue(ApiModel):
+    """The dead-letter topic: events that failed non-retriably or on the last tier wait there
+    to be listed, purged or replayed."""
+
     topic: TopicName | None = Field(
         default=None, description="DLQ topic; default `<consumerGroup>.<sourceTopic>.dlq`."
     )
@@ -151,6 +162,8 @@ class DeadLetterQueue(ApiModel):
 
 
 class Topics(ApiModel):
+    """Settings of the retry and DLQ topics the operator creates."""
+
     partitions: int = Field(
         default=6,
         ge=1,
@@ -200,6 +213,8 @@ class Classification(ApiModel):
 
 
 class PythonHandler(ApiModel):
+    """Tier workers run in the service's image and call a Python function per event."""
+
     image: str = Field(
         min_length=1,
         max_length=512,
@@ -212,6 +227,9 @@ class PythonHandler(ApiModel):
 
 
 class HttpHandler(ApiModel):
+    """Tier workers POST each due event to the service: 2xx is success; 408, 429, 5xx,
+    timeouts and connection errors are retriable; other statuses go to the DLQ."""
+
     url: str = Field(
         pattern=r"^https?://",
         max_length=2048,
@@ -223,6 +241,8 @@ class HttpHandler(ApiModel):
 
 
 class Handler(ApiModel):
+    """How the tier workers handle an event again: exactly one of `python` or `http`."""
+
     model_config = ConfigDict(
         json_schema_extra=cel_rules(
             cel(
@@ -242,18 +262,32 @@ class Handler(ApiModel):
 
 
 class ResourceList(ApiModel):
-    cpu: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)?m?$", max_length=32)
+    """CPU and memory quantities, as in a container's resources."""
+
+    cpu: str | None = Field(
+        default=None,
+        pattern=r"^[0-9]+(\.[0-9]+)?m?$",
+        max_length=32,
+        description="CPU, e.g. `100m` or `1`.",
+    )
     memory: str | None = Field(
-        default=None, pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$", max_length=32
+        default=None,
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$",
+        max_length=32,
+        description="Memory, e.g. `256Mi`.",
     )
 
 
 class Resources(ApiModel):
-    requests: ResourceList | None = None
-    limits: ResourceList | None = None
+    """Requests and limits of each tier-worker container."""
+
+    requests: ResourceList | None = Field(default=None, description="What the scheduler reserves.")
+    limits: ResourceList | None = Field(default=None, description="What a worker may use at most.")
 
 
 class Workers(ApiModel):
+    """The tier workers: one Deployment per tier, run by the operator."""
+
     replicas: int = Field(default=1, ge=0, le=100, description="Tier-worker pods per tier.")
     image: str | None = Field(
         default=None,
@@ -274,6 +308,9 @@ _CEL_DLQ_TOPIC = (
 
 
 class RetryPipelineSpec(ApiModel):
+    """What the pipeline should be: its Kafka cluster, source, tiers, DLQ, topics,
+    classification of failures, handler and workers."""
+
     model_config = ConfigDict(
         json_schema_extra=cel_rules(
             cel(
@@ -304,18 +341,22 @@ class RetryPipelineSpec(ApiModel):
         )
     )
 
-    kafka: KafkaConnection
-    source: Source
+    kafka: KafkaConnection = Field(description=KafkaConnection.__doc__)
+    source: Source = Field(description=Source.__doc__)
     tiers: list[Tier] = Field(
         min_length=1,
         max_length=10,
         description="Retry tiers in order; an event that fails on the last goes to the DLQ.",
     )
-    dlq: DeadLetterQueue = Field(default_factory=DeadLetterQueue)
-    topics: Topics = Field(default_factory=Topics)
-    classification: Classification = Field(default_factory=Classification)
-    handler: Handler
-    workers: Workers = Field(default_factory=Workers)
+    dlq: DeadLetterQueue = Field(
+        default_factory=DeadLetterQueue, description=DeadLetterQueue.__doc__
+    )
+    topics: Topics = Field(default_factory=Topics, description=Topics.__doc__)
+    classification: Classification = Field(
+        default_factory=Classification, description=Classification.__doc__
+    )
+    handler: Handler = Field(description=Handler.__doc__)
+    workers: Workers = Field(default_factory=Workers, description=Workers.__doc__)
     suspend: bool = Field(
         default=False,
         description="Stop tier workers (scale to 0). Events wait on their tier; none reach "
@@ -431,32 +472,44 @@ class Topology(ApiModel):
 
 
 class Condition(ApiModel):
-    type: str
-    status: Literal["True", "False", "Unknown"]
-    reason: str
-    message: str = ""
-    last_transition_time: str | None = None
-    observed_generation: int | None = None
+    """An aspect of the object's state, as Kubernetes conditions are."""
+
+    type: str = Field(description="What the condition is about, e.g. `Ready`.")
+    status: Literal["True", "False", "Unknown"] = Field(description="`True`, `False`, `Unknown`.")
+    reason: str = Field(description="Why, as one CamelCase word (documented reasons only).")
+    message: str = Field(default="", description="Why, for people.")
+    last_transition_time: str | None = Field(
+        default=None, description="When the status last changed (RFC 3339)."
+    )
+    observed_generation: int | None = Field(
+        default=None, description="The spec generation the condition was set for."
+    )
 
 
 class TopicsStatus(ApiModel):
-    source: str
-    tiers: list[str]
-    dlq: str
+    """The topics of the pipeline, resolved from the spec."""
+
+    source: str = Field(description="The source topic.")
+    tiers: list[str] = Field(description="The tier topics, in tier order.")
+    dlq: str = Field(description="The DLQ topic.")
 
 
 class TierStatus(ApiModel):
-    name: str
-    topic: str
+    """One tier as measured."""
+
+    name: str = Field(description="The tier's name.")
+    topic: str = Field(description="The tier's topic.")
     lag: int | None = Field(
         default=None,
         description="Events on this tier's topic not yet committed by its workers (incl. "
         "those waiting for their delay).",
     )
-    ready_replicas: int = 0
+    ready_replicas: int = Field(default=0, description="Ready tier-worker pods of this tier.")
 
 
 class DlqStatus(ApiModel):
+    """The DLQ as measured."""
+
     depth: int = Field(
         default=0,
         description="Events still waiting in the DLQ: not yet replayed or purged (see "
@@ -486,13 +539,23 @@ class ReplayLease(ApiModel):
 
 
 class RetryPipelineStatus(ApiModel):
+    """What the operator observed: conditions (`Ready`, `TopicsReady`, `WorkersReady`), the
+    topics, each tier's lag and ready workers, and the DLQ's depth."""
+
     model_config = ConfigDict(extra="ignore")
 
-    observed_generation: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
-    topics: TopicsStatus | None = None
-    tiers: list[TierStatus] = Field(default_factory=list)
-    dlq: DlqStatus | None = None
+    observed_generation: int | None = Field(
+        default=None, description="The spec generation this status describes."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="`Ready`, `TopicsReady` and `WorkersReady`, with reason and message.",
+    )
+    topics: TopicsStatus | None = Field(default=None, description=TopicsStatus.__doc__)
+    tiers: list[TierStatus] = Field(
+        default_factory=list, description="Per tier: lag and ready workers."
+    )
+    dlq: DlqStatus | None = Field(default=None, description=DlqStatus.__doc__)
     tier_count: int | None = Field(
         default=None, description="Number of retry tiers (for `kubectl get`)."
     )
@@ -512,6 +575,8 @@ class RetryPipelineStatus(ApiModel):
 
 
 class ReplayFilter(ApiModel):
+    """Which DLQ events to replay; every condition given must match. Empty: all of them."""
+
     since: str | None = Field(
         default=None,
         description="RFC 3339 time; only events that reached the DLQ at or after it.",
@@ -538,6 +603,8 @@ def _unchanged(field: str) -> str:
 
 
 class DLQReplaySpec(ApiModel):
+    """Which pipeline's DLQ to replay, into which tier, which events, how fast."""
+
     # A replay reads its spec once when it starts; only `cancel` may change afterwards.
     model_config = ConfigDict(
         json_schema_extra=cel_rules(
@@ -561,9 +628,13 @@ class DLQReplaySpec(ApiModel):
         pattern=TIER_NAME_PATTERN,
         description="Tier that replayed events go to; default: the first. Never the source topic.",
     )
-    filter: ReplayFilter = Field(default_factory=ReplayFilter)
+    filter: ReplayFilter = Field(default_factory=ReplayFilter, description=ReplayFilter.__doc__)
     max_messages_per_second: int | None = Field(
-        default=None, ge=1, le=1_000_000, description="Rate limit; default: unlimited."
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="Rate limit: at most this many events in any 1-second window (sent in "
+        "bursts of at most 1% of it). Default: unlimited.",
     )
     cancel: bool = Field(
         default=False,
@@ -575,7 +646,7 @@ class DLQReplaySpec(ApiModel):
 class ReplayPartition(ApiModel):
     """One DLQ partition of a replay: its snapshot and its checkpoint (kafka_retry.dlq_replay)."""
 
-    partition: int
+    partition: int = Field(description="The DLQ partition.")
     start_offset: int = Field(description="First offset in scope: the DLQ head at the start.")
     end_offset: int = Field(description="The snapshot: the high watermark at the start.")
     next_offset: int = Field(description="Every offset below is replayed or skipped.")
@@ -589,25 +660,44 @@ class ReplayPartition(ApiModel):
 
 
 class PartitionOffset(ApiModel):
-    partition: int
-    offset: int
+    """An offset of one partition."""
+
+    partition: int = Field(description="The partition.")
+    offset: int = Field(description="The offset.")
 
 
 class DLQReplayStatus(ApiModel):
+    """The replay's phase, counts and checkpoint (a restarted operator resumes from it)."""
+
     model_config = ConfigDict(extra="ignore")
 
-    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Cancelled"] = "Pending"
-    replay_id: str | None = None
-    total: int = 0
-    replayed: int = 0
-    skipped: int = 0
-    progress: str | None = None
-    start_time: str | None = None
-    completion_time: str | None = None
-    conditions: list[Condition] = Field(default_factory=list)
-    observed_generation: int | None = None
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Cancelled"] = Field(
+        default="Pending", description="Pending, Running, then Succeeded, Failed or Cancelled."
+    )
+    replay_id: str | None = Field(
+        default=None, description="The `replay-id` header of the events this replay sent."
+    )
+    total: int = Field(
+        default=0,
+        description="Events in the snapshot: its offsets while running (an upper bound), the "
+        "events examined once it has ended.",
+    )
+    replayed: int = Field(default=0, description="Events sent to the target tier.")
+    skipped: int = Field(default=0, description="Events the filter did not match (left waiting).")
+    progress: str | None = Field(
+        default=None, description="`<replayed> replayed, <skipped> skipped of <total>`."
+    )
+    start_time: str | None = Field(default=None, description="When it started (RFC 3339).")
+    completion_time: str | None = Field(default=None, description="When it ended (RFC 3339).")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="`Succeeded`: `Unknown` while pending or running, then `True` or `False`.",
+    )
+    observed_generation: int | None = Field(
+        default=None, description="The spec generation this status describes."
+    )
     # The replay's snapshot and checkpoint, so a restarted operator resumes (dlq_replay.py).
-    target_topic: str | None = None
+    target_topic: str | None = Field(default=None, description="The target tier's topic.")
     partitions: list[ReplayPartition] = Field(
         default_factory=list, description="Per DLQ partition: snapshot and checkpoint."
     )

@@ -32,7 +32,9 @@ class ReplayRef:
     pipeline: str
     phase: str  # Pending until the operator says otherwise
     created: str  # RFC 3339; compares in time order
-    progress: str
+    replayed: int
+    skipped: int
+    total: int  # events in the snapshot (offsets, an upper bound until the replay ends)
     reason: str
 
     @property
@@ -51,9 +53,20 @@ class ReplayRef:
             pipeline=str(spec.get("pipeline", "")),
             phase=str(status.get("phase") or PENDING),
             created=str(meta.get("creationTimestamp") or ""),
-            progress=str(status.get("progress") or ""),
+            replayed=_int(status.get("replayed")),
+            skipped=_int(status.get("skipped")),
+            total=_int(status.get("total")),
             reason=str(conditions[0].get("reason", "")) if conditions else "",
         )
+
+
+def progress(replayed: int, skipped: int, total: int) -> str:
+    """`status.progress`: what was done of the snapshot, naming both kinds of done."""
+    return f"{replayed} replayed, {skipped} skipped of {total}"
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) else 0
 
 
 def new_replay(namespace: str, spec: DLQReplaySpec, *, name: str | None = None) -> dict[str, Any]:

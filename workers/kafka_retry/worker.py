@@ -81,7 +81,9 @@ def build_worker(
 
 
 def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("worker", help="run the tier worker of one retry tier")
+    p = subparsers.add_parser(
+        "worker", help="run the tier worker of one retry tier (what the operator deploys)"
+    )
     p.add_argument("--tier", required=True, help="tier name, as in the pipeline's spec")
     p.add_argument(
         "--topology-file", help=f"topology JSON file (default: ${TOPOLOGY_ENV})", default=None
