@@ -29,6 +29,7 @@ ones never starves reconciles. Unexpected errors (the API server away) end the d
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 from collections.abc import Mapping
@@ -178,7 +179,11 @@ class ReplayJob:
                 error = e
             loop.call_soon_threadsafe(settle, error)
 
-        threading.Thread(target=work, name=f"replay-{self.key}", daemon=True).start()
+        # In the daemon's context, so that kopf.event (the replay's end) works from the thread.
+        context = contextvars.copy_context()
+        threading.Thread(
+            target=context.run, args=(work,), name=f"replay-{self.key}", daemon=True
+        ).start()
         lost: LeaseLost | None = None
         try:
             while not done.done():
