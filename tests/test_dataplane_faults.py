@@ -416,3 +416,55 @@ def _peak_rss_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmHWM")
+
+
+def test_an_upstream_pipelines_headers_travel_byte_for_byte(
+    kafka_bootstrap: str, kafka_admin: Any, make_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """Two services chained: the source records carry the `kafka-retry.*` headers of an
+    upstream pipeline. They are the event's own: the live lane and every tier forward them
+    unchanged, in front of ours, and never read them as ours."""
+    d = deploy_pipeline(
+        kafka_bootstrap,
+        kafka_admin,
+        make_topic,
+        tiers=(("retry-1", 1), ("retry-2", 1)),
+        callable_path="dataplane_handlers:fail_retriably",
+    )
+    upstream = [
+        ("trace", b"t-1"),
+        (h.ORIGINAL_TOPIC, b"upstream-orders"),
+        (h.ATTEMPT, b"7"),
+        (h.DUE, b"99999999999999"),
+        (h.PIPELINE, b"shop/upstream"),
+        (h.DLQ_REASON, b"retries-exhausted"),
+        ("after", None),
+    ]
+    p = Producer({"bootstrap.servers": kafka_bootstrap})
+    p.produce(d.topology.source_topic, key=b"u", value=b'{"id": "u"}', headers=upstream)
+    assert p.flush(30) == 0
+    seen: list[Any] = []
+
+    def fail(event: Any) -> None:
+        seen.append(event)
+        raise RetriableError("later")
+
+    record_file = tmp_path / "handled.jsonl"
+    pod = WorkerPod(
+        d, "retry-1", f"{d.name}-retry-1-0", tmp_path, {"DP_RECORD_FILE": str(record_file)}
+    )
+    pod.start()
+    try:
+        with Running(RetryingConsumer(d.topology, fail, use_env=False)):
+            (second,) = read_topic(kafka_bootstrap, d.topology.tiers[1].topic, expect=1, timeout=60)
+    finally:
+        pod.stop()
+    assert list(seen[0].headers) == upstream  # the handler sees them all
+    (first,) = read_topic(kafka_bootstrap, d.topology.tiers[0].topic, expect=1)
+    for forwarded, attempt in ((first, "1"), (second, "2")):
+        assert forwarded.headers[: len(upstream)] == upstream
+        ours = dict(forwarded.headers[len(upstream) :])
+        assert ours[h.ORIGINAL_TOPIC] == d.topology.source_topic.encode()
+        assert ours[h.ATTEMPT] == attempt.encode()  # ours, not the upstream's 7
+    (call,) = records(record_file)
+    assert call["attempt"] == 2

@@ -188,7 +188,7 @@ def test_direct_replay_with_a_filter_keeps_skipped_events_counted(
     for r in records:
         assert r.header(h.ATTEMPT) == "1" and r.header(h.DLQ_REASON) is None
         assert r.header(h.ERROR_CLASS) == "billing.errors.BadOrder", "the last error is kept"
-        assert next(k for k, _ in r.headers if not h.is_ours(k)) == "trace-id"
+        assert h.split(r.headers)[0][0][0] == "trace-id"
     # Skipped events still wait; replayed ones are behind the cursor only up to the first
     # skipped event of their partition (a contiguous prefix), the rest stay counted.
     states = partition_states(KafkaAccess(kafka_bootstrap), topo.dlq_topic)

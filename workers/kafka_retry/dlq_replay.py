@@ -398,7 +398,7 @@ class Replayer:
         with DlqReader(self._access, cp.target_topic, ranges) as reader:
             while not reader.finished:
                 for record in reader.poll(SCAN_BATCH, 0.2):
-                    ours = dict((k, v) for k, v in record.headers if h.is_ours(k))
+                    ours = dict(h.split(record.headers)[1])
                     if ours.get(h.REPLAY_ID) != replay_id:
                         continue
                     source = _position(ours.get(h.REPLAY_SOURCE))

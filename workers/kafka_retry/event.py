@@ -14,7 +14,8 @@ class Event:
     """One event, on the live lane or a retry tier.
 
     `key`, `value` and `headers` are exactly what the producer of the original event wrote
-    (our `kafka-retry.*` headers are removed; read their values from the fields here).
+    (including `kafka-retry.*` headers of an upstream pipeline; this pipeline's own are
+    removed: read their values from the fields here).
     `attempt` is the number of this processing attempt: 1 on the live lane, 2 on the first
     tier, and so on (a DLQ replay resets the count). Treat it as read-only: it is built per call
     (not frozen, which would cost more than the rest of the bookkeeping) and forwarding uses

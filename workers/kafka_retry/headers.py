@@ -1,8 +1,11 @@
 """The header contract: what a forwarded event carries, and how it is read back.
 
 A forward copies the event's key, value and original headers byte for byte and appends our own
-headers, all named with `PREFIX`. On every hop our headers are replaced as a set (any header
-with the prefix is ours), the original ones never touched. See docs/headers.md.
+headers, all named with `PREFIX`, `ORIGINAL_TOPIC` first. Ours are told apart by that position,
+not by the prefix alone: they are the `PREFIX` headers from the last `ORIGINAL_TOPIC` on, and
+everything before it is the event's own, `kafka-retry.*` headers of an upstream pipeline
+included (`ours_start`). On every hop ours are replaced as a set, the event's never touched.
+See docs/headers.md.
 
 Headers read back are untrusted: anything can be produced to a retry topic. `parse_headers`
 never raises; a value that cannot be read is reported in `ParsedHeaders.problems` (the event
@@ -97,8 +100,26 @@ class ParsedHeaders(NamedTuple):
         return bool(self.problems)
 
 
-def is_ours(key: str) -> bool:
-    return key.startswith(PREFIX)
+def ours_start(keys: Sequence[str]) -> int:
+    """Where our block of headers starts: at the last `ORIGINAL_TOPIC`, which every forward
+    writes first, after the event's own headers. A record without one was written by someone
+    else straight to a tier: every `PREFIX` header in it is read as ours (and judged)."""
+    for i in range(len(keys) - 1, -1, -1):
+        if keys[i] == ORIGINAL_TOPIC:
+            return i
+    return 0
+
+
+def split(
+    headers: Sequence[tuple[str, bytes | None]],
+) -> tuple[HeaderList, HeaderList]:
+    """(the event's own headers, ours), each in order."""
+    start = ours_start([k for k, _ in headers])
+    original: HeaderList = []
+    ours: HeaderList = []
+    for i, (key, value) in enumerate(headers):
+        (ours if i >= start and key.startswith(PREFIX) else original).append((key, value))
+    return original, ours
 
 
 def parse_headers(raw: Iterable[tuple[str, bytes | None]] | None) -> ParsedHeaders:
@@ -183,11 +204,12 @@ class HeaderReader:
         return read
 
     def _plan(self, keys: tuple[str, ...]) -> _Plan:
-        """For the last occurrence of each of our keys that this reader reads."""
+        """For the last occurrence of each of our keys (`ours_start`) that this reader reads."""
         original: list[int] = []
         last: dict[str, int] = {}
+        start = ours_start(keys)
         for i, key in enumerate(keys):
-            if key.startswith(PREFIX):
+            if i >= start and key.startswith(PREFIX):
                 last[key] = i
             else:
                 original.append(i)

@@ -15,7 +15,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,9 +118,10 @@ class StageRunner:
         self._group = stage.consumer_group
         self._delay_ms = stage.delay_ms
         self._failed_before = stage.index + 1  # failed attempts when a header does not say
-        # Our headers on a tier: only what steers the event or reaches its handler is read;
-        # on the live lane none (ours on a source record are not ours to trust or keep).
-        self._read_headers = h.HeaderReader(_TIER_FIELDS if stage.is_tier else ()).parse
+        # Our headers on a tier: only what steers the event or reaches its handler is read. On
+        # the live lane every header is the event's own, `kafka-retry.*` ones too (those of an
+        # upstream pipeline): kept byte for byte, never trusted.
+        self._read_headers = h.HeaderReader(_TIER_FIELDS).parse if stage.is_tier else _all_original
         self._lateness = self._metrics.lateness
         self._handler_seconds = self._metrics.handler_seconds
         self._outcome = self._metrics.outcome
@@ -537,6 +538,11 @@ class StageRunner:
                 self._running = False
                 self._metrics.paused.set(0)
                 self._metrics.assigned.set(0)
+
+
+def _all_original(raw: Sequence[tuple[str, bytes | None]] | None) -> h.ParsedHeaders:
+    """The live lane's reading of a source record's headers: all of them are the event's."""
+    return tuple.__new__(h.ParsedHeaders, (tuple(raw) if raw else (), _NO_STATE, ()))
 
 
 def _origin(
