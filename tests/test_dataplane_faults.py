@@ -468,3 +468,48 @@ def test_an_upstream_pipelines_headers_travel_byte_for_byte(
         assert ours[h.ATTEMPT] == attempt.encode()  # ours, not the upstream's 7
     (call,) = records(record_file)
     assert call["attempt"] == 2
+
+
+def test_the_broker_is_the_clock_of_a_tier(
+    kafka_bootstrap: str, kafka_admin: Any, make_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """Tier topics stamp records with the broker's append time. An event is handled no
+    earlier than that + the tier's delay, whatever a writer's headers or clock say: `due-ms: 0`
+    with an old timestamp does not skip the delay, and a forward from a host whose clock is
+    ahead by more than the delay is not dead-lettered."""
+    delay_s = 3
+    d = deploy_pipeline(
+        kafka_bootstrap,
+        kafka_admin,
+        make_topic,
+        tiers=(("retry-1", delay_s),),
+        callable_path="dataplane_handlers:record_timing",
+    )
+    topic = d.topology.tiers[0].topic
+    record_file = tmp_path / "handled.jsonl"
+    pod = WorkerPod(
+        d, "retry-1", f"{d.name}-retry-1-0", tmp_path, {"DP_RECORD_FILE": str(record_file)}
+    )
+    pod.start()
+    try:
+        wait_for(pod.ready, 60, "the worker ready")
+        now_ms = int(time.time() * 1000)
+        ahead_ms = now_ms + 60_000  # a forwarder whose clock is a minute fast
+        cases = {
+            "skip": (1, [(h.DUE, b"0")]),  # a writer that wants to skip the delay
+            "fast-clock": (ahead_ms, [(h.DUE, b"%d" % (ahead_ms + delay_s * 1000))]),
+            "far": (now_ms, [(h.DUE, b"%d" % (now_ms + 10**9))]),  # clamped
+        }
+        p = Producer({"bootstrap.servers": kafka_bootstrap})
+        for event_id, (timestamp, headers) in cases.items():
+            value = json.dumps({"id": event_id}).encode()
+            p.produce(topic, value=value, headers=headers, timestamp=timestamp)
+        assert p.flush(30) == 0
+        wait_for(lambda: len(records(record_file)) >= len(cases), 60, "every event handled")
+    finally:
+        pod.stop()
+    for r in records(record_file):
+        appended = int(r["timestamp_ms"])
+        assert abs(appended - now_ms) < 30_000, f"{r['id']}: not the broker's append time"
+        assert r["at_ms"] >= appended + delay_s * 1000, f"{r['id']} handled early"
+        assert r["at_ms"] <= appended + delay_s * 1000 + 10_000, f"{r['id']} held too long"

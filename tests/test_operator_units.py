@@ -240,6 +240,10 @@ def test_topic_plan() -> None:
     assert plans[-1].config["retention.ms"] == str(48 * 3600 * 1000)
     assert all(p.config["cleanup.policy"] == "delete" for p in plans)
     assert int(plans[0].config["retention.ms"]) >= 7 * 24 * 3600 * 1000
+    # tiers: the broker's clock; the DLQ keeps the forwarders' timestamps
+    assert [p.config.get("message.timestamp.type") for p in plans] == [
+        "LogAppendTime", "LogAppendTime", None,
+    ]  # fmt: skip
     assert topics.tier_retention_ms(7 * 24 * 3600) > 2 * 7 * 24 * 3600 * 1000
     # room for the source's largest event and our headers
     sized = topics.sized(plans, 1_048_588)

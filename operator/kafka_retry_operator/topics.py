@@ -59,7 +59,13 @@ def plan(spec: RetryPipelineSpec, topology: Topology) -> list[TopicPlan]:
             t.topic,
             n,
             rf,
-            {"cleanup.policy": "delete", "retention.ms": str(tier_retention_ms(t.delay_seconds))},
+            {
+                "cleanup.policy": "delete",
+                "retention.ms": str(tier_retention_ms(t.delay_seconds)),
+                # The broker stamps each record as it appends it: a tier's delay counts from
+                # that, never from a writer's clock or headers (kafka_retry.headers).
+                "message.timestamp.type": "LogAppendTime",
+            },
         )
         for t in topology.tiers
     ]

@@ -486,13 +486,17 @@ def effective_due_ms(
 ) -> int | None:
     """When an event on a tier with `delay_ms` may be processed; None: absurd, dead-letter it.
 
-    The record timestamp is the forward time, so a tier's event is never due later than
-    timestamp + delay: a larger header is clamped to that. Without a usable timestamp, a due
-    time further than one delay ahead is absurd; without either, the event is due now (there
-    is nothing to wait for, and waiting on `now + delay` would never end)."""
+    The record timestamp is when the event reached the tier: the broker's append time, as
+    tier topics have `message.timestamp.type=LogAppendTime` (the operator sets it). So the
+    broker is the clock: an event is due one delay after that, whatever its headers say. A
+    `due-ms` can make it neither earlier (a writer skipping the delay) nor later (one delay
+    after the append is the latest it can be); nor does a forwarder's clock matter. Only
+    without a usable timestamp (a tier topic someone configured otherwise, whose writer's
+    clock is more than one delay ahead) does the header say: a due time further than one
+    delay ahead is absurd; without either, the event is due now (there is nothing to wait
+    for, and waiting on `now + delay` would never end)."""
     if timestamp_ms is not None and 0 < timestamp_ms <= now_ms + delay_ms:
-        latest = timestamp_ms + delay_ms
-        return latest if due_ms is None else min(due_ms, latest)
+        return timestamp_ms + delay_ms
     if due_ms is None:
         return now_ms
     if due_ms > now_ms + delay_ms:
