@@ -38,6 +38,8 @@ KUBE_VERSION = "v1.34.4"
 HELM_VERSION = "v3.19.5"
 # Prometheus's Go module versions are v0.<major*100+minor>.<patch>: v0.316.0 is 3.16.0.
 PROMTOOL_VERSION = "v0.316.0"
+# KEDA's CRDs (its Go module's config/crd/bases), to validate the ScaledObjects we generate.
+KEDA_VERSION = "v2.18.1"
 
 HACK = Path(__file__).resolve().parent
 CACHE = Path(
@@ -62,6 +64,7 @@ BUILD_REVISION = "r2"  # bump when a build script changes, so caches rebuild
 KUBE_BIN = CACHE / f"kube-{KUBE_VERSION}-{BUILD_REVISION}" / "bin"
 HELM_BIN = CACHE / f"helm-{HELM_VERSION}" / "bin" / "helm"
 PROMTOOL_BIN = CACHE / f"promtool-{PROMTOOL_VERSION}" / "bin" / "promtool"
+KEDA_CRDS = CACHE / f"keda-crds-{KEDA_VERSION}"
 
 KAFKA_POM = f"""<project xmlns="http://maven.apache.org/POM/4.0.0"><modelVersion>4.0.0</modelVersion>
 <groupId>local</groupId><artifactId>kafka-broker</artifactId><version>1</version>
@@ -212,6 +215,27 @@ def ensure_promtool() -> None:
     _ensure_go_install(PROMTOOL_BIN, package, PROMTOOL_VERSION)
 
 
+def ensure_keda_crds() -> Path:
+    """KEDA's CRD manifests, from its module zip on the Go module proxy (no KEDA build)."""
+    if not KEDA_CRDS.is_dir():
+
+        def fetch(tmp: Path) -> None:
+            import io
+            import zipfile
+
+            proxy = os.environ.get("GOPROXY", "https://proxy.golang.org").split(",")[0]
+            url = f"{proxy}/github.com/kedacore/keda/v2/@v/{KEDA_VERSION}.zip"
+            with urllib.request.urlopen(url, timeout=120) as r:
+                archive = zipfile.ZipFile(io.BytesIO(r.read()))
+            prefix = f"github.com/kedacore/keda/v2@{KEDA_VERSION}/config/crd/bases/"
+            for name in archive.namelist():
+                if name.startswith(prefix) and name.endswith(".yaml"):
+                    (tmp / name.removeprefix(prefix)).write_bytes(archive.read(name))
+
+        timed(f"fetch KEDA {KEDA_VERSION} CRDs", lambda: _atomic_build(KEDA_CRDS, fetch))
+    return KEDA_CRDS
+
+
 def ensure_all() -> None:
     (CACHE / "logs").mkdir(parents=True, exist_ok=True)
     with cache_lock("build"):
@@ -220,6 +244,7 @@ def ensure_all() -> None:
         _ensure_go_build(KUBE_BIN / "kube-controller-manager", "build-kube.sh", KUBE_VERSION)
         ensure_helm()
         ensure_promtool()
+        ensure_keda_crds()
 
 
 # --------------------------------------------------------------------------- processes
@@ -765,6 +790,7 @@ def env_vars() -> dict[str, str]:
         "KRO_KAFKA_BOOTSTRAP": kafka_bootstrap(),
         "KRO_HELM": str(HELM_BIN),
         "KRO_PROMTOOL": str(PROMTOOL_BIN),
+        "KRO_KEDA_CRDS": str(KEDA_CRDS),
         "KRO_UNPRIVILEGED_KUBECONFIG": str(RUN / "kubeconfig-nobody"),
         "KRO_RUN": str(RUN),
     }

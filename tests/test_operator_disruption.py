@@ -90,7 +90,7 @@ def test_tier_budgets_follow_the_replica_count(
         assert _matches(spread["labelSelector"], template["metadata"]["labels"])
         assert spread["labelSelector"] == deployment["spec"]["selector"]
 
-    # One worker per tier: no budget (it would block every drain).
+    # One worker per tier: no budget (maxUnavailable 1 of one pod protects nothing).
     doc["spec"]["workers"] = {"replicas": 1}
     apply(kubectl, namespace, doc)
     wait_for(

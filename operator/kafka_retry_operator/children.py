@@ -50,6 +50,8 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 WORKER_APP = "kafka-retry-worker"
 MANAGER = "kafka-retry-operator"
+# KEDA's ScaledObject, made for tiers of pipelines with `spec.workers.autoscaling`.
+KEDA_GROUP, KEDA_VERSION, SCALED_OBJECTS = "keda.sh", "v1alpha1", "scaledobjects"
 TOPOLOGY_HASH_ANNOTATION = "kafkaretry.io/topology-hash"
 # On a pod template: the version of the Kafka Secret its pods were started with.
 SECRET_VERSION_ANNOTATION = "kafkaretry.io/kafka-secret-version"
@@ -139,6 +141,17 @@ def merge_patch(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, 
     return merged
 
 
+def desired_replicas(spec: RetryPipelineSpec, autoscaled: bool) -> int | None:
+    """Workers per tier the operator sets; None when KEDA sets them (the Deployment's
+    `replicas` is then left out of the operator's apply, so it owns the field no more). With
+    autoscaling asked for but no KEDA, the fewest it allows."""
+    if spec.suspend:
+        return 0
+    if spec.workers.autoscaling is not None:
+        return None if autoscaled else spec.workers.autoscaling.min_replicas
+    return spec.workers.replicas
+
+
 def tier_deployment(
     namespace: str,
     pipeline: str,
@@ -147,6 +160,7 @@ def tier_deployment(
     topology: Topology,
     defaults: WorkerDefaults,
     secret_version: str | None = None,
+    autoscaled: bool = False,
 ) -> dict[str, Any]:
     """The Deployment of one tier's workers. The Kafka Secret's version is written into the
     pod template, so that a rotated Secret rolls the pods (its values reach them only as
@@ -201,7 +215,7 @@ def tier_deployment(
             "labels": labels,
         },
         "spec": {
-            "replicas": 0 if spec.suspend else spec.workers.replicas,
+            **_replicas(desired_replicas(spec, autoscaled)),
             "selector": {"matchLabels": selector_labels(pipeline, tier.name)},
             "template": {
                 "metadata": {
@@ -227,6 +241,47 @@ def tier_deployment(
     }
 
 
+def _replicas(replicas: int | None) -> dict[str, int]:
+    return {} if replicas is None else {"replicas": replicas}
+
+
+def scaled_object(
+    namespace: str, pipeline: str, spec: RetryPipelineSpec, tier: ResolvedTier, bootstrap: str
+) -> dict[str, Any]:
+    """KEDA's Kafka scaler on the tier's own consumer group and topic: a worker per
+    `lagPerReplica` events waiting, between min and max."""
+    autoscaling = spec.workers.autoscaling
+    assert autoscaling is not None
+    labels = {**pipeline_labels(pipeline), LABEL_COMPONENT: "tier-worker", LABEL_TIER: tier.name}
+    return {
+        "apiVersion": f"{KEDA_GROUP}/{KEDA_VERSION}",
+        "kind": "ScaledObject",
+        "metadata": {
+            "name": deployment_name(pipeline, tier.name),
+            "namespace": namespace,
+            "labels": labels,
+        },
+        "spec": {
+            "scaleTargetRef": {"name": deployment_name(pipeline, tier.name)},
+            "minReplicaCount": autoscaling.min_replicas,
+            "maxReplicaCount": autoscaling.max_replicas,
+            "triggers": [
+                {
+                    "type": "kafka",
+                    "metadata": {
+                        "bootstrapServers": bootstrap,
+                        "consumerGroup": tier.consumer_group,
+                        "topic": tier.topic,
+                        "lagThreshold": str(autoscaling.lag_per_replica),
+                        # A tier's group starts at the beginning of its topic, as the worker.
+                        "offsetResetPolicy": "earliest",
+                    },
+                }
+            ],
+        },
+    }
+
+
 def _spread(
     constraints: tuple[Mapping[str, Any], ...], selector: Mapping[str, str]
 ) -> dict[str, Any]:
@@ -244,7 +299,7 @@ def pdb_name(pipeline: str, tier: str) -> str:
 def tier_pdb(namespace: str, pipeline: str, tier: str) -> dict[str, Any]:
     """At most one of a tier's workers evicted at a time (a node drain): the others go on
     consuming while the evicted one's partitions move. Only for tiers of more than one replica
-    (with one, the budget would block every drain)."""
+    (with one it would protect nothing: maxUnavailable 1 lets its only pod go)."""
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
@@ -268,10 +323,13 @@ def desired_children(
     topology: Topology,
     defaults: WorkerDefaults,
     secret_version: str | None = None,
+    autoscaled: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The ConfigMap and the Deployments, in tier order."""
     deployments = [
-        tier_deployment(namespace, pipeline, spec, tier, topology, defaults, secret_version)
+        tier_deployment(
+            namespace, pipeline, spec, tier, topology, defaults, secret_version, autoscaled
+        )
         for tier in topology.tiers
     ]
     return topology_configmap(namespace, pipeline, topology), deployments

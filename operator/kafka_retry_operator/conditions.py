@@ -17,6 +17,7 @@ from kafka_retry.model import Condition
 READY = "Ready"
 TOPICS_READY = "TopicsReady"
 WORKERS_READY = "WorkersReady"
+AUTOSCALING = "Autoscaling"  # only with spec.workers.autoscaling; not part of Ready
 
 Status = Literal["True", "False", "Unknown"]
 

@@ -30,11 +30,12 @@ class PipelineRecord:
     generation: int
     topology: Topology
     cluster: Cluster | None  # None: no client could be made (bad settings, missing Secret)
-    replicas: int  # desired per tier, 0 when suspended
+    replicas: int | None  # desired per tier, 0 when suspended; None: KEDA decides
     suspended: bool
     topics: Verdict  # the TopicsReady verdict of the last reconcile
     # (name, resourceVersion) of spec.kafka.secretRef's Secret as last read; None: none read.
     secret: tuple[str, str] | None = None
+    autoscaling: Verdict | None = None  # with spec.workers.autoscaling: KEDA or why not
 
 
 class Fleet:

@@ -7,6 +7,7 @@ written at all, so reconciling again (or after a restart) never duplicates or ch
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,12 +17,13 @@ from kubernetes.client.exceptions import ApiException
 
 from kafka_retry import kafka_secret
 from kafka_retry.model import GROUP, LABEL_PIPELINE, LABEL_TIER, VERSION
-from kafka_retry_operator.children import MANAGER
+from kafka_retry_operator.children import KEDA_GROUP, KEDA_VERSION, MANAGER, SCALED_OBJECTS
 
 APPLY = "application/apply-patch+yaml"
 MERGE = "application/merge-patch+json"
 # Not under `kafkaretry.io/`: kopf leaves its own storage prefix out of what it diffs.
 RECONCILE_REQUESTED = f"operator.{GROUP}/reconcile-requested"
+KEDA_CHECK_S = 10.0  # how long a look at whether KEDA is installed stays true
 # On a RetryPipeline: a new version of its Kafka Secret, seen by the status timer; setting it
 # is what makes the pipeline reconcile (see secret_rotation).
 SECRET_VERSION_SEEN = f"operator.{GROUP}/kafka-secret-version"
@@ -46,6 +48,7 @@ class Kube:
         self.apps = client.AppsV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.policy = client.PolicyV1Api(api)
+        self._keda: tuple[bool, float] | None = None  # (served, when checked)
 
     def secret_settings(self, namespace: str, name: str) -> dict[str, str]:
         """The Secret's keys and decoded values (librdkafka settings). Never log the result."""
@@ -63,6 +66,55 @@ class Kube:
 
     def apply_pdb(self, body: dict[str, Any]) -> None:
         _apply(self.policy.patch_namespaced_pod_disruption_budget, body)
+
+    def keda_served(self) -> bool:
+        """Whether KEDA's ScaledObject API is served (its CRDs installed), as seen at most
+        `KEDA_CHECK_S` ago: one discovery call, not one per reconcile. Discovery is open to
+        every authenticated user: no RBAC needed."""
+        now = time.monotonic()
+        if self._keda is not None and now - self._keda[1] < KEDA_CHECK_S:
+            return self._keda[0]
+        try:
+            found: Any = self.custom.get_api_resources(KEDA_GROUP, KEDA_VERSION)
+            served = any(r.name == SCALED_OBJECTS for r in found.resources)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            served = False
+        self._keda = (served, now)
+        return served
+
+    def apply_scaled_object(self, body: dict[str, Any]) -> None:
+        """Server-side apply, validated strictly against KEDA's schema (an unknown field is an
+        error, not silently dropped)."""
+        meta = body["metadata"]
+        self.custom.patch_namespaced_custom_object(
+            KEDA_GROUP, KEDA_VERSION, meta["namespace"], SCALED_OBJECTS, meta["name"], body,
+            field_manager=MANAGER, force=True, field_validation="Strict", _content_type=APPLY,
+        )  # fmt: skip
+
+    def scaled_objects(self, namespace: str, pipeline: str) -> dict[str, str]:
+        """The pipeline's ScaledObjects now in the cluster: name -> owner uid."""
+        found: Any = self.custom.list_namespaced_custom_object(
+            KEDA_GROUP, KEDA_VERSION, namespace, SCALED_OBJECTS,
+            label_selector=f"{LABEL_PIPELINE}={pipeline}",
+        )  # fmt: skip
+        return {
+            o["metadata"]["name"]: next(
+                (r["uid"] for r in o["metadata"].get("ownerReferences", []) if r.get("controller")),
+                "",
+            )
+            for o in found.get("items", [])
+        }
+
+    def delete_scaled_object(self, namespace: str, name: str) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(
+                KEDA_GROUP, KEDA_VERSION, namespace, SCALED_OBJECTS, name
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise
 
     def worker_pdbs(self, namespace: str, pipeline: str) -> dict[str, str]:
         """The pipeline's tier PodDisruptionBudgets now in the cluster: name -> owner uid."""

@@ -24,6 +24,10 @@ from kafka_retry_operator.runtime import Runtime
 from kafka_retry_operator.topics import Retry, TopicsVerdict
 
 KAFKA_SECRET_NOT_FOUND = "KafkaSecretNotFound"
+# Reasons of the Autoscaling condition.
+KEDA_SCALED_OBJECT = "KedaScaledObject"
+KEDA_NOT_INSTALLED = "KedaNotInstalled"
+SUSPENDED = "Suspended"
 PIPELINE_OVERLAP = "PipelineOverlap"
 ClaimsIndex = Mapping[claims.ClaimKey, Iterable[claims.Claimant]]
 INVALID_KAFKA_SETTINGS = "InvalidKafkaSettings"
@@ -91,25 +95,48 @@ def reconcile(
     assert verdict is not None
     if verdict.created or verdict.grown:
         logger.info(f"topics created: {list(verdict.created)}, grown: {list(verdict.grown)}")
+    autoscaled, autoscaling = autoscaling_verdict(rt, spec)
     record = PipelineRecord(
         key=key,
         generation=int(body.metadata.get("generation") or 0),
         topology=topology,
         cluster=cluster,
-        replicas=0 if spec.suspend else spec.workers.replicas,
+        replicas=children.desired_replicas(spec, autoscaled),
         suspended=spec.suspend,
         topics=conditions.Verdict.of(
             conditions.TOPICS_READY, verdict.ready, verdict.reason, verdict.message
         ),
         secret=secret,
+        autoscaling=autoscaling,
     )
     # Recorded before the children change, so that a Deployment this reconcile removes is
     # already unknown when its deletion is seen (see handlers.worker_deleted).
     rt.fleet.put(record)
     if verdict.usable:
-        apply_children(rt, body, spec, topology, secret[1] if secret else None)
+        apply_children(rt, body, spec, topology, secret[1] if secret else None, autoscaled)
     rt.sampler.wake()
     return record, verdict
+
+
+def autoscaling_verdict(
+    rt: Runtime, spec: RetryPipelineSpec
+) -> tuple[bool, conditions.Verdict | None]:
+    """(KEDA scales the tier workers, the Autoscaling condition). No condition without
+    `spec.workers.autoscaling`. No HPA fallback: the lag is not served as an external metric."""
+    if spec.workers.autoscaling is None:
+        return False, None
+    if spec.suspend:
+        why = "spec.suspend: tier workers are scaled to 0, no ScaledObject"
+        return False, conditions.Verdict.of(conditions.AUTOSCALING, False, SUSPENDED, why)
+    if not rt.kube.keda_served():
+        why = (
+            f"KEDA's ScaledObject API ({children.KEDA_GROUP}/{children.KEDA_VERSION}) is not "
+            f"served: tier workers stay at minReplicas "
+            f"({spec.workers.autoscaling.min_replicas}). Install KEDA, or drop autoscaling"
+        )
+        return False, conditions.Verdict.of(conditions.AUTOSCALING, False, KEDA_NOT_INSTALLED, why)
+    ok = "a KEDA ScaledObject per tier scales its workers on the tier's lag"
+    return True, conditions.Verdict.of(conditions.AUTOSCALING, True, KEDA_SCALED_OBJECT, ok)
 
 
 def apply_children(
@@ -118,10 +145,11 @@ def apply_children(
     spec: RetryPipelineSpec,
     topology: Topology,
     secret_version: str | None,
+    autoscaled: bool = False,
 ) -> None:
     namespace, name = body.metadata.namespace or "", body.metadata.name or ""
     configmap, deployments = children.desired_children(
-        namespace, name, spec, topology, rt.worker_defaults, secret_version
+        namespace, name, spec, topology, rt.worker_defaults, secret_version, autoscaled
     )
     kopf.adopt([configmap, *deployments], owner=body)
     rt.kube.apply_configmap(configmap)
@@ -132,6 +160,30 @@ def apply_children(
         if tier not in wanted and owner_uid == body.metadata.uid:
             rt.kube.delete_deployment(namespace, deployment_name)
     apply_disruption_budgets(rt, body, spec, topology)
+    apply_scaled_objects(rt, body, spec, topology, autoscaled)
+
+
+def apply_scaled_objects(
+    rt: Runtime, body: kopf.Body, spec: RetryPipelineSpec, topology: Topology, autoscaled: bool
+) -> None:
+    """A KEDA ScaledObject per tier while KEDA scales the workers; others of the pipeline go
+    (autoscaling turned off, a tier removed). Without KEDA there is nothing to list."""
+    namespace, name = body.metadata.namespace or "", body.metadata.name or ""
+    bootstrap = spec.kafka.bootstrap_servers
+    scalers = [
+        children.scaled_object(namespace, name, spec, tier, bootstrap)
+        for tier in topology.tiers
+        if autoscaled
+    ]
+    kopf.adopt(scalers, owner=body)
+    for scaler in scalers:
+        rt.kube.apply_scaled_object(scaler)
+    if not (autoscaled or rt.kube.keda_served()):
+        return
+    keep = {s["metadata"]["name"] for s in scalers}
+    for scaler_name, owner_uid in rt.kube.scaled_objects(namespace, name).items():
+        if scaler_name not in keep and owner_uid == body.metadata.uid:
+            rt.kube.delete_scaled_object(namespace, scaler_name)
 
 
 def apply_disruption_budgets(
@@ -140,7 +192,9 @@ def apply_disruption_budgets(
     """A PodDisruptionBudget per tier while the tier runs more than one worker; the budgets of
     tiers scaled down to one, suspended or removed go."""
     namespace, name = body.metadata.namespace or "", body.metadata.name or ""
-    several = spec.workers.replicas > 1 and not spec.suspend
+    scaling = spec.workers.autoscaling
+    most = scaling.max_replicas if scaling is not None else spec.workers.replicas
+    several = most > 1 and not spec.suspend
     budgets = [children.tier_pdb(namespace, name, t.name) for t in topology.tiers if several]
     kopf.adopt(budgets, owner=body)
     for budget in budgets:

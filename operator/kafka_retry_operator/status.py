@@ -52,13 +52,10 @@ def workers_verdict(record: PipelineRecord, workers: Mapping[str, TierWorkers]) 
         w = workers.get(name)
         if w is None:
             behind.append(f"{name}: no Deployment yet")
-        elif not (
-            w.current
-            and w.desired == record.replicas
-            and w.ready >= record.replicas
-            and w.updated >= record.replicas
-        ):
-            behind.append(f"{name}: {w.ready}/{record.replicas} ready, {w.updated} up to date")
+            continue
+        want = w.desired if record.replicas is None else record.replicas  # None: KEDA's call
+        if not (w.current and w.desired == want and w.ready >= want and w.updated >= want):
+            behind.append(f"{name}: {w.ready}/{want} ready, {w.updated} up to date")
     if behind:
         ok = len(tiers) - len(behind)
         message = f"{ok}/{len(tiers)} tiers ready; " + "; ".join(behind)
@@ -67,8 +64,9 @@ def workers_verdict(record: PipelineRecord, workers: Mapping[str, TierWorkers]) 
         return c.Verdict.of(c.WORKERS_READY, True, "Suspended", "spec.suspend: scaled to 0")
     if record.replicas == 0:
         return c.Verdict.of(c.WORKERS_READY, True, "ScaledToZero", "spec.workers.replicas is 0")
+    per_tier = "as scaled by KEDA" if record.replicas is None else f"x {record.replicas}"
     return c.Verdict.of(
-        c.WORKERS_READY, True, "WorkersReady", f"{len(tiers)} tiers x {record.replicas} ready"
+        c.WORKERS_READY, True, "WorkersReady", f"{len(tiers)} tiers {per_tier} ready"
     )
 
 
@@ -100,9 +98,10 @@ def compose(
     )
     if ready.ok and at_risk:
         ready = c.Verdict(c.READY, "False", EVENTS_AT_RISK, at_risk)
-    conditions = c.stamp(
-        [ready, topics, workers_ready], _list(previous.get("conditions")), record.generation, at
-    )
+    verdicts = [ready, topics, workers_ready]
+    if record.autoscaling is not None:
+        verdicts.append(record.autoscaling)
+    conditions = c.stamp(verdicts, _list(previous.get("conditions")), record.generation, at)
     old_tiers = {t.get("name"): t for t in _list(previous.get("tiers"))}
     tiers = []
     for t in record.topology.tiers:

@@ -285,10 +285,44 @@ class Resources(ApiModel):
     limits: ResourceList | None = Field(default=None, description="What a worker may use at most.")
 
 
+class Autoscaling(ApiModel):
+    """Tier workers scaled on their consumer group's lag by KEDA (a ScaledObject per tier)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel(
+                "self.minReplicas <= self.maxReplicas",
+                "autoscaling: minReplicas must not exceed maxReplicas",
+            )
+        )
+    )
+
+    min_replicas: int = Field(
+        default=1, ge=0, le=100, description="Fewest workers per tier (0: scale to zero)."
+    )
+    max_replicas: int = Field(ge=1, le=100, description="Most workers per tier.")
+    lag_per_replica: int = Field(
+        ge=1,
+        le=10_000_000,
+        description="Events waiting on the tier per worker (KEDA's lagThreshold). Events "
+        "not yet due count too: allow for delay x arrival rate.",
+    )
+
+
 class Workers(ApiModel):
     """The tier workers: one Deployment per tier, run by the operator."""
 
-    replicas: int = Field(default=1, ge=0, le=100, description="Tier-worker pods per tier.")
+    replicas: int = Field(
+        default=1,
+        ge=0,
+        le=100,
+        description="Tier-worker pods per tier; ignored (KEDA owns it) with `autoscaling`.",
+    )
+    autoscaling: Autoscaling | None = Field(
+        default=None,
+        description="Scale each tier's workers on its lag with KEDA, when KEDA is installed "
+        "(condition Autoscaling says whether it is).",
+    )
     image: str | None = Field(
         default=None,
         max_length=512,
