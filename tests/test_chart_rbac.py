@@ -351,6 +351,10 @@ def test_namespaces_scope_denies_everything_else(
     installed: Installed, kubectl: Run, namespace: str, tmp_path: Path
 ) -> None:
     ns, sa = namespace, installed.user
+    # kubectl resolves `scaledobjects.keda.sh` through discovery: KEDA's CRD must be served.
+    keda = Path(os.environ["KRO_KEDA_CRDS"]) / "keda.sh_scaledobjects.yaml"
+    kubectl("apply", "--server-side", "-f", str(keda))
+    kubectl("wait", "--for=condition=Established", "crd/scaledobjects.keda.sh", "--timeout=60s")
     granted = [
         ("list", "retrypipelines.kafkaretry.io", "-n", ns),
         ("watch", "retrypipelines.kafkaretry.io", "-n", ns),

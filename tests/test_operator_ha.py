@@ -256,3 +256,71 @@ def test_standby_takes_over_from_a_killed_leader_and_a_frozen_one(
     objects = [json.loads(line) for line in a2.log().splitlines() if line.startswith("{")]
     assert any("leads" in o["message"] for o in objects), objects[:5]
     assert all(o["timestamp"] and o["severity"] for o in objects)
+
+
+def test_replay_lock_holds_across_a_leader_handover(
+    candidates: Callable[..., OperatorProcess],
+    kubectl: Kubectl,
+    namespace: str,
+    kafka_bootstrap: str,
+    make_topic: Callable[..., str],
+    unique: str,
+) -> None:
+    """A DLQReplay running on the leader when it is killed (-9) is finished by the new leader:
+    every DLQ event replayed exactly once, and the replay lease (status.replayLease) never held
+    by the new leader before the dead one's had expired."""
+    from datetime import datetime
+
+    from dlq_support import fill_dlq, replayed_records, source_of
+
+    a, b = candidates("op-a"), candidates("op-b")
+    a.start()
+    wait_for(lambda: _holder(kubectl, namespace, unique) == "op-a", 30, "op-a leads")
+    b.start()
+    source = make_topic("orders", partitions=3)
+    group = f"svc-{unique}"
+    doc = pipeline(
+        "orders", kafka_bootstrap, source, group, topics={"partitions": 3,
+        "deletionPolicy": "Delete"}, handler={"http": {"url": "http://127.0.0.1:9/unused"}},
+    )  # fmt: skip
+    apply(kubectl, namespace, doc)
+    wait_condition(kubectl, namespace, "orders", "TopicsReady", timeout=60)
+    count = 400
+    fill_dlq(kafka_bootstrap, f"{group}.{source}.dlq", count)
+    replay = {"apiVersion": "kafkaretry.io/v1alpha1", "kind": "DLQReplay",
+              "metadata": {"name": "handover"},
+              "spec": {"pipeline": "orders", "maxMessagesPerSecond": 25}}  # fmt: skip
+    apply(kubectl, namespace, replay)
+
+    leases: list[dict[str, Any]] = []
+
+    def status() -> dict[str, Any]:
+        rp = json.loads(kubectl("get", "rp", "orders", "-n", namespace, "-o", "json").stdout)
+        lease = (rp.get("status") or {}).get("replayLease")
+        if lease and (not leases or leases[-1] != lease):
+            leases.append(lease)
+        got = kubectl("get", "dlqreplay", "handover", "-n", namespace, "-o", "json").stdout
+        return dict(json.loads(got).get("status") or {})
+
+    wait_for(lambda: status().get("replayed", 0) >= 60, 60, "60 replayed")
+    a.kill()
+    done = wait_for(lambda: (s := status()).get("phase") == "Succeeded" and s, 120, "Succeeded",
+                    every=0.5)  # fmt: skip
+    assert _holder(kubectl, namespace, unique) == "op-b"
+    assert done["replayed"] == count
+    records = replayed_records(
+        kafka_bootstrap, f"{group}.{source}.retry-1", done["replayId"], expect=count
+    )
+    sources = [source_of(r) for r in records]
+    assert len(sources) == count == len(set(sources)), "an event replayed twice or lost"
+
+    holders = [lease["holder"] for lease in leases]
+    assert len(set(holders)) == 2, f"one holder per operator expected: {leases}"
+    first = next(lease for lease in leases if lease["holder"] == holders[0])
+    last_of_first = [lease for lease in leases if lease["holder"] == holders[0]][-1]
+    second = next(lease for lease in leases if lease["holder"] != holders[0])
+    expiry = datetime.fromisoformat(last_of_first["renewTime"]).timestamp() + int(
+        first["leaseDurationSeconds"]
+    )
+    taken = datetime.fromisoformat(second["acquireTime"]).timestamp()
+    assert taken >= expiry - 1, f"the lease was taken before it expired: {leases}"
