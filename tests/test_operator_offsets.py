@@ -15,7 +15,14 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+    ResourceType,
+)
 
 import localenv
 from dlq_support import fill_dlq
@@ -26,9 +33,11 @@ from operator_support import (
     Kubectl,
     OperatorProcess,
     apply,
+    cleanup_topics,
     get,
     operator,
     pipeline,
+    podrunner,
     wait_condition,
     wait_for,
 )
@@ -36,6 +45,7 @@ from operator_support import (
 pytestmark = pytest.mark.e2e
 
 RETENTION_S = 60
+DAY_MS = 24 * 3600_000
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +117,53 @@ def test_idle_groups_keep_their_offsets_past_the_brokers_retention(
     status = (get(kubectl, namespace, "rp", "kept") or {})["status"]
     assert status["lastOffsetRefreshTime"].endswith("Z")
     assert "replayLease" not in status, "the refresh gave the lease back"
+
+
+def test_a_suspended_tiers_events_near_retention_are_shown_at_risk(
+    operator: OperatorProcess,
+    podrunner: Any,
+    kubectl: Kubectl,
+    namespace: str,
+    kafka_bootstrap: str,
+    kafka_admin: Any,
+    make_topic: Any,
+    unique: str,
+    cleanup_topics: list[str],
+) -> None:
+    """Suspended, events wait on the tiers only as long as the tier topic keeps them: an event
+    that reached retry-1 6.5 days ago (the topic keeps a week) has 12 hours left.
+
+    Tier topics stamp records with the broker's append time, so to hold a record appended
+    6.5 days ago the test lets this one record keep its producer's timestamp (the topic's
+    `message.timestamp.type` set to CreateTime for it, then back), as Kafka's retention and
+    the operator both read a record's stored timestamp."""
+    source = make_topic("orders")
+    group = f"svc-{unique}"
+    topic = f"{group}.{source}.retry-1"
+    cleanup_topics.extend([topic, f"{group}.{source}.dlq"])
+    one_tier = [{"name": "retry-1", "delaySeconds": 1}]
+    apply(kubectl, namespace, pipeline("paused", kafka_bootstrap, source, group, tiers=one_tier))
+    wait_condition(kubectl, namespace, "paused", type_="TopicsReady", timeout=90)
+    kubectl(
+        "patch", "rp", "paused", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}'
+    )
+    wait_condition(kubectl, namespace, "paused", reason="Suspended", timeout=60)
+
+    sent_ms = int(time.time() * 1000) - 6 * DAY_MS - DAY_MS // 2
+    _timestamp_type(kafka_admin, topic, "CreateTime")
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    producer.produce(topic, key=b"k", value=b"waiting", timestamp=sent_ms)
+    assert producer.flush(30) == 0
+    _timestamp_type(kafka_admin, topic, "LogAppendTime")
+    risky = wait_condition(
+        kubectl, namespace, "paused", status="False", reason="EventsAtRisk", timeout=30
+    )
+    message = next(c for c in risky["status"]["conditions"] if c["type"] == "Ready")["message"]
+    assert "retry-1" in message and "resume the pipeline" in message, message
+
+
+def _timestamp_type(admin: Any, topic: str, kind: str) -> None:
+    entry = ConfigEntry("message.timestamp.type", kind, incremental_operation=AlterConfigOpType.SET)
+    resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[entry])
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(timeout=30)

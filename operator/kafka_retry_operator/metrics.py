@@ -197,17 +197,18 @@ class OperatorMetrics:
         if last is not None:
             yield GaugeMetricFamily(
                 f"{PREFIX}_status_refresh_duration_seconds",
-                "Duration of the last batched pass measuring lag and DLQ depth of all pipelines.",
+                "Duration of the slowest cluster's last batched pass measuring lag and DLQ depth.",
                 value=last.duration_s,
             )
             yield GaugeMetricFamily(
                 f"{PREFIX}_status_refresh_pipelines",
-                "Pipelines measured in the last batched pass.",
+                "Pipelines measured in the clusters' last batched passes.",
                 value=last.pipelines,
             )
             yield GaugeMetricFamily(
                 f"{PREFIX}_status_refresh_timestamp_seconds",
-                "When the last batched pass ended (alert when it stops moving).",
+                "When the least recent of the clusters' last passes ended (alert when it stops "
+                "moving).",
                 value=last.finished_at,
             )
 
