@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 import localenv
+from test_readme import lateness_claim
 
 pytestmark = pytest.mark.e2e
 
@@ -148,6 +149,9 @@ def test_demo_replays_the_dlq_and_loses_nothing(
     assert s["lateness_ms"]["count"] == 21 and s["lateness_ms"]["early"] == 0, (
         "no retry is processed before its tier's delay has passed"
     )
+    p50, worst = lateness_claim()  # what the README says of lateness holds
+    assert s["lateness_ms"]["p50"] / 1000 < p50, s["lateness_ms"]
+    assert s["lateness_ms"]["max"] / 1000 < worst, s["lateness_ms"]
     assert took < 120, f"the demo took {took:.0f}s"
 
     # It cleans up after itself: processes, topics, namespace; the shared servers stay.

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
+import pty
+import re
 import signal
 import subprocess
 import time
@@ -391,3 +394,36 @@ def test_replay_dry_run_says_what_would_go_where_and_sends_nothing(
     assert _depth(kafka_bootstrap, topo) == COUNT
     for tier in topo.tiers:
         assert read_topic(kafka_bootstrap, tier.topic, expect=0, timeout=5) == []
+
+
+def test_direct_replay_draws_a_progress_bar_on_a_terminal(
+    dlq_pipeline: tuple[Topology, list[str]],
+) -> None:
+    """On a terminal: a bar redrawn in place with done/total and the counts; the report line
+    at the end. (Elsewhere, plain lines: the other tests read those.)"""
+    _, where = dlq_pipeline
+    main, child = pty.openpty()
+    proc = subprocess.Popen(
+        [str(BIN / "kafka-retry"), "dlq", "replay", "billing", *where, "--direct", "--rate",
+         "20"],
+        stdin=child, stdout=child, stderr=child, env={**os.environ, "COLUMNS": "160"},
+    )  # fmt: skip
+    os.close(child)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the process ended and closed the terminal
+            break
+        if not chunk:
+            break
+        screen += chunk
+    assert proc.wait(timeout=60) == 0, screen.decode(errors="replace")
+    os.close(main)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
+    frames = re.findall(r"Running\s+\S*\s+(\d+)/(\d+)\s+replayed (\d+) · skipped 0", text)
+    assert len(frames) >= 2, text[-3000:]
+    assert all(int(total) == COUNT for _, total, _ in frames)
+    assert len({done for done, _, _ in frames}) >= 2, "redrawn as the replay goes"
+    assert re.search(rf"Succeeded\s+\S*\s+{COUNT}/{COUNT}\s+replayed {COUNT}", text), text[-2000:]
+    assert f"Succeeded: {COUNT} replayed, 0 skipped" in text

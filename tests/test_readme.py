@@ -5,6 +5,7 @@ docs/api.md (the reference it points to) is what the models generate."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -232,3 +233,48 @@ def test_metrics_named_exist() -> None:
     assert len(named) >= 6
     for name in named:
         assert {name, f"{name}_bucket"} & exposed, f"README names metric {name}; not exposed"
+
+
+def test_demo_summary_sample_is_what_the_example_mix_gives() -> None:
+    """The README's sample summary is a real run's: its counts are what the example service's
+    orders (examples/order_service/orders.py) give for that many orders, with nothing lost,
+    the DLQ empty again and no tier event early. (How late they were is held to the README's
+    words by tests/test_demo.py.)"""
+    from order_service.orders import order_events
+
+    block = re.search(r"<!-- demo summary -->\n```\n(.*?)```", TEXT, re.S)
+    assert block, "the README shows a demo summary"
+    text = block.group(1)
+
+    def number(label: str) -> int:
+        found = re.search(rf"^  {label}\s+(\d+)", text, re.M)
+        assert found, f"no {label!r} line in the sample summary"
+        return int(found.group(1))
+
+    produced = number("orders produced")
+    kinds = [(order["coupon"] == "SAVE15%" and "bug") or order["bank"]
+             for _, order in order_events(produced)]  # fmt: skip
+    retry1, retry2, bug = kinds.count("northwind"), kinds.count("fabrikam"), kinds.count("bug")
+    assert number("charged on the first try") == produced - retry1 - retry2 - bug
+    assert number("charged after a retry") == retry1 + retry2
+    assert f"(retry-1 {retry1} · retry-2 {retry2})" in text
+    assert number("dead-lettered") == bug == number("charged after the replay")
+    assert number("lost") == 0 and number("duplicate deliveries") == 0
+    assert number("DLQ depth now") == 0
+    assert re.search(r"p50 [\d.]+s · max [\d.]+s · none early", text)
+    summary = json.loads(text.strip().splitlines()[-1].replace(", ...}", "}"))
+    assert summary["events"] == produced and summary["handled_first_time"] == (
+        produced - retry1 - retry2 - bug
+    )
+
+
+def lateness_claim() -> tuple[float, float]:
+    """(p50, max) in seconds that the README promises for the demo's tier events."""
+    found = re.search(r"p50 under ([\d.]+) s and\s+max under ([\d.]+) s", TEXT)
+    assert found, "the README states how late tier events are handled"
+    return float(found.group(1)), float(found.group(2))
+
+
+def test_the_lateness_claim_is_stated() -> None:
+    p50, worst = lateness_claim()
+    assert 0 < p50 <= worst

@@ -47,6 +47,7 @@ from kafka_retry.model import (
     RetryPipelineStatus,
     Topology,
 )
+from kafka_retry.progress import ReplayProgress
 from kafka_retry.topology_source import topology_from_configmap, topology_from_file
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOTHING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -806,12 +807,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def _follow(custom: Any, namespace: str, name: str) -> int:
     """Watch the DLQReplay (no polling) and draw its progress until it ends."""
+    with ReplayProgress(sys.stderr) as bar:
+        return _watch(custom, namespace, name, bar)
+
+
+def _watch(custom: Any, namespace: str, name: str, bar: ReplayProgress) -> int:
     from kubernetes import watch as kube_watch
     from kubernetes.client.exceptions import ApiException
 
     watch: Any = kube_watch  # untyped upstream
-
-    bar = ProgressBar(sys.stderr)
     version: str | None = None
     seen_operator = False
     while True:
@@ -843,7 +847,7 @@ def _follow(custom: Any, namespace: str, name: str) -> int:
             bar.note("no operator has picked the replay up yet; is kafka-retry-operator running?")
 
 
-def _show_progress(bar: ProgressBar, name: str, status: Mapping[str, Any]) -> int | None:
+def _show_progress(bar: ReplayProgress, name: str, status: Mapping[str, Any]) -> int | None:
     """Draw one status; the exit code once the replay has ended."""
     phase = status.get("phase")
     counts = (status.get("replayed", 0), status.get("skipped", 0), status.get("total", 0))
@@ -928,23 +932,23 @@ def _replay_direct(args: argparse.Namespace, pipeline: Pipeline, event_filter: E
         checkpoint_interval=0.5,
     )
     checkpoint = replayer.snapshot()
-    bar = ProgressBar(sys.stderr)
     cancel = threading.Event()
+    with ReplayProgress(sys.stderr) as bar:
 
-    def progress(cp: Checkpoint) -> None:
-        bar.update(cp.replayed, cp.skipped, cp.total, "Running")
+        def progress(cp: Checkpoint) -> None:
+            bar.update(cp.replayed, cp.skipped, cp.total, "Running")
 
-    with _sigint_sets(cancel), _holding(lease, cancel):
-        print(
-            f"replaying {pipeline.topology.dlq_topic} -> {replayer.target.topic} as "
-            f"{replay_id} (Ctrl-C cancels)",
-            file=sys.stderr,
-        )
-        result = replayer.run(checkpoint, on_checkpoint=progress, should_cancel=cancel.is_set)
-    cp = result.checkpoint
-    phase = result.outcome.value if result.outcome != Outcome.INTERRUPTED else rr.CANCELLED
-    total = cp.examined if result.outcome == Outcome.SUCCEEDED else cp.total
-    bar.update(cp.replayed, cp.skipped, total, phase, final=True)
+        with _sigint_sets(cancel), _holding(lease, cancel):
+            print(
+                f"replaying {pipeline.topology.dlq_topic} -> {replayer.target.topic} as "
+                f"{replay_id} (Ctrl-C cancels)",
+                file=sys.stderr,
+            )
+            result = replayer.run(checkpoint, on_checkpoint=progress, should_cancel=cancel.is_set)
+        cp = result.checkpoint
+        phase = result.outcome.value if result.outcome != Outcome.INTERRUPTED else rr.CANCELLED
+        total = cp.examined if result.outcome == Outcome.SUCCEEDED else cp.total
+        bar.update(cp.replayed, cp.skipped, total, phase, final=True)
     code = _report(replay_id, phase, cp.to_status(), "", "")
     return EXIT_INTERRUPTED if cancel.is_set() else code
 
@@ -1188,44 +1192,6 @@ def _live_status(pipeline: Pipeline) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- output
-
-
-class ProgressBar:
-    """Progress on stderr: redrawn in place on a terminal, a line every few seconds else."""
-
-    WIDTH = 30
-    EVERY_S = 5.0
-
-    def __init__(self, stream: TextIO) -> None:
-        self._out = stream
-        self._tty = stream.isatty()
-        self._last_line = 0.0
-        self._last_note = ""
-        self._started = time.monotonic()
-
-    def update(
-        self, replayed: int, skipped: int, total: int, phase: str, *, final: bool = False
-    ) -> None:
-        done = replayed + skipped
-        fraction = min(1.0, done / total) if total else (1.0 if final else 0.0)
-        filled = int(fraction * self.WIDTH)
-        elapsed = max(1e-6, time.monotonic() - self._started)
-        line = (
-            f"[{'#' * filled}{'-' * (self.WIDTH - filled)}] {done}/{total} "
-            f"replayed {replayed} skipped {skipped}  {replayed / elapsed:.0f}/s  {phase}"
-        )
-        if self._tty:
-            self._out.write("\r" + line + ("\n" if final else ""))
-        elif final or time.monotonic() - self._last_line >= self.EVERY_S:
-            self._out.write(line + "\n")
-            self._last_line = time.monotonic()
-        self._out.flush()
-
-    def note(self, text: str) -> None:
-        if text != self._last_note:
-            self._last_note = text
-            self._out.write(("\r" if self._tty else "") + text + "\n")
-            self._out.flush()
 
 
 def _print_table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
