@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -219,3 +220,35 @@ def test_cli_usage_errors_are_one_line(args: list[str], message: str) -> None:
     assert proc.returncode in (1, 2)
     assert message in proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_help_speaks_to_users_under_the_name_it_was_called_by() -> None:
+    """`kafka-retry --help` describes the tool, not its code; run by kubectl as the plugin it
+    calls itself `kubectl retry`; `make help` shows the commands as they are typed."""
+    import os
+    import shutil
+    import subprocess
+
+    from dlq_support import BIN
+
+    top = cli("--help")
+    assert top.returncode == 0
+    assert top.stdout.startswith("usage: kafka-retry ")
+    assert "add_parser" not in top.stdout and "registers itself" not in top.stdout
+    assert "exit codes: 0 done, 1 error, 2 usage, 3 nothing matched" in top.stdout
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl ships with the machine"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    plugin = subprocess.run(
+        [kubectl, "retry", "dlq", "list", "--help"], capture_output=True, text=True, env=env
+    )
+    assert plugin.returncode == 0, plugin.stderr
+    assert plugin.stdout.startswith("usage: kubectl retry dlq list "), plugin.stdout[:200]
+    wrong = subprocess.run([kubectl, "retry", "dlq", "list", "--limit", "-1", "p"],
+                           capture_output=True, text=True, env=env)  # fmt: skip
+    assert wrong.returncode == 2
+    assert wrong.stderr.startswith("kubectl retry dlq list: argument --limit: must be 0 or more")
+    root = Path(__file__).resolve().parent.parent
+    targets = subprocess.run(["make", "--no-print-directory", "help"], cwd=root,
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert 'eval "$(make -s env)"' in targets and "$$" not in targets
