@@ -52,3 +52,13 @@ def fail_retriably(event: Event) -> None:
     carries the most of our headers)."""
     _record(event, "failed", size=len(event.value or b""))
     raise RetriableError("upstream unavailable: " + "x" * 4000)
+
+
+def hang_or_crash(event: Event) -> None:
+    """`hang` never returns, `crash` ends the process at once; the rest succeed."""
+    event_id = _record(event, "started")
+    if event_id.startswith("hang"):
+        time.sleep(3600)
+    if event_id.startswith("crash"):
+        os._exit(1)
+    _record(event, "handled")

@@ -63,6 +63,12 @@ INVALID: list[tuple[str, Mutation, list[str]]] = [
         ["spec.tiers"],
     ),
     ("delay-zero", _set("spec.tiers.0.delaySeconds", 0), ["spec.tiers[0].delaySeconds"]),
+    # a handler deadline longer than the workers can wait without polling their group
+    (
+        "http-timeout-over-the-poll-budget",
+        _set("spec.handler.http.timeoutSeconds", 900),
+        ["spec.handler.http.timeoutSeconds"],
+    ),
     ("delay-negative", _set("spec.tiers.1.delaySeconds", -5), ["spec.tiers[1].delaySeconds"]),
     (
         "delay-over-a-week",

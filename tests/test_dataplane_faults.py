@@ -20,7 +20,7 @@ from typing import Any
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
-from dataplane_support import Recorder, Running, read_topic, wait_for
+from dataplane_support import Recorder, Running, produce_ids, read_topic, wait_for
 from deployed_support import TESTS, WorkerPod, deploy_pipeline, free_port, records
 from kafka_retry import headers as h
 from kafka_retry.errors import RetriableError
@@ -513,3 +513,42 @@ def test_the_broker_is_the_clock_of_a_tier(
         assert abs(appended - now_ms) < 30_000, f"{r['id']}: not the broker's append time"
         assert r["at_ms"] >= appended + delay_s * 1000, f"{r['id']} handled early"
         assert r["at_ms"] <= appended + delay_s * 1000 + 10_000, f"{r['id']} held too long"
+
+
+def test_an_event_that_hangs_or_crashes_its_handler_goes_to_the_dlq_as_poison(
+    kafka_bootstrap: str, kafka_admin: Any, make_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """A handler call that overruns its deadline stops the worker (exit 4); one that ends the
+    process does so itself. Restarted each time (as the kubelet does), the worker sends an
+    event that stopped it on 3 starts in a row to the DLQ with `dlq-reason: poison`, and the
+    events behind it are handled."""
+    handler = {"python": {"image": "t", "callable": "dataplane_handlers:hang_or_crash"}}
+    handler["python"]["timeoutSeconds"] = 2  # type: ignore[index]
+    d = deploy_pipeline(kafka_bootstrap, kafka_admin, make_topic, handler=handler)
+    produce_ids(kafka_bootstrap, d.topology.tiers[0].topic, ["e0", "hang", "e1", "crash", "e2"])
+    record_file = tmp_path / "handled.jsonl"
+    pod = WorkerPod(
+        d, "retry-1", f"{d.name}-retry-1-0", tmp_path, {"DP_RECORD_FILE": str(record_file)}
+    )
+    pod.start()
+    exits: list[int | None] = []
+
+    def settled() -> bool:
+        if not pod.running():  # the kubelet restarts the container
+            exits.append(pod.proc.returncode if pod.proc else None)
+            pod.start()
+        handled = {r["id"] for r in records(record_file) if r["outcome"] == "handled"}
+        return handled >= {"e0", "e1", "e2"}
+
+    try:
+        wait_for(settled, 180, "the events behind the poison ones handled")
+        dead = read_topic(kafka_bootstrap, d.topology.dlq_topic, expect=2, timeout=30)
+    finally:
+        pod.stop()
+    assert sorted(r.id for r in dead) == ["crash", "hang"]
+    for r in dead:
+        assert r.header(h.DLQ_REASON) == h.REASON_POISON
+        assert "stopped 3 times" in (r.header(h.ERROR_MESSAGE) or "")
+    assert 4 in exits and 1 in exits, exits  # the deadline, and the crash
+    started = Counter(r["id"] for r in records(record_file) if r["outcome"] == "started")
+    assert started["hang"] <= 4 and started["crash"] <= 4, started

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kafka_retry import headers as h
+from kafka_retry import poison
 from kafka_retry.classification import Failure
 from kafka_retry.client_log import ClientLog
 from kafka_retry.errors import NonRetriableError, PayloadDecodeError
@@ -32,6 +33,7 @@ from kafka_retry.model import (
     Topology,
 )
 from kafka_retry.offsets import OffsetTracker
+from kafka_retry.poison import HeadWatch
 from kafka_retry.routing import DEAD_LETTERED, RETRIED, Origin, Router, Stage
 from kafka_retry.topology_source import (
     TopologyNotFound,
@@ -310,3 +312,25 @@ def test_worker_cli_reads_a_topology_file_and_rejects_an_unknown_tier(tmp_path: 
     path.write_text(_topology().to_json())
     assert main(["worker", "--tier", "no-such-tier", "--topology-file", str(path)]) == 2
     assert main(["worker", "--tier", "retry-1", "--topology-file", str(tmp_path / "none")]) == 2
+
+
+def test_poison_marks_count_the_starts_of_the_event_that_stops_the_worker() -> None:
+    tp = ("t", 0)
+    watch = HeadWatch()
+    watch.assigned(tp, -1001, None)  # a new group: the first event is marked once
+    assert watch.watching and watch.before_handler(tp, 0) == 1
+    assert watch.before_handler(tp, 1) is None and not watch.watching
+    # the run stopped with event 0 marked: the next is careful, marking every event
+    watch.assigned(tp, 0, poison.mark(0, 1))
+    assert [watch.before_handler(tp, o) for o in (0, 1, 2)] == [2, 1, 1]
+    watch.settled()  # a batch completed: careful no more
+    assert not watch.watching
+    # event 2 stopped it: its count grows run by run, past POISON_STARTS it is poison
+    for starts in range(1, poison.POISON_STARTS + 1):
+        watch.assigned(tp, 2, poison.mark(2, starts))
+        assert watch.before_handler(tp, 2) == starts + 1
+        watch.forget([tp])
+    # a mark of another offset (progress was committed since) counts nothing
+    watch.assigned(tp, 5, poison.mark(2, 3))
+    assert watch.before_handler(tp, 5) == 1
+    assert poison.starts_at("other metadata", 5) == 0

@@ -51,6 +51,7 @@ REASON_EXHAUSTED = "retries-exhausted"
 REASON_MALFORMED = "malformed-headers"
 REASON_TOO_LARGE = "too-large"  # the event with our headers did not fit the next tier
 REASON_FORWARD_REFUSED = "forward-refused"  # the next tier refused it (authorization, topic)
+REASON_POISON = "poison"  # it stopped the worker on several starts in a row (poison.py)
 
 # Bounds for values read back and written.
 MAX_ATTEMPT = 1_000_000

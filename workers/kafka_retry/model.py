@@ -31,6 +31,11 @@ TOPIC_PATTERN = r"^[a-zA-Z0-9._-]{1,249}$"
 TIER_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$"
 CALLABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
 MAX_DELAY_SECONDS = 7 * 24 * 3600
+# The longest a handler may take on one event. A consumer that does not poll for
+# `max.poll.interval.ms` (300 s, librdkafka's default, which the workers keep) is evicted, and a
+# batch is cut short at half of it (runner.py): a deadline must fit in that with room to spare.
+MAX_HANDLER_TIMEOUT_SECONDS = 120
+DEFAULT_PYTHON_TIMEOUT_SECONDS = 60
 
 
 def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
@@ -224,6 +229,14 @@ class PythonHandler(ApiModel):
         pattern=CALLABLE_PATTERN,
         description="Import path `module:function` of the handler; it gets one `Event`.",
     )
+    timeout_seconds: int = Field(
+        default=DEFAULT_PYTHON_TIMEOUT_SECONDS,
+        ge=1,
+        le=MAX_HANDLER_TIMEOUT_SECONDS,
+        description="Deadline of one call. A tier worker whose handler overruns it stops (it "
+        "cannot interrupt Python code) and restarts; an event that stops workers "
+        "repeatedly goes to the DLQ with `dlq-reason: poison`.",
+    )
 
 
 class HttpHandler(ApiModel):
@@ -236,7 +249,11 @@ class HttpHandler(ApiModel):
         description="The service endpoint that events are POSTed to.",
     )
     timeout_seconds: int = Field(
-        default=10, ge=1, le=900, description="A request slower than this is retriable."
+        default=10,
+        ge=1,
+        le=MAX_HANDLER_TIMEOUT_SECONDS,
+        description="A request slower than this is retriable. At most 120: a longer one "
+        "would keep the worker from polling its group.",
     )
 
 
@@ -253,6 +270,13 @@ class Handler(ApiModel):
     )
     python: PythonHandler | None = Field(default=None, description="Run a Python callable.")
     http: HttpHandler | None = Field(default=None, description="POST each event to a service.")
+
+    @property
+    def timeout_seconds(self) -> int:
+        """The deadline of one call of whichever handler this is."""
+        spec = self.python or self.http
+        assert spec is not None
+        return spec.timeout_seconds
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Handler:

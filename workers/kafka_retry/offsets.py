@@ -89,5 +89,10 @@ class OffsetTracker:
             if state is not None:
                 state.forgotten = True
 
+    def settled(self, tp: TopicPartitionKey) -> bool:
+        """Every event begun on `tp` is finished: its frontier is the next offset."""
+        state = self._partitions.get(tp)
+        return state is None or not state.pending
+
     def in_flight(self) -> int:
         return sum(len(s.pending) for s in self._partitions.values())

@@ -69,6 +69,7 @@ class Router:
         dlq = topology.dlq_topic
         self._non_retriable = Route(dlq, DEAD_LETTERED, None, h.REASON_NON_RETRIABLE)
         self._malformed = Route(dlq, MALFORMED, None, h.REASON_MALFORMED)
+        self._poison = Route(dlq, DEAD_LETTERED, None, h.REASON_POISON)
         self._next_topic, is_dlq = topology.next_topic(stage.index)
         self._exhausted = Route(dlq, DEAD_LETTERED, None, h.REASON_EXHAUSTED) if is_dlq else None
         self._next_delay_ms = 0 if is_dlq else topology.tiers[stage.index + 1].delay_seconds * 1000
@@ -84,6 +85,9 @@ class Router:
 
     def malformed(self) -> Route:
         return self._malformed
+
+    def poison(self) -> Route:
+        return self._poison
 
     def refused(
         self, topic: str, ours: Sequence[tuple[str, bytes | None]], error: str, too_large: bool

@@ -22,7 +22,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from kafka_retry import headers as h
-from kafka_retry import record_headers
+from kafka_retry import poison, record_headers
 from kafka_retry.classification import Classifier, Failure
 from kafka_retry.client_log import client_log
 from kafka_retry.delay import DelayGate
@@ -33,6 +33,7 @@ from kafka_retry.kafka_config import incremental_rebalance
 from kafka_retry.metrics import StageMetrics
 from kafka_retry.model import Topology
 from kafka_retry.offsets import OffsetTracker, Ticket, TopicPartitionKey
+from kafka_retry.poison import POISON_STARTS, HeadWatch
 from kafka_retry.routing import OUTCOMES, SUCCEEDED, Origin, Route, Router, Stage
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ DEFAULT_POLL_CAP_S = 0.5
 DEFAULT_DRAIN_S = 20.0
 ACK_WAIT_S = 0.005  # longest consume() wait while forwards are unacknowledged
 MALFORMED_CLASS = "kafka_retry.MalformedHeaders"
+POISON_CLASS = "kafka_retry.Poison"
 _NO_STATE = h.RetryState()  # never written to: the live lane's "no prior failure"
 _headers = record_headers.headers
 # What a tier reads of an event's retry state: due time and attempt (the only fields that can
@@ -131,6 +133,9 @@ class StageRunner:
         self._tracker = OffsetTracker()
         self._assigned: set[TopicPartitionKey] = set()
         self._stalled: set[TopicPartitionKey] = set()  # paused while a forward is stuck
+        self._heads = HeadWatch()
+        self._handler_since = 0.0  # perf_counter() at the start of the call in progress
+        self._consumer: Any = None
         self._stopping = threading.Event()
         self._joined = False
         self._running = False
@@ -161,6 +166,11 @@ class StageRunner:
             and not (self._forwarder is not None and self._forwarder.stuck)
         )
 
+    def handler_started(self) -> float:
+        """`time.perf_counter()` when the handler call in progress began; 0 between calls.
+        Read by a `watchdog.HandlerWatchdog` on another thread."""
+        return self._handler_since
+
     def paused_partitions(self) -> int:
         """Partitions held for a head that is not due yet."""
         return len(self._gate) if self._gate is not None else 0
@@ -168,7 +178,7 @@ class StageRunner:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> None:
-        consumer = Consumer(self._consumer_config, logger=client_log())
+        consumer = self._consumer = Consumer(self._consumer_config, logger=client_log())
         forwarder = Forwarder(
             self._producer_config,
             on_acked=self._on_forward_acked,
@@ -295,6 +305,21 @@ class StageRunner:
             attempt = 1
             origin = tuple.__new__(Origin, (tp[0], tp[1], offset, timestamp_ms))
 
+        if self._heads.watching:
+            starts = self._heads.before_handler(tp, offset)
+            if starts is not None and not self._mark_head(tp, offset, starts):
+                failure = Failure(
+                    False, POISON_CLASS, f"the worker stopped {starts - 1} times while this "
+                    "event was in its handler (a hang past the deadline, a crash, os._exit)", "",
+                )  # fmt: skip
+                route = self._router.poison()
+                headers = self._router.forward_headers(
+                    parsed.original, origin, prior, attempt, failure, route, now_ms
+                )
+                log.error("poison event %s[%d]@%d: to the DLQ", tp[0], tp[1], offset)
+                ticket = self._tracker.begin(tp, offset)
+                self._forward(msg.key(), msg.value(), ticket, headers, route, len(parsed.original))
+                return
         ticket = self._tracker.begin(tp, offset)
         key = msg.key()
         value = msg.value()
@@ -305,10 +330,11 @@ class StageRunner:
             origin.offset, origin.timestamp_ms, due_ms, prior.replay_id, prior.error_class,
             prior.error_message,
         )  # fmt: skip
-        started = time.perf_counter()
+        started = self._handler_since = time.perf_counter()
         try:
             self._handler(event)
         except Exception as exc:
+            self._handler_since = 0.0
             self._handler_seconds.observe(time.perf_counter() - started)
             failure = self._classifier.classify(exc)
             now_ms = int(time.time() * 1000)
@@ -318,6 +344,7 @@ class StageRunner:
             )
             self._forward(key, value, ticket, headers, route, len(parsed.original))
         else:
+            self._handler_since = 0.0
             self._handler_seconds.observe(time.perf_counter() - started)
             OffsetTracker.finish(ticket)
             self._succeeded += 1
@@ -434,7 +461,25 @@ class StageRunner:
 
     # ------------------------------------------------------------------ offsets
 
+    def _mark_head(self, tp: TopicPartitionKey, offset: int, starts: int) -> bool:
+        """False: the event stopped `POISON_STARTS` runs already. Else mark it as handed over
+        (poison.py), synchronously, so that the mark survives whatever the handler does."""
+        if starts > POISON_STARTS:
+            return False
+        # Committing `offset` says that everything before it is finished: forwards included.
+        assert self._forwarder is not None
+        if not (self._forwarder.drain(self._drain_s) and self._tracker.settled(tp)):
+            log.warning("%s[%d]@%d not marked: forwards unacknowledged", tp[0], tp[1], offset)
+            return True
+        mark = TopicPartition(tp[0], tp[1], offset, metadata=poison.mark(offset, starts))
+        try:
+            self._consumer.commit(offsets=[mark], asynchronous=False)
+        except KafkaException as e:
+            log.warning("could not mark %s[%d]@%d: %s", tp[0], tp[1], offset, e)
+        return True
+
     def _store(self, consumer: Any) -> None:
+        self._heads.settled()
         advanced = self._tracker.take_advanced()
         if not advanced:
             return
@@ -476,11 +521,25 @@ class StageRunner:
                 consumer.resume(partitions)
                 self.stats.assigned += 1
             self._assigned.update((p.topic, p.partition) for p in partitions)
+            self._read_heads(consumer, partitions)
             self._joined = True
             self._metrics.assigned.set(len(self._assigned))
         except Exception:
             log.exception("assignment of %s failed", partitions)
             raise
+
+    def _read_heads(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        """What the previous runs left on these partitions (poison.py); best effort."""
+        if not partitions:
+            return
+        try:
+            committed = consumer.committed(partitions, timeout=10)
+        except KafkaException as e:
+            log.warning("committed offsets unreadable, no poison check this time: %s", e)
+            return
+        for p in committed:
+            if p.error is None:
+                self._heads.assigned((p.topic, p.partition), p.offset, p.metadata)
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
@@ -514,6 +573,7 @@ class StageRunner:
 
     def _release(self, tps: list[TopicPartitionKey]) -> None:
         self._tracker.forget(tps)
+        self._heads.forget(tps)
         self._assigned.difference_update(tps)
         self._stalled.difference_update(tps)
         self._metrics.assigned.set(len(self._assigned))

@@ -11,7 +11,8 @@ their tier), stays healthy and ready, and exits 0 on SIGTERM. The operator scale
 anyway; idling keeps a pod that starts meanwhile from crash-looping.
 
 Exit codes: 0 after SIGTERM/SIGINT (drained and committed), 1 on a fatal Kafka error,
-2 for a bad topology or tier name, 3 when the handler cannot be loaded.
+2 for a bad topology or tier name, 3 when the handler cannot be loaded, 4 when a handler call
+overran its deadline (watchdog.py).
 """
 
 from __future__ import annotations
@@ -40,12 +41,14 @@ from kafka_retry.model import Topology
 from kafka_retry.routing import Stage
 from kafka_retry.runner import StageRunner, tune_gc_for_worker
 from kafka_retry.topology_source import TOPOLOGY_ENV, load_topology
+from kafka_retry.watchdog import HandlerWatchdog
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_KAFKA, EXIT_CONFIG, EXIT_HANDLER = 0, 1, 2, 3
 LOG_LEVEL_ENV = "KAFKA_RETRY_LOG_LEVEL"
 INSTANCE_ID_ENV = "KAFKA_RETRY_INSTANCE_ID"
+DEADLINE_GRACE_S = 1
 
 
 def build_worker(
@@ -125,6 +128,10 @@ def run_worker(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
     server = HealthServer(port, runner.alive, runner.ready).start()
     log.info("metrics and probes on port %d", server.port)
     _on_signals(runner.stop)
+    # Room for the handler's own timeout (an http handler answers TimeoutError at its deadline).
+    HandlerWatchdog(
+        topology.handler.timeout_seconds + DEADLINE_GRACE_S, runner.handler_started
+    ).start()
     tune_gc_for_worker()
     try:
         runner.run()
