@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 KAFKA_VERSION = "4.1.1"
 LOG4J_VERSION = "2.25.3"
@@ -117,27 +118,31 @@ def timed(what: str, fn: Callable[[], None]) -> None:
 
 
 @contextlib.contextmanager
-def cache_lock(name: str) -> Iterator[None]:
-    """Hold CACHE/<name>.lock: one builder per artifact across every checkout and run dir.
-    A wait on another build says so on the terminal (then every 30 s), never silently."""
+def cache_lock(name: str, shared: bool = False, holder: str = "another build") -> Iterator[None]:
+    """Hold CACHE/<name>.lock: one builder per artifact across every checkout and run dir
+    (or, `shared`, one of many users that exclude an exclusive holder). A wait says so on
+    the terminal (then every 30 s), never silently."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"{name}.lock"
-    with path.open("w") as lock:
-        start = time.monotonic()
-        said = -30.0
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                waited = time.monotonic() - start
-                if waited - said >= 30:
-                    log(f"waiting for another build holding {path} ({waited:.0f}s so far)")
-                    said = waited
-                time.sleep(1)
-        if time.monotonic() - start >= 1:
-            log(f"got {path} after {time.monotonic() - start:.0f}s")
+    with (CACHE / f"{name}.lock").open("w") as lock:
+        _flock(lock, fcntl.LOCK_SH if shared else fcntl.LOCK_EX, holder)
         yield
+
+
+def _flock(lock: IO[str], mode: int, holder: str) -> None:
+    start = time.monotonic()
+    said = -30.0
+    while True:
+        try:
+            fcntl.flock(lock, mode | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            waited = time.monotonic() - start
+            if waited - said >= 30:
+                log(f"waiting for {holder} holding {lock.name} ({waited:.0f}s so far)")
+                said = waited
+            time.sleep(1)
+    if time.monotonic() - start >= 1:
+        log(f"got {lock.name} after {time.monotonic() - start:.0f}s")
 
 
 def _atomic_build(target: Path, build: Callable[[Path], None]) -> None:

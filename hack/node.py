@@ -608,15 +608,21 @@ def _proxy_ready() -> bool:
 
 
 def down() -> None:
-    """Stop the node and restore the host (see the module docstring)."""
+    """Stop the node and restore the host (see the module docstring), once no test session
+    uses it (they hold `users.lock` shared, see `in_use`)."""
     if not NODE.exists():
         return
-    with cache_lock("node"):
+    with cache_lock("node-users", holder="test sessions using the node"), cache_lock("node"):
         KUBELET.stop()  # first: nothing restarts the containers killed next
         _kill_pods()
         for server in reversed(SERVERS):
             server.stop()
         restore_host()
+
+
+def in_use() -> contextlib.AbstractContextManager[None]:
+    """Held by a test session that uses the node: `down` (another checkout's, say) waits."""
+    return cache_lock("node-users", shared=True, holder="`make down` of the node")
 
 
 def status() -> list[tuple[str, int | None]]:

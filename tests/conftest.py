@@ -194,7 +194,7 @@ def crds(kubectl: Callable[..., subprocess.CompletedProcess[str]]) -> None:
 
 
 @pytest.fixture(scope="session")
-def node_kubeconfig(localenv_up: dict[str, str]) -> str:
+def node_kubeconfig(localenv_up: dict[str, str], request: pytest.FixtureRequest) -> str:
     """The local node's cluster (hack/node.py), where pods are real containers. Its tests
     fail, never skip, when it does not run: they are part of the suite."""
     import node
@@ -210,7 +210,12 @@ def node_kubeconfig(localenv_up: dict[str, str]) -> str:
             f"the local node is not Ready: `make up` starts it (logs: {node.NODE / 'logs'})",
             pytrace=False,
         )
+    request.session.stash[NODE_IN_USE] = using = node.in_use()
+    using.__enter__()  # until the session ends: another checkout's `make down` waits
     return localenv_up["KRO_NODE_KUBECONFIG"]
+
+
+NODE_IN_USE = pytest.StashKey[contextlib.AbstractContextManager[None]]()
 
 
 @pytest.fixture(scope="session")

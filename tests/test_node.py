@@ -8,9 +8,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import images
 import localenv
 import node
+from conftest import NODE_IN_USE
 
 
 def test_one_node_is_ready_on_the_bridge(node_kubectl: Any) -> None:
@@ -56,7 +59,7 @@ def _host_state() -> dict[str, Any]:
 
 
 def test_down_restores_the_host_and_up_brings_the_node_back(
-    node_kubectl: Any, node_namespace: str, image: str
+    node_kubectl: Any, node_namespace: str, image: str, request: pytest.FixtureRequest
 ) -> None:
     # A running pod first, so that there are mounts, cgroups and a network namespace to undo.
     pod = {
@@ -90,6 +93,8 @@ def test_down_restores_the_host_and_up_brings_the_node_back(
     changed = {k for k, v in running["sysctls"].items() if saved.get(k) != v}
     assert "vm/overcommit_memory" in changed or saved["vm/overcommit_memory"] == "1", changed
 
+    using = request.session.stash[NODE_IN_USE]
+    using.__exit__(None, None, None)  # `down` waits for other sessions, not for this one
     node.down()
     try:
         after = _host_state()
@@ -104,6 +109,8 @@ def test_down_restores_the_host_and_up_brings_the_node_back(
         assert all(s.pid() is None for s in node.SERVERS)
     finally:
         localenv.up()  # the node again, for the tests after this one
+        request.session.stash[NODE_IN_USE] = using = node.in_use()
+        using.__enter__()
     assert node.running() and node.node_ready()
     # Images stay cached across a restart: nothing is rebuilt or imported again.
     assert images.containerd_has(node.ctr(), image)
