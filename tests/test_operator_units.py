@@ -406,6 +406,17 @@ def test_idle_group_offsets_are_refreshed_every_quarter_of_the_retention() -> No
     assert offset_keeper.due({"lastOffsetRefreshTime": "garbage"}, 3600, at)
 
 
+def test_offset_refreshes_run_one_at_a_time_per_cluster() -> None:
+    gate = offset_keeper.OnePerCluster()
+    with gate.claim("a") as first:
+        with gate.claim("a") as second, gate.claim("b") as other:
+            assert (first, second, other) == (True, False, True)
+        with gate.claim("a") as again:  # the refused claim did not free the first one's
+            assert not again
+    with gate.claim("a") as after:
+        assert after
+
+
 def test_events_mark_transitions_not_levels() -> None:
     def status(depth: int | None, workers: str = "True") -> dict[str, Any]:
         s: dict[str, Any] = {"conditions": [{"type": "WorkersReady", "status": workers,

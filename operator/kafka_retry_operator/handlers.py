@@ -293,12 +293,15 @@ def _keep_offsets(rt: Runtime, record: PipelineRecord) -> None:
         return
     namespace, name = record.key
     lease = Lease(rt.kube.core.api_client, namespace, name, offset_keeper.LEASE_NAME, replay.HOLDER)
-    try:
-        offset_keeper.refresh(
-            lease, admin, record.topology, record.replicas == 0, rt.config.kafka_timeout
-        )
-    except Exception as e:  # tried again at the next pass
-        log.warning("%s/%s: offsets not refreshed: %s", namespace, name, e)
+    with rt.offset_refreshes.claim(record.cluster) as mine:
+        if not mine:  # another pipeline's refresh on this cluster: still due at the next pass
+            return
+        try:
+            offset_keeper.refresh(
+                lease, admin, record.topology, record.replicas == 0, rt.config.kafka_timeout
+            )
+        except Exception as e:  # tried again at the next pass
+            log.warning("%s/%s: offsets not refreshed: %s", namespace, name, e)
 
 
 def _announce(body: kopf.Body, found: list[announcements.Announcement]) -> None:

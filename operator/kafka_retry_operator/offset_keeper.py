@@ -18,8 +18,10 @@ commit; they commit their own.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+import threading
+from collections.abc import Hashable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -38,6 +40,34 @@ REFRESH_FRACTION = 4  # refresh every quarter of the retention: three chances to
 # Kafka's default, so a refresh every 6 hours.
 FALLBACK_RETENTION_S = 24 * 3600.0
 STATUS_FIELD = "lastOffsetRefreshTime"
+
+
+class OnePerCluster:
+    """At most one refresh in flight per Kafka cluster.
+
+    A refresh makes coordinator-bound admin requests (describe groups, list and alter offsets).
+    Fifty pipelines created together would all be due at once and send them together, and
+    librdkafka aborts the whole process when such a request fails mid-flight
+    (confluentinc/librdkafka#4605; seen here as `eonce->refcnt > 0`). Fewer requests in flight
+    make that rarer. A pipeline that finds its cluster busy stays due and tries again at its next
+    status pass, so no executor thread ever waits here.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._busy: set[Hashable] = set()
+
+    @contextlib.contextmanager
+    def claim(self, cluster: Hashable) -> Iterator[bool]:
+        with self._lock:
+            mine = cluster not in self._busy
+            self._busy.add(cluster)
+        try:
+            yield mine
+        finally:
+            if mine:
+                with self._lock:
+                    self._busy.discard(cluster)
 
 
 def due(status: Mapping[str, Any], retention_s: float, now: datetime | None = None) -> bool:

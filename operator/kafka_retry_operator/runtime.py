@@ -11,6 +11,7 @@ from kafka_retry_operator.fleet import Fleet
 from kafka_retry_operator.kafka_admin import AdminRegistry
 from kafka_retry_operator.kube import Kube
 from kafka_retry_operator.metrics import OperatorMetrics
+from kafka_retry_operator.offset_keeper import OnePerCluster
 from kafka_retry_operator.sampler import Sampler
 from kafka_retry_operator.secret_rotation import SecretChecks
 
@@ -25,6 +26,7 @@ class Runtime:
     metrics: OperatorMetrics
     secret_checks: SecretChecks
     worker_defaults: WorkerDefaults
+    offset_refreshes: OnePerCluster
 
     @classmethod
     def create(cls, config: OperatorConfig, api: Any) -> Runtime:
@@ -42,7 +44,9 @@ class Runtime:
             config.worker_log_format,
             config.worker_topology_spread,
         )
-        return cls(config, Kube(api), admins, fleet, sampler, metrics, checks, defaults)
+        return cls(
+            config, Kube(api), admins, fleet, sampler, metrics, checks, defaults, OnePerCluster()
+        )
 
 
 def runtime_of(memo: Any) -> Runtime:
