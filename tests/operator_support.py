@@ -30,6 +30,7 @@ FAST_ENV = {
     "KAFKA_RETRY_OPERATOR_KAFKA_TIMEOUT": "3",
     "KAFKA_RETRY_OPERATOR_MAX_BACKOFF": "3",
     "KAFKA_RETRY_OPERATOR_SECRET_CHECK_INTERVAL": "1",
+    "KAFKA_RETRY_OPERATOR_DRAIN_SETTLE": "3",
 }
 
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]

@@ -125,6 +125,7 @@ def test_delivery_guarantee_settings_cannot_be_overridden() -> None:
         "acks": "1",
         "group.id": "x",
         "max.poll.interval.ms": 6000,
+        "allow.auto.create.topics": True,
     }
     c = consumer_config("b:9092", "grp", extra, pauses_often=True)
     assert c["enable.auto.offset.store"] is False and c["group.id"] == "grp"
@@ -133,6 +134,7 @@ def test_delivery_guarantee_settings_cannot_be_overridden() -> None:
     assert incremental_rebalance(c)
     p = producer_config("b:9092", extra)
     assert p["enable.idempotence"] is True and p["acks"] == "all"
+    assert p["allow.auto.create.topics"] is False, "our producers never create a topic"
     assert "max.poll.interval.ms" not in p
     kip848 = consumer_config("b:9092", "grp", {"group.protocol": "consumer"})
     assert "partition.assignment.strategy" not in kip848 and incremental_rebalance(kip848)

@@ -45,7 +45,8 @@ def _deployments(kubectl: Kubectl, namespace: str, name: str) -> dict[str, dict[
     out = kubectl(
         "get", "deployments", "-n", namespace, "-l", f"kafkaretry.io/pipeline={name}", "-o", "json"
     ).stdout
-    return {d["metadata"]["labels"]["kafkaretry.io/tier"]: d for d in json.loads(out)["items"]}
+    items = json.loads(out)["items"]
+    return {t: d for d in items if (t := d["metadata"]["labels"].get("kafkaretry.io/tier"))}
 
 
 def _depth(kubectl: Kubectl, namespace: str) -> int | None:
@@ -86,7 +87,12 @@ def test_example_pipeline_becomes_ready(
     assert [t["name"] for t in status["tiers"]] == ["retry-1", "retry-2"]
     assert all(t["readyReplicas"] == 1 for t in status["tiers"])
     conditions = {c["type"]: c["status"] for c in status["conditions"]}
-    assert conditions == {"Ready": "True", "TopicsReady": "True", "WorkersReady": "True"}
+    assert conditions == {
+        "Ready": "True",
+        "TopicsReady": "True",
+        "WorkersReady": "True",
+        "Draining": "False",
+    }
     status = wait_for(
         lambda: (get(kubectl, namespace, "rp", "orders") or {}).get("status", {}).get("dlq"),
         30,

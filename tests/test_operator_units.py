@@ -336,6 +336,7 @@ def test_compose_ready_status() -> None:
         "topic": "billing.orders.retry-1",
         "lag": 4,
         "readyReplicas": 2,
+        "delaySeconds": 30,
     }
     assert s["dlq"] == {
         "depth": 7,
@@ -644,3 +645,57 @@ def test_worker_json_logs() -> None:
     (line,) = [json.loads(x) for x in proc.stderr.splitlines() if x.startswith("{")]
     assert line["severity"] == "error" and "cannot load the topology" in line["message"]
     assert line["timestamp"].endswith("+00:00") and line["logger"] == "kafka_retry.worker"
+
+
+def test_draining_plans_what_a_spec_change_leaves_behind() -> None:
+    from kafka_retry_operator import draining
+
+    def spec(*tiers: tuple[str, int], dlq: str | None = None) -> RetryPipelineSpec:
+        return RetryPipelineSpec.model_validate(
+            {
+                "kafka": {"bootstrapServers": "k:9092"},
+                "source": {"topic": "orders", "consumerGroup": "billing"},
+                "tiers": [{"name": n, "delaySeconds": d} for n, d in tiers],
+                "dlq": {"topic": dlq} if dlq else {},
+                "handler": {"http": {"url": "http://svc/events"}},
+            }
+        )
+
+    def status_of(s: RetryPipelineSpec) -> dict[str, Any]:
+        record = _record(topology=s.topology("shop", "p"))
+        return st.compose(record, None, None, {}, {}, at="2026-01-01T00:00:00Z")
+
+    before = status_of(spec(("r1", 10), ("r2", 20), ("r3", 30), dlq="old-dlq"))
+    now = "2026-01-01T00:01:00Z"
+    # A middle tier removed, the last renamed, the DLQ moved, r1's delay shortened.
+    after = draining.follow(
+        spec(("r1", 5), ("r3", 30), ("last", 40), dlq="new-dlq").topology("shop", "p"),
+        before,
+        now,
+    )
+    drains = {d.topic: (d.kind, d.to, d.consumer_group, d.delay_seconds) for d in after.draining}
+    assert drains == {
+        "billing.orders.r2": ("tier", "billing.orders.r3", "billing.orders.r2", 20),
+        "old-dlq": ("dlq", "new-dlq", "old-dlq.cursor", 0),
+    }
+    assert after.tiers[0].hold_limit_ms() == 10_000, "r1 keeps holding for its old delay"
+    assert after.tiers[1].hold_limit_ms() == 30_000
+    # Under way drains carry on (their target follows the spec); one back in the spec stops.
+    during = st.compose(_record(topology=after), None, None, {}, before, at=now)
+    assert {d["topic"] for d in during["draining"]} == set(drains)
+    later = draining.follow(
+        spec(("r1", 5), ("r2", 20)).topology("shop", "p"), during, "2026-01-01T00:02:00Z"
+    )
+    assert {(d.topic, d.to) for d in later.draining} == {
+        ("old-dlq", "billing.orders.dlq"),
+        ("new-dlq", "billing.orders.dlq"),
+        ("billing.orders.r3", "billing.orders.r2"),
+        ("billing.orders.last", "billing.orders.r2"),
+    }
+    assert {d.since for d in later.draining if d.topic == "old-dlq"} == {now}
+    # A drain ends at lag 0, once settled and with every tier worker current.
+    lag = {"old-dlq": 0, "billing.orders.r3": 2, "billing.orders.last": 0}
+    at = "2026-01-01T00:02:02Z"
+    assert draining.finished(later.draining, lag, True, 5, at) == {"old-dlq"}
+    assert draining.finished(later.draining, lag, True, 65, at) == set()
+    assert draining.finished(later.draining, lag, False, 5, at) == set()

@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kafka_retry.kafka_config import CLIENT_ENV_PREFIX
-from kafka_retry.model import LABEL_PIPELINE, LABEL_TIER, ResolvedTier, RetryPipelineSpec, Topology
+from kafka_retry.model import (
+    LABEL_PIPELINE,
+    LABEL_TIER,
+    DrainingStage,
+    ResolvedTier,
+    RetryPipelineSpec,
+    Topology,
+)
 from kafka_retry.topology_source import CONFIGMAP_KEY, TOPOLOGY_ENV, configmap_name
 
 # The worker's probe and metrics port (kafka_retry.metrics.PORT_ENV / DEFAULT_PORT; not
@@ -48,6 +55,7 @@ LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_DRAIN = "kafkaretry.io/drain"  # on a drain worker: which drain (DrainingStage)
 WORKER_APP = "kafka-retry-worker"
 MANAGER = "kafka-retry-operator"
 # KEDA's ScaledObject, made for tiers of pipelines with `spec.workers.autoscaling`.
@@ -165,7 +173,49 @@ def tier_deployment(
     """The Deployment of one tier's workers. The Kafka Secret's version is written into the
     pod template, so that a rotated Secret rolls the pods (its values reach them only as
     environment variables, read at start)."""
-    labels = {**pipeline_labels(pipeline), LABEL_COMPONENT: "tier-worker", LABEL_TIER: tier.name}
+    return _worker_deployment(
+        namespace, pipeline, spec, deployment_name(pipeline, tier.name),
+        {LABEL_COMPONENT: "tier-worker", LABEL_TIER: tier.name},
+        selector_labels(pipeline, tier.name), ["--tier", tier.name],
+        topology_hash(topology), defaults, secret_version, desired_replicas(spec, autoscaled),
+    )  # fmt: skip
+
+
+def drain_deployment(
+    namespace: str,
+    pipeline: str,
+    spec: RetryPipelineSpec,
+    drain: DrainingStage,
+    defaults: WorkerDefaults,
+    secret_version: str | None = None,
+) -> dict[str, Any]:
+    """The Deployment that empties a topic a spec change left behind (see draining.py). Its
+    pods roll only when their own drain changes (its target), not with the topology."""
+    suffix = drain.deployment_suffix()
+    selector = {LABEL_NAME: WORKER_APP, LABEL_INSTANCE: pipeline, LABEL_DRAIN: suffix}
+    digest = hashlib.sha256(drain.model_dump_json(exclude={"since"}).encode()).hexdigest()[:16]
+    return _worker_deployment(
+        namespace, pipeline, spec, deployment_name(pipeline, suffix),
+        {LABEL_COMPONENT: "drain-worker", LABEL_DRAIN: suffix}, selector,
+        ["--drain", drain.topic], digest, defaults, secret_version,
+        desired_replicas(spec, autoscaled=False),
+    )  # fmt: skip
+
+
+def _worker_deployment(
+    namespace: str,
+    pipeline: str,
+    spec: RetryPipelineSpec,
+    name: str,
+    role_labels: Mapping[str, str],
+    selector: Mapping[str, str],
+    args: list[str],
+    template_hash: str,
+    defaults: WorkerDefaults,
+    secret_version: str | None,
+    replicas: int | None,
+) -> dict[str, Any]:
+    labels = {**pipeline_labels(pipeline), **role_labels}
     env: list[dict[str, Any]] = [
         {
             "name": TOPOLOGY_ENV,
@@ -182,7 +232,7 @@ def tier_deployment(
         "imagePullPolicy": defaults.pull_policy,
         "command": list(WORKER_COMMAND),
         # Text is the worker's default: Deployments of text-logging workers stay as they were.
-        "args": ["--tier", tier.name]
+        "args": args
         + ([f"--log-format={defaults.log_format}"] if defaults.log_format != "text" else []),
         "env": env,
         "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
@@ -210,19 +260,19 @@ def tier_deployment(
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {
-            "name": deployment_name(pipeline, tier.name),
+            "name": name,
             "namespace": namespace,
             "labels": labels,
         },
         "spec": {
-            **_replicas(desired_replicas(spec, autoscaled)),
-            "selector": {"matchLabels": selector_labels(pipeline, tier.name)},
+            **_replicas(replicas),
+            "selector": {"matchLabels": dict(selector)},
             "template": {
                 "metadata": {
                     "labels": labels,
                     # A new topology (delay, handler, classification...) rolls the pods.
                     "annotations": {
-                        TOPOLOGY_HASH_ANNOTATION: topology_hash(topology),
+                        TOPOLOGY_HASH_ANNOTATION: template_hash,
                         **({SECRET_VERSION_ANNOTATION: secret_version} if secret_version else {}),
                     },
                 },
@@ -234,7 +284,7 @@ def tier_deployment(
                     ),
                     "containers": [container],
                     "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
-                    **_spread(defaults.topology_spread, selector_labels(pipeline, tier.name)),
+                    **_spread(defaults.topology_spread, dict(selector)),
                 },
             },
         },
@@ -325,11 +375,14 @@ def desired_children(
     secret_version: str | None = None,
     autoscaled: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The ConfigMap and the Deployments, in tier order."""
+    """The ConfigMap and the Deployments: the tiers' in tier order, then the drains'."""
     deployments = [
         tier_deployment(
             namespace, pipeline, spec, tier, topology, defaults, secret_version, autoscaled
         )
         for tier in topology.tiers
+    ] + [
+        drain_deployment(namespace, pipeline, spec, drain, defaults, secret_version)
+        for drain in topology.draining
     ]
     return topology_configmap(namespace, pipeline, topology), deployments

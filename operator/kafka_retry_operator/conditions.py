@@ -18,6 +18,7 @@ READY = "Ready"
 TOPICS_READY = "TopicsReady"
 WORKERS_READY = "WorkersReady"
 AUTOSCALING = "Autoscaling"  # only with spec.workers.autoscaling; not part of Ready
+DRAINING = "Draining"  # topics a spec change left behind are being emptied (not part of Ready)
 
 Status = Literal["True", "False", "Unknown"]
 

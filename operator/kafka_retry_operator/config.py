@@ -34,6 +34,7 @@ ENV_SECRET_CHECK_INTERVAL = "KAFKA_RETRY_OPERATOR_SECRET_CHECK_INTERVAL"
 ENV_KAFKA_TIMEOUT = "KAFKA_RETRY_OPERATOR_KAFKA_TIMEOUT"
 ENV_MAX_BACKOFF = "KAFKA_RETRY_OPERATOR_MAX_BACKOFF"
 ENV_MAX_WORKERS = "KAFKA_RETRY_OPERATOR_MAX_WORKERS"
+ENV_DRAIN_SETTLE = "KAFKA_RETRY_OPERATOR_DRAIN_SETTLE"
 # JSON objects merged key by key onto the restricted defaults (children.merge_patch).
 ENV_WORKER_POD_SECURITY_CONTEXT = "KAFKA_RETRY_WORKER_POD_SECURITY_CONTEXT"
 ENV_WORKER_SECURITY_CONTEXT = "KAFKA_RETRY_WORKER_SECURITY_CONTEXT"
@@ -64,6 +65,9 @@ class OperatorConfig:
     kafka_timeout: float = 10.0
     # Longest wait between retries of a failed reconcile (it doubles from 2 s up to this).
     max_backoff: float = 120.0
+    # A drain ends no sooner than this after it began: time for services' SDKs (which re-read
+    # the topology every `sdk.TOPOLOGY_REFRESH_S`) to stop producing to the old topic.
+    drain_settle: float = 60.0
     # Threads for synchronous handlers: reconciles of different pipelines run in parallel.
     max_workers: int = 16
     # Overrides of the tier workers' restricted security contexts, merged onto them.
@@ -92,6 +96,7 @@ class OperatorConfig:
             secret_check_interval=_number(env, ENV_SECRET_CHECK_INTERVAL, float, 60.0),
             kafka_timeout=_number(env, ENV_KAFKA_TIMEOUT, float, 10.0),
             max_backoff=_number(env, ENV_MAX_BACKOFF, float, 120.0),
+            drain_settle=_number(env, ENV_DRAIN_SETTLE, float, 60.0),
             max_workers=_number(env, ENV_MAX_WORKERS, int, 16),
             worker_pod_security_context=_json_object(env, ENV_WORKER_POD_SECURITY_CONTEXT),
             worker_security_context=_json_object(env, ENV_WORKER_SECURITY_CONTEXT),

@@ -199,7 +199,9 @@ def reconcile(
             patch.status.update(invalid)
             rt.metrics.pipeline_status(key, invalid)
             raise kopf.PermanentError(f"invalid spec: {message}") from None
-        record, verdict = reconciler.reconcile(rt, body, parsed, _claims(kwargs), logger)
+        record, verdict = reconciler.reconcile(
+            rt, body, parsed, _claims(kwargs), dict(status), logger
+        )
         new = _status(rt, record, kwargs, status)
         patch.status.update(st.merge_patch(status, new))
         _announce(body, announcements.topics_changed(verdict.created, verdict.grown))
@@ -265,6 +267,9 @@ async def refresh_status(
     new = _status(rt, record, kwargs, status)
     if st.differs(status, new):
         patch.status.update(st.merge_patch(status, new))
+    elif st.finished_drains(record, status):
+        # The stored status has dropped a finished drain: a reconcile removes its worker.
+        await asyncio.to_thread(rt.kube.request_reconcile, namespace or "", name)
     rt.metrics.pipeline_status(key, new, record)
     _announce(body, announcements.status_changed(status, new, record.topology.dlq_topic))
     health = rt.sampler.health(record.cluster)
@@ -320,6 +325,7 @@ def _status(
         rt.sampler.health(record.cluster),
         _workers(kwargs, record.key),
         status,
+        drain_settle_s=rt.config.drain_settle,
     )
 
 

@@ -16,7 +16,7 @@ from kubernetes import config as kube_config
 from kubernetes.client.exceptions import ApiException
 
 from kafka_retry import kafka_secret
-from kafka_retry.model import GROUP, LABEL_PIPELINE, LABEL_TIER, VERSION
+from kafka_retry.model import GROUP, LABEL_PIPELINE, VERSION
 from kafka_retry_operator.children import KEDA_GROUP, KEDA_VERSION, MANAGER, SCALED_OBJECTS
 
 APPLY = "application/apply-patch+yaml"
@@ -118,17 +118,7 @@ class Kube:
 
     def worker_pdbs(self, namespace: str, pipeline: str) -> dict[str, str]:
         """The pipeline's tier PodDisruptionBudgets now in the cluster: name -> owner uid."""
-        found = self.policy.list_namespaced_pod_disruption_budget(
-            namespace, label_selector=f"{LABEL_PIPELINE}={pipeline}"
-        )
-        result: dict[str, str] = {}
-        for pdb in found.items:
-            meta = pdb.metadata
-            if meta is None or not meta.name:
-                continue
-            owners = [o.uid for o in meta.owner_references or [] if o.controller]
-            result[meta.name] = owners[0] if owners else ""
-        return result
+        return _owners(self.policy.list_namespaced_pod_disruption_budget, namespace, pipeline)
 
     def delete_pdb(self, namespace: str, name: str) -> None:
         try:
@@ -137,25 +127,17 @@ class Kube:
             if e.status != 404:
                 raise
 
-    def worker_deployments(self, namespace: str, pipeline: str) -> dict[str, tuple[str, str]]:
-        """The pipeline's tier Deployments now in the cluster: tier -> (name, owner uid)."""
-        found = self.apps.list_namespaced_deployment(
-            namespace, label_selector=f"{LABEL_PIPELINE}={pipeline}"
-        )
-        result: dict[str, tuple[str, str]] = {}
-        for d in found.items:
-            meta = d.metadata
-            if meta is None or not meta.name:
-                continue
-            tier = (meta.labels or {}).get(LABEL_TIER)
-            owners = [o.uid for o in meta.owner_references or [] if o.controller]
-            if tier:
-                result[tier] = (meta.name, owners[0] if owners else "")
-        return result
+    def worker_deployments(self, namespace: str, pipeline: str) -> dict[str, str]:
+        """The pipeline's Deployments now in the cluster (tier and drain workers): name ->
+        controlling owner's uid."""
+        return _owners(self.apps.list_namespaced_deployment, namespace, pipeline)
 
-    def delete_deployment(self, namespace: str, name: str) -> None:
+    def delete_deployment(self, namespace: str, name: str, *, foreground: bool = False) -> None:
+        """Foreground: the Deployment stays (with a deletionTimestamp) until its pods are
+        gone, so its absence proves that its workers have stopped."""
+        policy = "Foreground" if foreground else "Background"
         try:
-            self.apps.delete_namespaced_deployment(name, namespace, propagation_policy="Background")
+            self.apps.delete_namespaced_deployment(name, namespace, propagation_policy=policy)
         except ApiException as e:
             if e.status != 404:
                 raise
@@ -172,6 +154,19 @@ class Kube:
         except ApiException as e:
             if e.status != 404:
                 raise
+
+
+def _owners(list_namespaced: Any, namespace: str, pipeline: str) -> dict[str, str]:
+    """The pipeline's objects of one kind (by its label): name -> controlling owner's uid."""
+    found = list_namespaced(namespace, label_selector=f"{LABEL_PIPELINE}={pipeline}")
+    result: dict[str, str] = {}
+    for item in found.items:
+        meta = item.metadata
+        if meta is None or not meta.name:
+            continue
+        owners = [o.uid for o in meta.owner_references or [] if o.controller]
+        result[meta.name] = owners[0] if owners else ""
+    return result
 
 
 def _apply(patch: Any, body: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ import kopf
 
 from kafka_retry.kafka_secret import SecretNotFound
 from kafka_retry.model import RetryPipelineSpec, Topology
-from kafka_retry_operator import children, claims, conditions, topics
+from kafka_retry_operator import children, claims, conditions, draining, topics
 from kafka_retry_operator.fleet import PipelineKey, PipelineRecord, owner_id
 from kafka_retry_operator.kafka_admin import Cluster, InvalidKafkaSettings
 from kafka_retry_operator.runtime import Runtime
@@ -66,11 +66,14 @@ def reconcile(
     body: kopf.Body,
     spec: RetryPipelineSpec,
     claimed: ClaimsIndex,
+    previous: Mapping[str, Any],
     logger: logging.Logger | Any,
 ) -> tuple[PipelineRecord, TopicsVerdict]:
+    """`previous` is the pipeline's status as last written: what its topics were, so that the
+    ones this spec leaves behind drain (draining.py)."""
     namespace, name = body.metadata.namespace or "", body.metadata.name or ""
     key = (namespace, name)
-    topology = spec.topology(namespace, name)
+    topology = draining.follow(spec.topology(namespace, name), previous, conditions.now())
     me = claims.Claimant(str(body.metadata.get("creationTimestamp") or ""), namespace, name, True)
     overlaps = claims.older_overlaps(me, claims.claims(spec, topology), claimed)
     if overlaps:
@@ -155,9 +158,10 @@ def apply_children(
     rt.kube.apply_configmap(configmap)
     for deployment in deployments:
         rt.kube.apply_deployment(deployment)
-    wanted = {t.name for t in topology.tiers}
-    for tier, (deployment_name, owner_uid) in rt.kube.worker_deployments(namespace, name).items():
-        if tier not in wanted and owner_uid == body.metadata.uid:
+    # Removed tiers' workers go (their topics drain: see draining.py), as do finished drains'.
+    wanted = {d["metadata"]["name"] for d in deployments}
+    for deployment_name, owner_uid in rt.kube.worker_deployments(namespace, name).items():
+        if deployment_name not in wanted and owner_uid == body.metadata.uid:
             rt.kube.delete_deployment(namespace, deployment_name)
     apply_disruption_budgets(rt, body, spec, topology)
     apply_scaled_objects(rt, body, spec, topology, autoscaled)
@@ -222,10 +226,11 @@ def finalize(
 ) -> dict[str, str]:
     """Clean-up on deletion; answers the topics that could not be deleted (retry later).
 
-    With `deletionPolicy: Delete` the tier workers are stopped first (so none writes to a
-    topic being deleted), then the tier and DLQ topics go, except any another pipeline claims
-    too (`claims`); the source topic never does. The ConfigMap and Deployments are
-    garbage-collected through their owner references."""
+    With `deletionPolicy: Delete` the tier workers are stopped first, and the topics deleted
+    only once their Deployments are gone (deleted in the foreground: after their pods), so
+    that no worker writes to a topic being deleted; then the tier and DLQ topics go, except
+    any another pipeline claims too (`claims`); the source topic never does. The ConfigMap
+    and Deployments are garbage-collected through their owner references."""
     rt.fleet.remove(key)
     rt.sampler.forget(key)
     rt.secret_checks.forget(key)
@@ -234,8 +239,12 @@ def finalize(
         rt.admins.release(owner_id(key))
         return {}
     namespace, name = key
-    for _tier, (deployment_name, _uid) in rt.kube.worker_deployments(namespace, name).items():
-        rt.kube.delete_deployment(namespace, deployment_name)
+    running = rt.kube.worker_deployments(namespace, name)
+    if running:
+        # Topics go only once no worker can write to them (a producer might re-create one).
+        for deployment_name in running:
+            rt.kube.delete_deployment(namespace, deployment_name, foreground=True)
+        return {"*": f"waiting for the workers to stop: {', '.join(sorted(running))}"}
     cluster, verdict, _ = connect(rt, key, spec)
     admin = rt.admins.admin(cluster) if cluster is not None else None
     if admin is None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import Consumer, KafkaException
 
 from kafka_retry import depth
+from kafka_retry.model import DrainingStage
 from kafka_retry.offset_queries import (
     TP,
     committed,
@@ -56,6 +57,7 @@ class Sample:
     dlq_oldest_ms: int | None = None
     # Of a suspended (or scaled to zero) pipeline: each tier's oldest waiting event (ms).
     tier_oldest_ms: Mapping[str, int] = field(default_factory=dict)
+    drain_lag: Mapping[str, int | None] = field(default_factory=dict)  # by draining topic
 
 
 @dataclass(frozen=True)
@@ -283,12 +285,17 @@ class _ClusterLoop:
             parts = _partitions(r.topology.dlq_topic, counts)
             tps.update(parts)
             groups.setdefault(depth.cursor_group(r.topology.dlq_topic), set()).update(parts)
+            for d in r.topology.draining:
+                parts = _partitions(d.topic, counts)
+                tps.update(parts)
+                groups.setdefault(d.consumer_group, set()).update(parts)
         marks = watermarks(admin, tps, timeout)
         offsets = committed(admin, {g: sorted(p) for g, p in groups.items() if p}, timeout)
 
         now = time.time()
         tiers: dict[PipelineKey, dict[str, depth.Backlog | None]] = {}
         dlqs: dict[PipelineKey, depth.Backlog | None] = {}
+        drains: dict[PipelineKey, list[tuple[DrainingStage, depth.Backlog | None]]] = {}
         heads: dict[TP, int] = {}
         for r in records:
             tiers[r.key] = {
@@ -297,6 +304,10 @@ class _ClusterLoop:
             }
             dlq = r.topology.dlq_topic
             dlqs[r.key] = _backlog(dlq, counts, marks, offsets, depth.cursor_group(dlq))
+            drains[r.key] = [
+                (d, _backlog(d.topic, counts, marks, offsets, d.consumer_group))
+                for d in r.topology.draining
+            ]
             heads.update(_heads(dlq, dlqs[r.key]))
             if r.replicas == 0:  # events wait on the tiers: how old the oldest are
                 for t in r.topology.tiers:
@@ -321,6 +332,7 @@ class _ClusterLoop:
                 dlq_backlog.total if dlq_backlog else None,
                 oldest(r.topology.dlq_topic, dlq_backlog),
                 {name: ms for name, ms in tier_oldest.items() if ms is not None},
+                {d.topic: b.total if b else None for d, b in drains[r.key]},
             )
         duration = time.monotonic() - started
         stats = PassStats(duration, len(records), time.time())

@@ -18,11 +18,13 @@ from typing import Any
 
 from kafka_retry.model import (
     DlqStatus,
+    DrainingStatus,
     RetryPipelineStatus,
     TierStatus,
     TopicsStatus,
 )
 from kafka_retry_operator import conditions as c
+from kafka_retry_operator import draining
 from kafka_retry_operator.fleet import PipelineRecord
 from kafka_retry_operator.sampler import ClusterHealth, Sample
 from kafka_retry_operator.topics import KAFKA_UNREACHABLE, tier_retention_ms
@@ -85,10 +87,12 @@ def compose(
     previous: Mapping[str, Any],
     at: str | None = None,
     now_s: float | None = None,
+    drain_settle_s: float = 0.0,
 ) -> dict[str, Any]:
     at = at or c.now()
     topics = topics_verdict(record, health)
     workers_ready = workers_verdict(record, workers)
+    drains = _draining(record, sample, workers_ready.ok, previous, at, drain_settle_s)
     suspended = record.suspended and topics.ok and workers_ready.ok
     kept, at_risk = _retention(record, sample, time.time() if now_s is None else now_s)
     ready = c.ready(
@@ -98,7 +102,7 @@ def compose(
     )
     if ready.ok and at_risk:
         ready = c.Verdict(c.READY, "False", EVENTS_AT_RISK, at_risk)
-    verdicts = [ready, topics, workers_ready]
+    verdicts = [ready, topics, workers_ready, _draining_verdict(drains)]
     if record.autoscaling is not None:
         verdicts.append(record.autoscaling)
     conditions = c.stamp(verdicts, _list(previous.get("conditions")), record.generation, at)
@@ -110,7 +114,14 @@ def compose(
             lag = old_tiers.get(t.name, {}).get("lag")
         w = workers.get(t.name)
         tiers.append(
-            TierStatus(name=t.name, topic=t.topic, lag=lag, ready_replicas=w.ready if w else 0)
+            TierStatus(
+                name=t.name,
+                topic=t.topic,
+                lag=lag,
+                ready_replicas=w.ready if w else 0,
+                delay_seconds=t.delay_seconds,
+                hold_limit_seconds=t.hold_limit_seconds,
+            )
         )
     return RetryPipelineStatus(
         observed_generation=record.generation,
@@ -122,6 +133,7 @@ def compose(
         ),
         tiers=tiers,
         dlq=_dlq(sample, previous.get("dlq"), at),
+        draining=drains,
         tier_count=len(tiers),
     ).wire()
 
@@ -148,6 +160,51 @@ def _retention(record: PipelineRecord, sample: Sample | None, now_s: float) -> t
         f"tier workers stopped: the oldest waiting event on {tier} (from {oldest}) reaches "
         f"its topic's retention at {when}, and Kafka deletes it; resume the pipeline"
     )
+
+
+def _draining(
+    record: PipelineRecord,
+    sample: Sample | None,
+    workers_current: bool,
+    previous: Mapping[str, Any],
+    at: str,
+    settle_s: float,
+) -> list[DrainingStatus]:
+    """The drains still under way: those of the last reconcile, less the finished ones (the
+    timer asks for a reconcile, which removes their workers)."""
+    lag = sample.drain_lag if sample else {}
+    done = draining.finished(record.topology.draining, lag, workers_current, settle_s, at)
+    old = {d.get("topic"): d for d in _list(previous.get("draining"))}
+    return [
+        DrainingStatus(
+            kind=d.kind,
+            name=d.name,
+            topic=d.topic,
+            to=d.to,
+            since=d.since,
+            lag=lag[d.topic] if lag.get(d.topic) is not None else old.get(d.topic, {}).get("lag"),
+            delay_seconds=d.delay_seconds,
+            index=d.index,
+        )
+        for d in record.topology.draining
+        if d.topic not in done
+    ]
+
+
+def _draining_verdict(drains: list[DrainingStatus]) -> c.Verdict:
+    if not drains:
+        return c.Verdict.of(c.DRAINING, False, "NothingToDrain")
+    what = "; ".join(
+        f"{d.name} ({d.topic}) to {d.to}: {'?' if d.lag is None else d.lag} events" for d in drains
+    )
+    return c.Verdict.of(c.DRAINING, True, "Draining", what)
+
+
+def finished_drains(record: PipelineRecord, previous: Mapping[str, Any]) -> bool:
+    """Whether the stored status has dropped a drain that the last reconcile still runs: time
+    for a reconcile to remove its worker."""
+    shown = {d.get("topic") for d in _list(previous.get("draining"))}
+    return any(d.topic not in shown for d in record.topology.draining)
 
 
 def _dlq(sample: Sample | None, previous: Any, at: str) -> DlqStatus | None:

@@ -53,7 +53,14 @@ _PRODUCER_DEFAULTS: dict[str, Any] = {
     "linger.ms": 5,
     "message.max.bytes": PRODUCER_MESSAGE_MAX_BYTES,
 }
-_PRODUCER_FORCED: dict[str, Any] = {"enable.idempotence": True, "acks": "all"}
+# Never auto-create a topic (librdkafka's producers ask for it by default, and brokers allow
+# it by default): a forward to a deleted or mistyped topic fails and is retried, its input
+# offset unstored, rather than creating a topic with the broker's defaults that nobody reads.
+_PRODUCER_FORCED: dict[str, Any] = {
+    "enable.idempotence": True,
+    "acks": "all",
+    "allow.auto.create.topics": False,
+}
 
 
 def client_settings_from_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:

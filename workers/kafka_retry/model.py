@@ -12,6 +12,7 @@ pydantic validators (so the SDK and CLI reject the same specs offline) and as CE
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Annotated, Any, Literal
 
@@ -489,6 +490,34 @@ class ResolvedTier(ApiModel):
     topic: str
     delay_seconds: int
     consumer_group: str
+    # Longer than the delay after the delay was shortened: events already waiting keep the due
+    # time they were given (the bound on a due header's distance from its forward time).
+    hold_limit_seconds: int | None = None
+
+    def hold_limit_ms(self) -> int:
+        return max(self.delay_seconds, self.hold_limit_seconds or 0) * 1000
+
+
+class DrainingStage(ApiModel):
+    """A tier or DLQ topic that a spec change left behind, emptied by a drain worker.
+
+    A tier's events are held until their due time, as on the tier, then forwarded unchanged
+    (key, value, every header: still due at their original time) to `to`, the tier now at its
+    place in the list (or the last tier, if the list got shorter), which handles them at once.
+    An old DLQ's waiting events (past its cursor) are forwarded at once to the new DLQ."""
+
+    kind: Literal["tier", "dlq"]
+    name: str = Field(description="The tier's name, or `dlq`.")
+    topic: str
+    consumer_group: str = Field(description="The tier's group, or the old DLQ's cursor group.")
+    delay_seconds: int = Field(default=0, description="The tier's delay (0 for a DLQ).")
+    index: int = Field(default=0, description="The tier's place in the list when removed.")
+    to: str = Field(description="Where its events go now.")
+    since: str = Field(description="When the drain began (RFC 3339).")
+
+    def deployment_suffix(self) -> str:
+        """Short and stable, so that one drain keeps one Deployment across reconciles."""
+        return "drain-" + hashlib.sha256(self.topic.encode()).hexdigest()[:10]
 
 
 class Topology(ApiModel):
@@ -503,6 +532,13 @@ class Topology(ApiModel):
     classification: Classification
     handler: Handler
     suspend: bool = False
+    draining: list[DrainingStage] = Field(default_factory=list)
+
+    def draining_stage(self, topic: str) -> DrainingStage:
+        for d in self.draining:
+            if d.topic == topic:
+                return d
+        raise KeyError(f"pipeline {self.pipeline} drains no topic {topic!r}")
 
     def to_json(self) -> str:
         return json.dumps(self.wire(), indent=2, sort_keys=True)
@@ -563,6 +599,23 @@ class TierStatus(ApiModel):
         "those waiting for their delay).",
     )
     ready_replicas: int = Field(default=0, description="Ready tier-worker pods of this tier.")
+    delay_seconds: int | None = None
+    hold_limit_seconds: int | None = Field(
+        default=None,
+        description="How far ahead of its forward time an event may be due on this tier: its "
+        "delay, or a longer one it had before (events waiting then keep their due time).",
+    )
+
+
+class DrainingStatus(ApiModel):
+    kind: Literal["tier", "dlq"]
+    name: str = Field(description="The removed tier's name, or `dlq`.")
+    topic: str = Field(description="The topic being emptied.")
+    to: str = Field(description="Where its events go: a tier's topic of the spec, or the DLQ.")
+    lag: int | None = Field(default=None, description="Events still on `topic`.")
+    since: str = Field(description="When the drain began (RFC 3339).")
+    delay_seconds: int = Field(default=0, description="The removed tier's delay.")
+    index: int = Field(default=0, description="The removed tier's place in the list.")
 
 
 class DlqStatus(ApiModel):
@@ -607,13 +660,19 @@ class RetryPipelineStatus(ApiModel):
     )
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="`Ready`, `TopicsReady` and `WorkersReady`, with reason and message.",
+        description="`Ready`, `TopicsReady`, `WorkersReady` and `Draining`, with reason and "
+        "message.",
     )
     topics: TopicsStatus | None = Field(default=None, description=TopicsStatus.__doc__)
     tiers: list[TierStatus] = Field(
         default_factory=list, description="Per tier: lag and ready workers."
     )
     dlq: DlqStatus | None = Field(default=None, description=DlqStatus.__doc__)
+    draining: list[DrainingStatus] = Field(
+        default_factory=list,
+        description="Topics a spec change left behind, being emptied into the pipeline's "
+        "current topics; each is dropped (and its drain worker removed) at lag 0.",
+    )
     tier_count: int | None = Field(
         default=None, description="Number of retry tiers (for `kubectl get`)."
     )

@@ -28,7 +28,7 @@ class Stage:
     name: str  # `headers.SOURCE_STAGE` or the tier's name
     topic: str
     consumer_group: str
-    delay_ms: int  # 0 on the live lane
+    delay_ms: int  # 0 on the live lane; a tier's hold limit (ResolvedTier.hold_limit_ms)
 
     @property
     def is_tier(self) -> bool:
@@ -43,7 +43,7 @@ class Stage:
     def tier(cls, topology: Topology, name: str) -> Stage:
         t = topology.tier(name)
         index = topology.tiers.index(t)
-        return cls(index, t.name, t.topic, t.consumer_group, t.delay_seconds * 1000)
+        return cls(index, t.name, t.topic, t.consumer_group, t.hold_limit_ms())
 
 
 class Route(NamedTuple):

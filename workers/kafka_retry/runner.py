@@ -34,7 +34,16 @@ from kafka_retry.metrics import StageMetrics
 from kafka_retry.model import Topology
 from kafka_retry.offsets import OffsetTracker, Ticket, TopicPartitionKey
 from kafka_retry.poison import POISON_STARTS, HeadWatch
-from kafka_retry.routing import OUTCOMES, SUCCEEDED, Origin, Route, Router, Stage
+from kafka_retry.routing import (
+    DEAD_LETTERED,
+    OUTCOMES,
+    RETRIED,
+    SUCCEEDED,
+    Origin,
+    Route,
+    Router,
+    Stage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +106,7 @@ class StageRunner:
         batch_size: int = DEFAULT_BATCH,
         poll_cap_s: float = DEFAULT_POLL_CAP_S,
         drain_timeout_s: float = DEFAULT_DRAIN_S,
+        drain_to: str | None = None,
     ) -> None:
         self.topology = topology
         self.stage = stage
@@ -142,6 +152,10 @@ class StageRunner:
         self._last_poll = time.monotonic()
         self._forwarder: Forwarder | None = None
         self._gate: DelayGate | None = None
+        # A drain worker's (draining.py in the operator): due events go here unhandled.
+        self._drain_to = drain_to
+        self._drain_outcome = RETRIED if stage.is_tier else DEAD_LETTERED
+        self._next_topology: Topology | None = None  # from `follow`, applied between batches
         self.stats = RunnerStats()
 
     # ------------------------------------------------------------------ control and probes
@@ -170,6 +184,31 @@ class StageRunner:
         """`time.perf_counter()` when the handler call in progress began; 0 between calls.
         Read by a `watchdog.HandlerWatchdog` on another thread."""
         return self._handler_since
+
+    def follow(self, topology: Topology) -> None:
+        """A new topology of this pipeline (safe from any thread): routing, next delays and
+        classification follow it from the next batch on. A tier whose own topic changed or
+        that is gone keeps its stage (the operator replaces its workers); the handler is
+        what the process started with."""
+        self._next_topology = topology
+
+    def _apply_topology(self, topology: Topology) -> None:
+        if self.stage.is_tier:
+            try:
+                stage = Stage.tier(topology, self.stage.name)
+            except KeyError:
+                stage = None
+            if stage is None or stage.topic != self.stage.topic:
+                log.info("tier %s left the topology: its workers are replaced", self.stage.name)
+                return
+        else:
+            stage = Stage.source(topology, self.stage.consumer_group)
+        self.topology, self.stage = topology, stage
+        self._router = Router(topology, stage)
+        self._classifier = Classifier(topology.classification)
+        self._delay_ms = stage.delay_ms
+        self._failed_before = stage.index + 1
+        log.info("following the new topology of %s", topology.pipeline)
 
     def paused_partitions(self) -> int:
         """Partitions held for a head that is not due yet."""
@@ -209,6 +248,9 @@ class StageRunner:
     def _loop(self, consumer: Any, forwarder: Forwarder) -> None:
         gate = self._gate
         while not self._stopping.is_set():
+            if self._next_topology is not None and self._drain_to is None:
+                topology, self._next_topology = self._next_topology, None
+                self._apply_topology(topology)
             self._last_poll = time.monotonic()
             timeout = self._cap
             if forwarder.stuck or self._stalled:
@@ -305,6 +347,9 @@ class StageRunner:
             attempt = 1
             origin = tuple.__new__(Origin, (tp[0], tp[1], offset, timestamp_ms))
 
+        if self._drain_to is not None:
+            self._drain(msg, tp, offset)
+            return
         if self._heads.watching:
             starts = self._heads.before_handler(tp, offset)
             if starts is not None and not self._mark_head(tp, offset, starts):
@@ -388,6 +433,18 @@ class StageRunner:
             attempt=failed, failure=failure, route=route, now_ms=now_ms,
         )  # fmt: skip
         self._forward(msg.key(), msg.value(), ticket, headers, route, len(parsed.original))
+
+    def _drain(self, msg: Any, tp: TopicPartitionKey, offset: int) -> None:
+        """A drain worker's event, now due: forwarded unhandled and unchanged (every header,
+        so it is still due at its original time) to where its stage's events go now."""
+        assert self._forwarder is not None and self._drain_to is not None
+        try:
+            headers = list(msg.headers() or [])
+        except Exception:  # undecodable header names; a tier's were dead-lettered before
+            headers = []
+        ticket = self._tracker.begin(tp, offset)
+        route = Route(self._drain_to, self._drain_outcome, None, None)
+        self._forward(msg.key(), msg.value(), ticket, headers, route, len(headers))
 
     def _forward(
         self,

@@ -12,7 +12,7 @@ It runs the same loop as the tier workers (`runner.StageRunner`), on the source 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kafka_retry.handlers import HandlerFn
@@ -20,6 +20,7 @@ from kafka_retry.kafka_config import client_settings_from_env, consumer_config, 
 from kafka_retry.model import Topology
 from kafka_retry.routing import Stage
 from kafka_retry.runner import RunnerStats, StageRunner
+from kafka_retry.topology_follow import DEFAULT_INTERVAL_S, TopologyFollower
 from kafka_retry.topology_source import (
     topology_from_configmap,
     topology_from_env,
@@ -53,8 +54,12 @@ class RetryingConsumer:
         extra_config: Mapping[str, Any] | None = None,
         use_env: bool = True,
         instance_id: str | None = None,
+        follow: Callable[[], Topology] | None = None,
+        follow_interval_s: float = DEFAULT_INTERVAL_S,
         **runner_options: Any,
     ) -> None:
+        """`follow`: how to re-read the topology while running (`from_configmap` and
+        `from_file` pass one), so that a spec change reaches this service without a restart."""
         stage = Stage.source(topology, group)
         extra: dict[str, Any] = client_settings_from_env() if use_env else {}
         extra.update(extra_config or {})
@@ -68,11 +73,18 @@ class RetryingConsumer:
             producer_config=producer_config(topology.bootstrap_servers, extra),
             **runner_options,
         )
+        self._follower = (
+            TopologyFollower(follow, self._runner.follow, topology, follow_interval_s)
+            if follow is not None
+            else None
+        )
 
     @classmethod
     def from_file(
         cls, path: str | os.PathLike[str], handler: HandlerFn, **kw: Any
     ) -> RetryingConsumer:
+        """Follows the file (e.g. the topology ConfigMap mounted as a volume)."""
+        kw.setdefault("follow", lambda: topology_from_file(path))
         return cls(topology_from_file(path), handler, **kw)
 
     @classmethod
@@ -89,7 +101,11 @@ class RetryingConsumer:
         api_client: Any = None,
         **kw: Any,
     ) -> RetryingConsumer:
+        """Follows the ConfigMap: re-read every `follow_interval_s` (10 s)."""
         topology = topology_from_configmap(pipeline, namespace, api_client=api_client)
+        kw.setdefault(
+            "follow", lambda: topology_from_configmap(pipeline, namespace, api_client=api_client)
+        )
         return cls(topology, handler, **kw)
 
     @property
@@ -102,7 +118,13 @@ class RetryingConsumer:
 
     def run(self) -> None:
         """Consume until `stop()`; then drain forwards, commit and leave the group."""
-        self._runner.run()
+        if self._follower is not None:
+            self._follower.start()
+        try:
+            self._runner.run()
+        finally:
+            if self._follower is not None:
+                self._follower.stop()
 
     def stop(self) -> None:
         self._runner.stop()

@@ -1,5 +1,9 @@
 """The tier worker: `kafka-retry worker --tier NAME [--topology-file PATH]`.
 
+`kafka-retry worker --drain TOPIC` is a drain worker instead: it empties a tier or DLQ topic
+that a spec change left behind into where its events go now (the topology's `draining`). A
+worker given `--topology-file` (a mounted ConfigMap) follows changes to it without a restart.
+
 Contract with the operator's Deployments: the topology comes from `KAFKA_RETRY_TOPOLOGY` (or
 the file), extra librdkafka settings from `KAFKA_CLIENT_*` (never logged),
 `KAFKA_RETRY_METRICS_PORT` (default 9400) serves /metrics, /healthz and /readyz, and
@@ -40,7 +44,8 @@ from kafka_retry.metrics import DEFAULT_PORT, PORT_ENV, HealthServer
 from kafka_retry.model import Topology
 from kafka_retry.routing import Stage
 from kafka_retry.runner import StageRunner, tune_gc_for_worker
-from kafka_retry.topology_source import TOPOLOGY_ENV, load_topology
+from kafka_retry.topology_follow import TopologyFollower
+from kafka_retry.topology_source import TOPOLOGY_ENV, load_topology, topology_from_file
 from kafka_retry.watchdog import HandlerWatchdog
 
 log = logging.getLogger(__name__)
@@ -83,11 +88,52 @@ def build_worker(
     )
 
 
+def build_drain_worker(
+    topology: Topology,
+    topic: str,
+    *,
+    client_settings: Mapping[str, Any] | None = None,
+    instance_id: str | None = None,
+) -> StageRunner:
+    """The runner that empties `topic`, a tier or DLQ topic the spec no longer has (the
+    topology's `draining`): a tier's events when due, a DLQ's at once, forwarded unchanged."""
+    d = topology.draining_stage(topic)
+    if d.kind == "dlq":
+        stage = Stage(-1, "dlq-drain", d.topic, d.consumer_group, 0)
+    else:
+        to = next((i for i, t in enumerate(topology.tiers) if t.topic == d.to), 0)
+        stage = Stage(to, d.name, d.topic, d.consumer_group, d.delay_seconds * 1000)
+    extra = client_settings_from_env() if client_settings is None else dict(client_settings)
+    config = consumer_config(
+        topology.bootstrap_servers,
+        d.consumer_group,
+        extra,
+        pauses_often=d.kind == "tier",
+        instance_id=instance_id,
+    )
+    return StageRunner(
+        topology,
+        stage,
+        _never_called,
+        consumer_config=config,
+        producer_config=producer_config(topology.bootstrap_servers, extra),
+        drain_to=d.to,
+    )
+
+
+def _never_called(_event: Any) -> None:
+    raise AssertionError("a drain worker forwards events, it never handles them")
+
+
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "worker", help="run the tier worker of one retry tier (what the operator deploys)"
     )
-    p.add_argument("--tier", required=True, help="tier name, as in the pipeline's spec")
+    role = p.add_mutually_exclusive_group(required=True)
+    role.add_argument("--tier", help="tier name, as in the pipeline's spec")
+    role.add_argument(
+        "--drain", metavar="TOPIC", help="empty a topic the spec left behind (operator's use)"
+    )
     p.add_argument(
         "--topology-file", help=f"topology JSON file (default: ${TOPOLOGY_ENV})", default=None
     )
@@ -105,26 +151,31 @@ def run_worker(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
     configure_logging(env, getattr(args, "log_format", "text"))
     try:
         topology = load_topology(args.topology_file, env)
-        topology.tier(args.tier)
+        if args.drain:
+            topology.draining_stage(args.drain)
+        else:
+            topology.tier(args.tier)
     except Exception as e:
         log.error("cannot load the topology: %s", e)
         return EXIT_CONFIG
     port = int(env.get(PORT_ENV, DEFAULT_PORT))
     if topology.suspend:
-        return _idle(topology, args.tier, port)
-    try:
-        handler = build_handler(topology.handler)
-    except (HandlerLoadError, ValueError) as e:
-        log.error("cannot load the handler: %s", e)
-        return EXIT_HANDLER
+        return _idle(topology, args.tier or args.drain, port)
     settings = client_settings_from_env(env)
-    runner = build_worker(
-        topology,
-        args.tier,
-        handler=handler,
-        client_settings=settings,
-        instance_id=env.get(INSTANCE_ID_ENV) or None,
-    )
+    instance_id = env.get(INSTANCE_ID_ENV) or None
+    if args.drain:
+        runner = build_drain_worker(
+            topology, args.drain, client_settings=settings, instance_id=instance_id
+        )
+    else:
+        try:
+            handler = build_handler(topology.handler)
+        except (HandlerLoadError, ValueError) as e:
+            log.error("cannot load the handler: %s", e)
+            return EXIT_HANDLER
+        runner = build_worker(
+            topology, args.tier, handler=handler, client_settings=settings, instance_id=instance_id
+        )
     server = HealthServer(port, runner.alive, runner.ready).start()
     log.info("metrics and probes on port %d", server.port)
     _on_signals(runner.stop)
@@ -132,6 +183,11 @@ def run_worker(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
     HandlerWatchdog(
         topology.handler.timeout_seconds + DEADLINE_GRACE_S, runner.handler_started
     ).start()
+    follower = None
+    if args.topology_file and not args.drain:  # a mounted ConfigMap: follow it, no restart
+        path = args.topology_file
+        read = lambda: topology_from_file(path)  # noqa: E731
+        follower = TopologyFollower(read, runner.follow, topology).start()
     tune_gc_for_worker()
     try:
         runner.run()
@@ -140,6 +196,8 @@ def run_worker(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
         return EXIT_KAFKA
     finally:
         server.close()
+        if follower is not None:
+            follower.stop()
     log.info("stopped: in-flight forwards drained, offsets committed")
     return EXIT_OK
 
