@@ -159,3 +159,54 @@ def test_overlapping_pipelines_younger_creates_and_deletes_nothing(
         kubectl, other_namespace, "dots-b", "TopicsReady", "False", "PipelineOverlap", timeout=60
     )
     assert f"{namespace}/dots-a" in condition(rp, "TopicsReady")["message"]
+
+
+def test_delete_policy_deletes_topics_only_after_the_workers_are_gone(
+    operator: OperatorProcess,
+    podrunner: Any,
+    kubectl: Kubectl,
+    namespace: str,
+    kafka_bootstrap: str,
+    kafka_admin: Any,
+    make_topic: Any,
+    unique: str,
+    cleanup_topics: list[str],
+) -> None:
+    """A worker that is slow to go (here: its Deployment held by a finalizer, as a real
+    cluster holds a foreground deletion until the pods have stopped) keeps the topics."""
+    source = make_topic("orders")
+    group = f"svc-{unique}"
+    derived = _derived(group, source, ["retry-1", "retry-2"])
+    cleanup_topics.extend(derived)
+    doc = pipeline(
+        "orders",
+        kafka_bootstrap,
+        source,
+        group,
+        topics={"partitions": 1, "deletionPolicy": "Delete"},
+    )
+    apply(kubectl, namespace, doc)
+    wait_condition(kubectl, namespace, "orders", timeout=120)
+    hold = '{"metadata":{"finalizers":["test.kafkaretry.io/hold"]}}'
+    kubectl("patch", "deployment", "orders-retry-1", "-n", namespace, "--type=merge", "-p", hold)
+
+    kubectl("delete", "rp", "orders", "-n", namespace, "--wait=false")
+    wait_for(
+        lambda: (
+            (get(kubectl, namespace, "deployment", "orders-retry-1") or {})
+            .get("metadata", {})
+            .get("deletionTimestamp")
+        ),
+        60,
+        "the worker Deployment being deleted",
+    )
+    wait_for(lambda: "waiting for the workers to stop" in operator.log(), 60, "finalizer waits")
+    assert sorted(topic_partitions(kafka_admin, derived)) == sorted(derived)
+    assert get(kubectl, namespace, "rp", "orders") is not None, "the pipeline is not gone yet"
+
+    kubectl(
+        "patch", "deployment", "orders-retry-1", "-n", namespace, "--type=merge",
+        "-p", '{"metadata":{"finalizers":null}}',
+    )  # fmt: skip
+    wait_for(lambda: not topic_partitions(kafka_admin, derived), 90, "topics deleted")
+    wait_for(lambda: get(kubectl, namespace, "rp", "orders") is None, 60, "pipeline gone")

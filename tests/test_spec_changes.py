@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from dataplane_support import Running, produce_ids
 from kafka_retry import depth
@@ -175,9 +176,9 @@ CASES = [
         _set_tiers(("first", WAIT_S), ("retry-2", 1)),
         drained=["retry-1"],
     ),
-    Case(
+    Case(  # long enough for the workers to roll and hold the events under the new delay
         "shorten-a-delay",
-        _tiers(("retry-1", WAIT_S), ("retry-2", 1)),
+        _tiers(("retry-1", 3 * WAIT_S), ("retry-2", 1)),
         "retry-1",
         2,
         _set_tiers(("retry-1", 2), ("retry-2", 1)),
@@ -209,6 +210,32 @@ def _lag(kubectl: Kubectl, namespace: str, tier: str) -> int | None:
         if t.get("name") == tier:
             return t.get("lag")  # type: ignore[no-any-return]
     return None
+
+
+def _keys(bootstrap: str, topic: str) -> set[str]:
+    """The keys of every event now on `topic` (read to its end)."""
+    c = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": "reader", "enable.auto.commit": False}
+    )
+    try:
+        parts = [
+            TopicPartition(topic, p)
+            for p in c.list_topics(topic, timeout=10).topics[topic].partitions
+        ]
+        ends = {tp.partition: c.get_watermark_offsets(tp, timeout=10)[1] for tp in parts}
+        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+        keys: set[str] = set()
+        left = {p for p, end in ends.items() if end > 0}
+        deadline = time.monotonic() + 10
+        while left and time.monotonic() < deadline:
+            for m in c.consume(500, 0.2):
+                if m.error() is None:
+                    keys.add((m.key() or b"").decode())
+                    if m.offset() + 1 >= ends[m.partition()]:
+                        left.discard(m.partition())
+        return keys
+    finally:
+        c.close()
 
 
 def _deployment_names(kubectl: Kubectl, namespace: str) -> list[str]:
@@ -247,7 +274,8 @@ def test_spec_change_with_events_waiting(
         doc["spec"]["dlq"]["topic"] = case.dlq_topic.format(unique=unique)
     spec = doc["spec"]
     cleanup_topics.extend(f"{prefix}.{n}" for n in ("retry-1", "retry-2", "retry-3", "first"))
-    cleanup_topics.append(f"{prefix}.dlq")
+    dlq = f"{prefix}.dlq"
+    cleanup_topics.append(dlq)
     if case.dlq_topic:
         cleanup_topics.extend([spec["dlq"]["topic"], spec["dlq"]["topic"] + "-new"])
     apply(kubectl, namespace, doc)
@@ -298,12 +326,14 @@ def test_spec_change_with_events_waiting(
 
         seen_draining: list[dict[str, Any]] = []
 
-        def all_handled() -> bool:
+        def all_done() -> bool:
             drains = _status(kubectl, namespace).get("draining") or []
             seen_draining.extend(drains)
-            return service.handled() >= set(first + second)
+            done = service.handled() | _keys(kafka_bootstrap, spec["dlq"].get("topic") or dlq)
+            return done >= set(first + second + dead)
 
-        wait_for(all_handled, WAIT_S + 90, "every event handled")
+        longest = max(t["delaySeconds"] for t in case.tiers)
+        wait_for(all_done, longest + 90, "every event handled or in the DLQ", every=1.0)
 
     calls = service.snapshot()
     # None early: every attempt at or after the due time its event was given, and the first
@@ -319,6 +349,8 @@ def test_spec_change_with_events_waiting(
     # here, where nothing crashes).
     succeeded = [c.key for c in calls if c.status == 200]
     assert sorted(succeeded) == sorted(set(succeeded)), "an event was handled twice"
+    dead_lettered = _keys(kafka_bootstrap, spec["dlq"].get("topic") or dlq)
+    assert not set(succeeded) & dead_lettered, "an event both handled and dead-lettered"
 
     # The change's leftovers drained, shown in status, and their workers removed.
     drained_topics = {f"{prefix}.{n}" for n in case.drained}
