@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import (
     AdminClient,
     AlterConfigOpType,
@@ -92,7 +92,15 @@ def test_idle_groups_keep_their_offsets_past_the_brokers_retention(
         producer.produce(tier.topic, key=b"k", value=f"e{i}".encode())
     assert producer.flush(30) == 0
     worker = Consumer({"bootstrap.servers": bootstrap, "group.id": tier.consumer_group})
-    worker.commit(offsets=[TopicPartition(tier.topic, 0, 2)], asynchronous=False)  # then stopped
+
+    def worker_commits() -> bool:  # a new broker's group coordinator may still be loading
+        try:
+            worker.commit(offsets=[TopicPartition(tier.topic, 0, 2)], asynchronous=False)
+        except KafkaException:
+            return False
+        return True
+
+    wait_for(worker_commits, 60, "the tier worker's commit", every=1)  # then it stopped
     worker.close()
 
     def measured() -> tuple[Any, Any]:
