@@ -86,21 +86,25 @@ def test_idle_groups_keep_their_offsets_past_the_brokers_retention(
     tier, dlq = topology.tiers[0], topology.dlq_topic
 
     fill_dlq(bootstrap, dlq, 5, source_topic=source, group=group)
-    depth.advance_cursor(admin, dlq, {0: 3})  # a replay passed the first three
     producer = Producer({"bootstrap.servers": bootstrap})
     for i in range(4):
         producer.produce(tier.topic, key=b"k", value=f"e{i}".encode())
     assert producer.flush(30) == 0
     worker = Consumer({"bootstrap.servers": bootstrap, "group.id": tier.consumer_group})
+    groups = {depth.cursor_group(dlq): [(dlq, 0)], tier.consumer_group: [(tier.topic, 0)]}
+    wanted = {depth.cursor_group(dlq): {(dlq, 0): 3}, tier.consumer_group: {(tier.topic, 0): 2}}
 
-    def worker_commits() -> bool:  # a new broker's group coordinator may still be loading
+    def committed_before() -> bool:
+        """A replay passed the first three DLQ events; the tier worker committed 2, then
+        stopped. Until read back: a new broker's group coordinator may still be loading."""
         try:
+            depth.advance_cursor(admin, dlq, {0: 3})
             worker.commit(offsets=[TopicPartition(tier.topic, 0, 2)], asynchronous=False)
         except KafkaException:
             return False
-        return True
+        return bool(committed(admin, groups, 10) == wanted)
 
-    wait_for(worker_commits, 60, "the tier worker's commit", every=1)  # then it stopped
+    wait_for(committed_before, 90, "the cursor and the tier group committed", every=1)
     worker.close()
 
     def measured() -> tuple[Any, Any]:
@@ -114,14 +118,7 @@ def test_idle_groups_keep_their_offsets_past_the_brokers_retention(
         assert measured() == (2, 2), "an expired offset: depth and lag count from the start"
         time.sleep(2)
 
-    groups = {
-        depth.cursor_group(dlq): [(dlq, 0)],
-        tier.consumer_group: [(tier.topic, 0)],
-    }
-    assert committed(admin, groups, 10) == {
-        depth.cursor_group(dlq): {(dlq, 0): 3},
-        tier.consumer_group: {(tier.topic, 0): 2},
-    }
+    assert committed(admin, groups, 10) == wanted
     status = (get(kubectl, namespace, "rp", "kept") or {})["status"]
     assert status["lastOffsetRefreshTime"].endswith("Z")
     assert "replayLease" not in status, "the refresh gave the lease back"
