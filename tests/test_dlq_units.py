@@ -130,12 +130,13 @@ def test_replay_headers_keep_originals_reset_attempt_and_mark_the_replay() -> No
     headers = replay_headers(r, replay_id="rp-1", target_index=0, now_ms=12345)
     assert headers[0] == ("trace", b"t1"), "original headers first, untouched"
     parsed = h.parse_headers(headers)
-    assert parsed.original == (("trace", b"t1"),)
+    # An upstream's header under our prefix is the event's own (docs/headers.md): kept.
+    assert parsed.original == (("trace", b"t1"), ("kafka-retry.unknown", b"x"))
     s = parsed.state
     assert (s.attempt, s.due_ms, s.replay_id, s.dlq_reason) == (1, 12345, "rp-1", None)
     assert (s.original_topic, s.error_class, s.tier) == ("orders", "a.b.BadOrder", "retry-2")
     assert dict(headers)[h.REPLAY_SOURCE] == b"2:17"
-    assert "kafka-retry.unknown" not in dict(headers)
+    assert headers[1] == ("kafka-retry.unknown", b"x")
     again = replay_headers(r, replay_id="rp-1", target_index=1, now_ms=1)
     assert h.parse_headers(again).state.attempt == 2, "what a first arrival on tier 2 carries"
 
