@@ -261,9 +261,12 @@ class Feed:
     """Reads every forward the pipeline writes (tier topics and the DLQ) from the beginning,
     without joining a consumer group, and keeps what moved where and why."""
 
-    def __init__(self, bootstrap: str, topics: dict[str, str], partitions: int) -> None:
+    def __init__(
+        self, bootstrap: str, topics: dict[str, str], partitions: int, delay_ms: dict[str, int]
+    ) -> None:
         self._bootstrap = bootstrap
         self._stage_of = topics  # topic -> stage name ("retry-1", ..., "dlq")
+        self._delay_ms = delay_ms  # tier topic -> its delay
         self._partitions = partitions
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -319,6 +322,8 @@ class Feed:
             consumer.close()
 
     def _record(self, msg: Any) -> None:
+        from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME
+
         from kafka_retry import headers as h
 
         raw = msg.headers() or []
@@ -328,6 +333,13 @@ class Feed:
         except (ValueError, AttributeError):
             order = "?"
         replayed = any(key == h.REPLAY_SOURCE for key, _ in raw)
+        due_ms = state.due_ms
+        ts_type, appended_ms = msg.timestamp()
+        delay_ms = self._delay_ms.get(str(msg.topic()))
+        if ts_type == TIMESTAMP_LOG_APPEND_TIME and delay_ms is not None:
+            # When the worker takes it as due: the broker's append time + the tier's delay
+            # (docs/headers.md), whatever `due-ms` says (a replay's says "now").
+            due_ms = appended_ms + delay_ms
         error_class = (state.error_class or "").rsplit(".", 1)[-1]
         move = Move(
             order=order,
@@ -335,15 +347,15 @@ class Feed:
             dest=self._stage_of.get(str(msg.topic()), "?"),
             error="" if replayed else f"{error_class}: {state.error_message or ''}".strip(),
             failed_at_ms=state.failed_at_ms,
-            due_ms=state.due_ms,
+            due_ms=due_ms,
             replay_id=state.replay_id,
         )
         with self._lock:
             self.moves[(move.origin, move.dest)] += 1
             if move.dest != "dlq" and state.failed_at_ms is not None and not replayed:
                 self.failed_at[order] = state.failed_at_ms
-            if move.dest != "dlq" and state.due_ms is not None:
-                self.due[order] = state.due_ms
+            if move.dest != "dlq" and due_ms is not None:
+                self.due[order] = due_ms
             self.fresh.append(move)
 
 
@@ -659,6 +671,7 @@ class Demo:
             localenv.kafka_bootstrap(),
             {t: s for s, t in self._stage_topics().items() if s != "source"},
             self.partitions,
+            {t.topic: t.delay_seconds * 1000 for t in self.topology.tiers},
         ).start()
         if args.no_live:
             self.step(f"logs: {self.logs}")

@@ -68,6 +68,11 @@ class HeadWatch:
             return 1
         return 1 if tp in self._careful else None
 
+    def careful(self, tp: TopicPartitionKey) -> bool:
+        """Whether `tp` is handled carefully (a previous run stopped on it): its marks must be
+        durable before the handler runs. A run's first mark otherwise need not wait."""
+        return tp in self._careful
+
     def settled(self) -> None:
         """A batch completed: the run is past whatever stopped the previous ones."""
         self._careful.clear()

@@ -524,13 +524,18 @@ class StageRunner:
         if starts > POISON_STARTS:
             return False
         # Committing `offset` says that everything before it is finished: forwards included.
+        # (Nothing is begun on a partition before its first mark: no wait then.)
         assert self._forwarder is not None
-        if not (self._forwarder.drain(self._drain_s) and self._tracker.settled(tp)):
+        if not self._tracker.settled(tp) and not (
+            self._forwarder.drain(self._drain_s) and self._tracker.settled(tp)
+        ):
             log.warning("%s[%d]@%d not marked: forwards unacknowledged", tp[0], tp[1], offset)
             return True
         mark = TopicPartition(tp[0], tp[1], offset, metadata=poison.mark(offset, starts))
         try:
-            self._consumer.commit(offsets=[mark], asynchronous=False)
+            # A run's first mark is sent at once but not awaited (a commit waits out a
+            # rebalance in progress: a second, measured); a careful one must be durable.
+            self._consumer.commit(offsets=[mark], asynchronous=not self._heads.careful(tp))
         except KafkaException as e:
             log.warning("could not mark %s[%d]@%d: %s", tp[0], tp[1], offset, e)
         return True
