@@ -168,9 +168,11 @@ def test_ctrl_c_stops_everything_the_demo_started(
     demo_names: tuple[str, str], kubectl: Any, kafka_admin: Any
 ) -> None:
     namespace, prefix = demo_names
-    proc = _start(namespace, prefix, "--events", "2000", "--rate", "20")
+    # A prefix without a trailing separator gets a dash: `--prefix demo-x` names demo-x-orders.
+    proc = _start(namespace, prefix.rstrip("-"), "--events", "2000", "--rate", "20")
     try:
         _read_until(proc, "producing", timeout=90)
+        assert f"{prefix}orders" in _topics(kafka_admin, prefix)
         time.sleep(3)  # orders flowing, retries waiting on their tiers
         assert _processes_mentioning(namespace), "the demo's processes run"
         proc.send_signal(signal.SIGINT)
@@ -211,6 +213,8 @@ def test_demo_help_and_makefile_targets() -> None:
     """`make demo` passes DEMO_ARGS to hack/demo.py; `make demo-down` stops demo processes,
     then the servers (checked with `make -n`: running it would stop the shared servers)."""
     help_text = subprocess.run([*DEMO, "--help"], capture_output=True, text=True, check=True).stdout
+    bad = subprocess.run([*DEMO, "--prefix", "team/a"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "'team/a': letters, digits" in bad.stderr, bad.stderr
     for flag in (
         "--events",
         "--rate",
