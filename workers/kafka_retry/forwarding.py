@@ -200,7 +200,8 @@ class Forwarder:
             if self._awaiting:
                 self._producer.flush(min(left, 0.1))
             else:  # only records waiting for their backoff
-                time.sleep(min(left, self.wait_s(0.1, 0.0)))
+                # A shutdown drain waiting out a re-send backoff; no consumer is polled here.
+                time.sleep(min(left, self.wait_s(0.1, 0.0)))  # sleep-ok: not an event delay
 
     def close(self, timeout: float) -> bool:
         return self.drain(timeout)

@@ -202,7 +202,7 @@ def run(args: argparse.Namespace, api: Any, namespace: str | None) -> int:
     try:
         with Live(render(), console=console, auto_refresh=False) as live:
             while args.iterations is None or (count := count + 1) < args.iterations:
-                time.sleep(args.interval)
+                time.sleep(args.interval)  # sleep-ok: the CLI view's refresh period
                 live.update(render(), refresh=True)
     except KeyboardInterrupt:
         pass  # the way out of a live view

@@ -34,7 +34,7 @@ class HandlerWatchdog:
     def _watch(self) -> None:
         tick = min(1.0, self._deadline / 4)
         while True:
-            time.sleep(tick)
+            time.sleep(tick)  # sleep-ok: a watchdog thread's tick, never an event's delay
             since = self._started()
             if since and time.perf_counter() - since > self._deadline:
                 log.error(
