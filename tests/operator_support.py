@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -253,3 +255,71 @@ def wait_condition(
 def topic_partitions(admin: Any, names: list[str]) -> dict[str, int]:
     md = admin.list_topics(timeout=10)
     return {n: len(md.topics[n].partitions) for n in names if n in md.topics}
+
+
+class StatusRecorder:
+    """Every RetryPipeline event in the namespace, as (name, generation, observedGeneration,
+    Ready status), from a watch that runs throughout."""
+
+    def __init__(self, k8s_api: Any, namespace: str) -> None:
+        from kubernetes import client, watch
+
+        self._api = client.CustomObjectsApi(k8s_api)
+        self._watch = watch.Watch()
+        self._namespace = namespace
+        self.events: list[tuple[str, int, int, str]] = []
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._watch_all, daemon=True)
+
+    def _watch_all(self) -> None:
+        try:
+            self._run()
+        except BaseException as e:  # the test checks the watch saw the whole window
+            self.error = e
+
+    def _run(self) -> None:
+        stream = self._watch.stream(
+            self._api.list_namespaced_custom_object,
+            "kafkaretry.io", "v1alpha1", self._namespace, "retrypipelines",
+            timeout_seconds=600,
+        )  # fmt: skip
+        for event in stream:
+            obj = event["object"]
+            status = obj.get("status") or {}
+            ready = next(
+                (c["status"] for c in status.get("conditions") or [] if c["type"] == "Ready"), ""
+            )
+            self.events.append(
+                (
+                    obj["metadata"]["name"],
+                    int(obj["metadata"].get("generation") or 0),
+                    int(status.get("observedGeneration") or 0),
+                    ready,
+                )
+            )
+
+    def __enter__(self) -> StatusRecorder:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.watched_throughout = self._thread.is_alive() and self.error is None
+        self._watch.stop()
+
+    def flaps(self) -> list[str]:
+        """Regressions: observedGeneration going back, or Ready leaving True and coming back
+        within one observed generation (two writers taking turns)."""
+        problems = []
+        by_name: dict[str, list[tuple[int, str]]] = {}
+        for name, _gen, observed, ready in self.events:
+            by_name.setdefault(name, []).append((observed, ready))
+        for name, seen in by_name.items():
+            for (before, _), (after, _) in itertools.pairwise(seen):
+                if after < before:
+                    problems.append(f"{name}: observedGeneration {before} -> {after}")
+            for generation in {g for g, _ in seen}:
+                states = [r for g, r in seen if g == generation]
+                collapsed = [r for i, r in enumerate(states) if i == 0 or states[i - 1] != r]
+                if "True" in collapsed and collapsed.index("True") != len(collapsed) - 1:
+                    problems.append(f"{name} generation {generation}: Ready went {collapsed}")
+        return problems

@@ -372,6 +372,17 @@ def test_compose_not_ready_and_unreachable() -> None:
     assert "dlq" not in s  # never measured
 
 
+def test_workers_are_not_ready_until_the_watch_shows_the_applied_generation() -> None:
+    """The index still holds the Deployment as it was before this reconcile's apply (ready and
+    observed): it says nothing yet about the rollout the apply started."""
+    record = _record(worker_generations={"retry-1": 5, "retry-2": 4})
+    before = {t: st.TierWorkers(t, 2, 2, 2, True, generation=4) for t in ("retry-1", "retry-2")}
+    verdict = st.workers_verdict(record, before)
+    assert (verdict.ok, verdict.message) == (False, "1/2 tiers ready; retry-1: rolling out")
+    seen = {**before, "retry-1": st.TierWorkers("retry-1", 2, 2, 2, True, generation=5)}
+    assert st.workers_verdict(record, seen).ok
+
+
 def test_suspended_is_ready_with_reason() -> None:
     workers = {t: st.TierWorkers(t, 0, 0, 0, True) for t in ("retry-1", "retry-2")}
     s = st.compose(_record(replicas=0, suspended=True), None, None, workers, {}, at="T")

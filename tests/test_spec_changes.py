@@ -13,6 +13,7 @@ behind drained (shown in status while it lasts) and its worker removed.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -242,6 +243,16 @@ def _deployment_names(kubectl: Kubectl, namespace: str) -> list[str]:
     return sorted(kubectl("get", "deployments", "-n", namespace, "-o", "name").stdout.split())
 
 
+def _tier_generations(kubectl: Kubectl, namespace: str) -> dict[str, int]:
+    """The tier workers' Deployments (not the drains') and their generations."""
+    found = json.loads(kubectl("get", "deployments", "-n", namespace, "-o", "json").stdout)
+    return {
+        d["metadata"]["name"]: d["metadata"]["generation"]
+        for d in found["items"]
+        if "-drain-" not in d["metadata"]["name"]
+    }
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_spec_change_with_events_waiting(
     case: Case,
@@ -318,6 +329,7 @@ def test_spec_change_with_events_waiting(
         case.change(spec)
         apply(kubectl, namespace, doc)
         wait_condition(kubectl, namespace, "orders", timeout=90)
+        rolled = _tier_generations(kubectl, namespace)
         published = Topology.from_json(
             (get(kubectl, namespace, "configmap", "orders-topology") or {})["data"]["topology.json"]
         )
@@ -368,6 +380,8 @@ def test_spec_change_with_events_waiting(
     )
     conditions = {c["type"]: c for c in _status(kubectl, namespace)["conditions"]}
     assert conditions["Draining"]["status"] == "False", conditions["Draining"]
+    # A drain's end is no change for the tier workers: they are not rolled (restarted) again.
+    assert _tier_generations(kubectl, namespace) == rolled
     if old_dlq:
         # The dead-lettered events moved to the new DLQ, where the depth counts them.
         new_dlq = spec["dlq"]["topic"]

@@ -85,7 +85,11 @@ def selector_labels(pipeline: str, tier: str) -> dict[str, str]:
 
 
 def topology_hash(topology: Topology) -> str:
-    return hashlib.sha256(topology.to_json().encode()).hexdigest()[:16]
+    """What a tier worker reads of the topology, hashed into its pod template so that a change
+    rolls it. Drains are left out: a drain's start or end is a drain worker's business, and
+    rolling every tier for it would restart them for nothing (and flap Ready)."""
+    read = topology.model_copy(update={"draining": []})
+    return hashlib.sha256(read.to_json().encode()).hexdigest()[:16]
 
 
 def topology_configmap(namespace: str, pipeline: str, topology: Topology) -> dict[str, Any]:

@@ -11,7 +11,8 @@ the `resume` reconcile fills the fleet again.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from kafka_retry.model import Topology
 from kafka_retry_operator.conditions import Verdict
@@ -36,6 +37,9 @@ class PipelineRecord:
     # (name, resourceVersion) of spec.kafka.secretRef's Secret as last read; None: none read.
     secret: tuple[str, str] | None = None
     autoscaling: Verdict | None = None  # with spec.workers.autoscaling: KEDA or why not
+    # tier -> the generation of its Deployment as this reconcile applied it: until the index
+    # shows that generation, its workers are not judged ready.
+    worker_generations: Mapping[str, int] = field(default_factory=dict)
 
 
 class Fleet:

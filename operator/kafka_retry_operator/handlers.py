@@ -114,6 +114,7 @@ def tier_workers(
         ready=int(status.get("readyReplicas") or 0),
         updated=int(status.get("updatedReplicas") or 0),
         current=int(status.get("observedGeneration") or 0) >= int(meta.get("generation") or 0),
+        generation=int(meta.get("generation") or 0),
     )
     return {(namespace, pipeline): workers}
 

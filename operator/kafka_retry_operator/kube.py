@@ -61,8 +61,11 @@ class Kube:
     def apply_configmap(self, body: dict[str, Any]) -> None:
         _apply(self.core.patch_namespaced_config_map, body)
 
-    def apply_deployment(self, body: dict[str, Any]) -> None:
-        _apply(self.apps.patch_namespaced_deployment, body)
+    def apply_deployment(self, body: dict[str, Any]) -> int:
+        """The Deployment's generation after the apply: a status composed before the watch has
+        delivered it must not take the previous generation's rollout for this one's."""
+        applied = _apply(self.apps.patch_namespaced_deployment, body)
+        return int(applied.metadata.generation or 0)
 
     def apply_pdb(self, body: dict[str, Any]) -> None:
         _apply(self.policy.patch_namespaced_pod_disruption_budget, body)
@@ -169,10 +172,10 @@ def _owners(list_namespaced: Any, namespace: str, pipeline: str) -> dict[str, st
     return result
 
 
-def _apply(patch: Any, body: dict[str, Any]) -> None:
+def _apply(patch: Any, body: dict[str, Any]) -> Any:
     """Server-side apply of `body` with the operator as the one field manager."""
     meta = body["metadata"]
-    patch(
+    return patch(
         meta["name"],
         meta["namespace"],
         body,

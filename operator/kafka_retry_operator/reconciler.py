@@ -8,6 +8,7 @@ converges without duplicating anything.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -16,7 +17,7 @@ from typing import Any, NamedTuple
 import kopf
 
 from kafka_retry.kafka_secret import SecretNotFound
-from kafka_retry.model import RetryPipelineSpec, Topology
+from kafka_retry.model import LABEL_TIER, RetryPipelineSpec, Topology
 from kafka_retry_operator import children, claims, conditions, draining, topics
 from kafka_retry_operator.fleet import PipelineKey, PipelineRecord, owner_id
 from kafka_retry_operator.kafka_admin import Cluster, InvalidKafkaSettings
@@ -116,7 +117,10 @@ def reconcile(
     # already unknown when its deletion is seen (see handlers.worker_deleted).
     rt.fleet.put(record)
     if verdict.usable:
-        apply_children(rt, body, spec, topology, secret[1] if secret else None, autoscaled)
+        version = secret[1] if secret else None
+        applied = apply_children(rt, body, spec, topology, version, autoscaled)
+        record = dataclasses.replace(record, worker_generations=applied)
+        rt.fleet.put(record)
     rt.sampler.wake()
     return record, verdict
 
@@ -149,15 +153,20 @@ def apply_children(
     topology: Topology,
     secret_version: str | None,
     autoscaled: bool = False,
-) -> None:
+) -> dict[str, int]:
+    """Returns each tier Deployment's generation as applied (tier -> generation)."""
     namespace, name = body.metadata.namespace or "", body.metadata.name or ""
     configmap, deployments = children.desired_children(
         namespace, name, spec, topology, rt.worker_defaults, secret_version, autoscaled
     )
     kopf.adopt([configmap, *deployments], owner=body)
     rt.kube.apply_configmap(configmap)
+    applied = {}
     for deployment in deployments:
-        rt.kube.apply_deployment(deployment)
+        generation = rt.kube.apply_deployment(deployment)
+        tier = deployment["metadata"]["labels"].get(LABEL_TIER)
+        if tier is not None:  # not a drain's
+            applied[tier] = generation
     # Removed tiers' workers go (their topics drain: see draining.py), as do finished drains'.
     wanted = {d["metadata"]["name"] for d in deployments}
     for deployment_name, owner_uid in rt.kube.worker_deployments(namespace, name).items():
@@ -165,6 +174,7 @@ def apply_children(
             rt.kube.delete_deployment(namespace, deployment_name)
     apply_disruption_budgets(rt, body, spec, topology)
     apply_scaled_objects(rt, body, spec, topology, autoscaled)
+    return applied
 
 
 def apply_scaled_objects(

@@ -45,6 +45,7 @@ class TierWorkers:
     ready: int
     updated: int
     current: bool  # the Deployment's status is of its latest generation
+    generation: int = 0  # the Deployment's generation as last seen by the watch
 
 
 def workers_verdict(record: PipelineRecord, workers: Mapping[str, TierWorkers]) -> c.Verdict:
@@ -56,7 +57,9 @@ def workers_verdict(record: PipelineRecord, workers: Mapping[str, TierWorkers]) 
             behind.append(f"{name}: no Deployment yet")
             continue
         want = w.desired if record.replicas is None else record.replicas  # None: KEDA's call
-        if not (w.current and w.desired == want and w.ready >= want and w.updated >= want):
+        if w.generation < record.worker_generations.get(name, 0):  # the watch is behind
+            behind.append(f"{name}: rolling out")
+        elif not (w.current and w.desired == want and w.ready >= want and w.updated >= want):
             behind.append(f"{name}: {w.ready}/{want} ready, {w.updated} up to date")
     if behind:
         ok = len(tiers) - len(behind)
