@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 from collections import defaultdict
@@ -25,6 +26,7 @@ from dlq_support import (
     source_of,
 )
 from kafka_retry import headers as h
+from kafka_retry import replay_lease
 from kafka_retry.dlq import KafkaAccess, partition_states
 from operator_support import (  # noqa: F401 - fixtures
     Kubectl,
@@ -367,6 +369,44 @@ def _lease(kubectl: Kubectl, namespace: str) -> dict[str, Any] | None:
     rp = get(kubectl, namespace, "rp", "orders") or {}
     lease = (rp.get("status") or {}).get("replayLease")
     return dict(lease) if lease else None
+
+
+def test_the_lease_is_renewed_and_released_while_status_is_written_meanwhile(
+    crds: None, kubectl: Kubectl, namespace: str, k8s_api: Any, unique: str
+) -> None:
+    """The operator's status refresh writes the pipeline's status every few seconds (every
+    second with two operators, or here in a tight loop): the lease on the same status is still
+    taken, renewed and given back at the first try of each, never left to expire."""
+    from kubernetes import client
+
+    apply(kubectl, namespace, pipeline("orders", "127.0.0.1:9", f"src-{unique}", f"g-{unique}"))
+    custom = client.CustomObjectsApi(k8s_api)
+    lease = replay_lease.Lease(k8s_api, namespace, "orders", "r1", "test/holder")
+    assert lease.acquire() is None
+    stop = threading.Event()
+    writes = 0
+
+    def refresh_status() -> None:  # as kopf does: merge patches, no resourceVersion
+        nonlocal writes
+        while not stop.is_set():
+            body = {"status": {"dlq": {"depth": writes, "lastUpdated": f"T{writes}"}}}
+            custom.patch_namespaced_custom_object_status(
+                "kafkaretry.io", "v1alpha1", namespace, "retrypipelines", "orders", body
+            )
+            writes += 1
+
+    writer = threading.Thread(target=refresh_status, daemon=True)
+    writer.start()
+    try:
+        for _ in range(20):
+            lease.renew()
+        lease.release()
+    finally:
+        stop.set()
+        writer.join(10)
+    assert writes > 20, "the status was hardly written meanwhile"
+    assert _lease(kubectl, namespace) is None, "the lease was not given back"
+    assert (get(kubectl, namespace, "rp", "orders") or {})["status"]["dlq"]["depth"] == writes - 1
 
 
 def test_two_operators_run_one_replay_once(

@@ -8,8 +8,11 @@ survives an operator restart (the resumed replay takes it back: at once after a 
 which releases it, or once it expires after a crash), holds between two operators, and the
 operator's replays and the CLI's direct ones see each other.
 
-Every write is a compare-and-swap: it carries the resourceVersion it read, and a 409 Conflict
-means someone wrote first, so the lease is read and judged again. A holder renews it every
+Every write is a compare-and-swap on the lease alone: a JSON patch whose first operation tests
+that `status.replayLease` is still what was read. The operator's status refresh writes the
+same status every few seconds; those writes must not make a renewal or a release fail (a
+release that failed left the lease in place until it expired). A failed test (422) means
+someone changed the lease first, so it is read and judged again. A holder renews it every
 `RENEW_EVERY_S`. Expiry compares the renewal time with this machine's clock, as Kubernetes
 Lease clients do: clocks are assumed to agree within a few seconds (NTP).
 """
@@ -29,6 +32,8 @@ LEASE_DURATION_S = 15
 RENEW_EVERY_S = 5
 DIRECT_PREFIX = "direct:"
 _WRITE_ATTEMPTS = 5
+LEASE_PATH = "/status/replayLease"
+JSON_PATCH = "application/json-patch+json"
 
 
 class PipelineNotFound(Exception):
@@ -69,8 +74,12 @@ def held(obj: Mapping[str, Any], now: datetime | None = None) -> ReplayLease | N
     return lease if lease is not None and not expired(lease, now) else None
 
 
+def _raw(obj: Mapping[str, Any]) -> Any:
+    return (obj.get("status") or {}).get("replayLease")
+
+
 def _lease_of(obj: Mapping[str, Any]) -> ReplayLease | None:
-    raw = (obj.get("status") or {}).get("replayLease")
+    raw = _raw(obj)
     if not isinstance(raw, dict):
         return None
     try:
@@ -163,19 +172,30 @@ class Lease:
         lease: ReplayLease | None,
         status: Mapping[str, Any] | None = None,
     ) -> bool:
-        """Compare-and-swap on the object's resourceVersion; False when someone wrote first."""
+        """Compare-and-swap on the lease as read; False when someone changed it first."""
         from kubernetes.client.exceptions import ApiException
 
-        body = {
-            "metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]},
-            "status": {**(status or {}), "replayLease": lease.wire() if lease else None},
-        }
+        if "status" in obj:  # (a missing lease tests equal to null)
+            ops: list[dict[str, Any]] = [{"op": "test", "path": LEASE_PATH, "value": _raw(obj)}]
+        else:  # a pipeline never reconciled: nothing written yet but by us
+            version = obj["metadata"]["resourceVersion"]
+            ops = [
+                {"op": "test", "path": "/metadata/resourceVersion", "value": version},
+                {"op": "add", "path": "/status", "value": {}},
+            ]
+        for key, value in (status or {}).items():
+            ops.append({"op": "add", "path": f"/status/{key}", "value": value})
+        if lease is not None:
+            ops.append({"op": "add", "path": LEASE_PATH, "value": lease.wire()})
+        elif _raw(obj) is not None:
+            ops.append({"op": "remove", "path": LEASE_PATH})
         try:
             self._custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, self.namespace, PIPELINE_PLURAL, self.pipeline, body
-            )
+                GROUP, VERSION, self.namespace, PIPELINE_PLURAL, self.pipeline, ops,
+                _content_type=JSON_PATCH,
+            )  # fmt: skip
         except ApiException as e:
-            if e.status == 409:
+            if e.status in (409, 422):  # 422: the test failed (409: the resourceVersion)
                 return False
             if e.status == 404:
                 raise PipelineNotFound(f"RetryPipeline {self.namespace}/{self.pipeline}") from None
