@@ -1,12 +1,15 @@
 """`make demo`: the whole pipeline on this machine, from nothing to a replayed DLQ.
 
-It starts (or reuses) the local Kafka and kube-apiserver (hack/localenv.py), installs the CRDs,
-runs the operator and the pod runner (tier workers as local processes, hack/podrunner.py),
-applies the example RetryPipeline (examples/demo-pipeline.yaml), starts the example order
-service (examples/order_service/, live-lane SDK) and produces orders: some fail retriably
-(the payments upstream answers 500 for a while) and are handled on a retry tier after its
-delay, some hit the service's bug and land in the DLQ. Then it fixes the bug, replays the DLQ
-with `kafka-retry dlq replay` (a DLQReplay the operator executes) and prints a summary.
+It starts (or reuses) the local servers (hack/localenv.py), installs the CRDs and runs the
+operator: on the local node (hack/node.py) the chart's operator pod (`helm install`), whose
+tier workers are pods too; with KRO_NODE=0, the operator and the pod runner (tier workers as
+local processes, hack/podrunner.py) beside the run's own API server. It applies the example
+RetryPipeline (examples/demo-pipeline.yaml), starts the example order service
+(examples/order_service/: the live-lane SDK, and the endpoint the tier workers POST due orders
+to) and produces orders: some fail retriably (the payments upstream answers 500 for a while)
+and are handled on a retry tier after its delay, some hit the service's bug and land in the
+DLQ. Then it fixes the bug, replays the DLQ with `kafka-retry dlq replay` (a DLQReplay the
+operator executes) and prints a summary.
 
     python hack/demo.py                          # live view; Ctrl-C stops what it started
     python hack/demo.py --events 60 --delays 1,2 --no-live --namespace t-1 --prefix t-1-
@@ -50,14 +53,28 @@ from order_service.orders import order_events  # noqa: E402 - from examples/
 from order_service.payments import Charge, Payments, PaymentsServer  # noqa: E402
 
 import localenv  # noqa: E402 - from hack/, beside this file
+import node  # noqa: E402
 from kafka_retry.model import RetryPipelineSpec, Topology  # noqa: E402
 
 PIPELINE_FILE = EXAMPLES / "demo-pipeline.yaml"
+CHART = ROOT / "charts" / "kafka-retry-operator"
+RELEASE = "kafka-retry-operator"
 REPLAY_NAME = "coupon-fix"
 DEFAULT_NAMESPACE = "kafka-retry-demo"
 STATE_DIR = localenv.RUN / "demo"
 BIN = Path(sys.executable).parent  # the venv's console scripts
-# The operator measures lag and DLQ depth every second, so the view follows closely.
+# The operator measures lag and DLQ depth every second, so the view follows closely: the
+# chart's values on the node, the same settings as environment variables in a local process.
+CHART_VALUES = {
+    "operator.statusIntervalSeconds": "1",
+    "operator.kafkaTimeoutSeconds": "3",
+    "operator.maxBackoffSeconds": "3",
+    # One replica is enough here; two (the chart's default) elect a leader on a Lease.
+    "replicaCount": "1",
+    "operator.leaderElection.enabled": "false",
+    # Nothing cluster-wide: the release's namespace goes, and everything with it.
+    "rbac.aggregateToDefaultRoles": "false",
+}
 OPERATOR_ENV = {
     "KAFKA_RETRY_OPERATOR_STATUS_INTERVAL": "1",
     "KAFKA_RETRY_OPERATOR_KAFKA_TIMEOUT": "3",
@@ -65,6 +82,29 @@ OPERATOR_ENV = {
     # Its Prometheus endpoint is not needed here; 0 turns it off, so no port can clash.
     "KAFKA_RETRY_METRICS_PORT": "0",
 }
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the operator and the tier workers run. On the local node: as pods, which reach
+    the host's Kafka and the order service's endpoint on the bridge address. With KRO_NODE=0:
+    as local processes beside the run's API server, which has no kubelet."""
+
+    pods: bool
+    kubeconfig: str
+    bootstrap: str  # the pipeline's Kafka, as the operator and the tier workers reach it
+    host: str  # where the order service's endpoint listens, reachable by the tier workers
+
+    @classmethod
+    def here(cls) -> Placement:
+        if node.enabled():
+            pod_kafka = f"{node.GATEWAY}:{localenv.KAFKA_POD_PORT}"
+            return cls(True, str(node.KUBECONFIG), pod_kafka, node.GATEWAY)
+        return cls(False, str(localenv.KUBECONFIG), localenv.kafka_bootstrap(), "127.0.0.1")
+
+    @property
+    def operator_where(self) -> str:
+        return "pods on the local node" if self.pods else "local processes (KRO_NODE=0)"
 
 
 class DemoError(Exception):
@@ -128,9 +168,10 @@ def _state_file(namespace: str) -> Path:
     return STATE_DIR / f"{namespace}.json"
 
 
-def _record_children(namespace: str, children: Sequence[Child]) -> None:
+def _record_children(namespace: str, children: Sequence[Child], pods: Placement | None) -> None:
     """What `demo.py down` stops if this demo dies without cleaning up (kill -9), in the order
-    it stops them: the service drains first, the operator goes last."""
+    it stops them: the service drains first, the operator goes last; then, on the local node,
+    the namespace with the operator and tier-worker pods."""
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     order = {"order-service": 0, "podrunner": 1, "operator": 2}
     entries = [
@@ -138,7 +179,8 @@ def _record_children(namespace: str, children: Sequence[Child]) -> None:
         for c in sorted(children, key=lambda c: order.get(c.name, 1))
         if c.proc is not None
     ]
-    _state_file(namespace).write_text(json.dumps(entries))
+    kubeconfig = pods.kubeconfig if pods is not None else None
+    _state_file(namespace).write_text(json.dumps({"children": entries, "pods": kubeconfig}))
 
 
 def _alive_as(pid: int, argv: Sequence[str]) -> bool:
@@ -158,10 +200,10 @@ def stop_recorded(namespace: str | None = None) -> list[str]:
     stopped: list[str] = []
     for path in files:
         try:
-            entries = json.loads(path.read_text())
+            state = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        for entry in entries:  # recorded in start order: the service goes first
+        for entry in state["children"]:  # recorded in stop order: the service goes first
             pid, argv = int(entry["pid"]), [str(a) for a in entry["argv"]]
             if not _alive_as(pid, argv):
                 continue
@@ -174,8 +216,27 @@ def stop_recorded(namespace: str | None = None) -> list[str]:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
             stopped.append(f"{entry['name']} (pid {pid})")
+        if state["pods"]:
+            ns = path.stem
+            if _delete_node_namespace(Cluster(state["pods"]), ns):
+                stopped.append(f"namespace {ns} on the local node (operator and tier-worker pods)")
         path.unlink(missing_ok=True)
     return stopped
+
+
+def _delete_node_namespace(cluster: Cluster, namespace: str) -> bool:
+    """Delete a demo's namespace on the node, its pipelines' finalizers removed first (their
+    operator may be gone): the kubelet stops the pods in it. Answers whether it was there."""
+    if cluster.namespace_phase(namespace) is None:
+        return False
+    left = cluster.kubectl("get", "retrypipelines", "-n", namespace, "-o", "name", check=False)
+    for obj in left.stdout.split():
+        cluster.kubectl(
+            "patch", obj, "-n", namespace, "--type=merge", "-p",
+            '{"metadata":{"finalizers":null}}', check=False,
+        )  # fmt: skip
+    cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+    return True
 
 
 # --------------------------------------------------------------------------- cluster
@@ -184,11 +245,11 @@ def stop_recorded(namespace: str | None = None) -> list[str]:
 class Cluster:
     """kubectl (for what a person would type) and the API client (for what the demo polls)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kubeconfig: str) -> None:
         from kubernetes import client
         from kubernetes import config as kube_config
 
-        self.kubeconfig = str(localenv.KUBECONFIG)
+        self.kubeconfig = kubeconfig
         self.kubectl_bin = localenv.kubectl_binary()
         config: Any = kube_config  # partly untyped upstream
         api = config.new_client_from_config(config_file=self.kubeconfig)
@@ -480,6 +541,7 @@ def _label(stage: str) -> str:
 class Demo:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        self.where = Placement.here()
         self.view = View(live=not args.no_live)
         self.namespace: str = args.namespace
         self.prefix: str = args.prefix
@@ -489,6 +551,7 @@ class Demo:
         self.children: list[Child] = []
         self.created_namespace = False
         self.pipeline_applied = False
+        self.operator_installed = False
         self.cluster: Cluster | None = None
         self.admin: Any = None
         self.payments: PaymentsServer | None = None
@@ -509,7 +572,7 @@ class Demo:
         """The example pipeline, pointed at the local broker and this run's topic and group."""
         doc: dict[str, Any] = yaml.safe_load(PIPELINE_FILE.read_text())
         spec = doc["spec"]
-        spec["kafka"]["bootstrapServers"] = localenv.kafka_bootstrap()
+        spec["kafka"]["bootstrapServers"] = self.where.bootstrap
         spec["source"]["topic"] = f"{self.prefix}{spec['source']['topic']}"
         spec["source"]["consumerGroup"] = f"{self.prefix}{spec['source']['consumerGroup']}"
         if self.args.delays:
@@ -556,6 +619,7 @@ class Demo:
     def child_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(localenv.env_vars())
+        env["KUBECONFIG"] = self.where.kubeconfig
         env["PATH"] = f"{BIN}:{localenv.tool_bin_dir()}:{env.get('PATH', '')}"
         env["PYTHONPATH"] = os.pathsep.join([str(EXAMPLES), env.get("PYTHONPATH", "")]).rstrip(
             os.pathsep
@@ -584,7 +648,11 @@ class Demo:
                 f"first run: fetching and building Kafka, etcd, kube-apiserver and helm into "
                 f"{localenv.CACHE} (about 13 minutes, once; progress in {localenv.CACHE}/logs)"
             )
-        self.step("local servers: Kafka, etcd, kube-apiserver (started once, then reused)")
+        self.step(
+            "local servers: Kafka, etcd, kube-apiserver"
+            + (", the local node" if self.where.pods else "")
+            + " (started once, then reused)"
+        )
         try:
             localenv.up()
         except localenv.SetupError as e:
@@ -592,10 +660,10 @@ class Demo:
         os.environ.update(localenv.env_vars())
         leftovers = stop_recorded(self.namespace)
         if leftovers:
-            self.step(f"stopped processes of an earlier demo: {', '.join(leftovers)}")
+            self.step(f"stopped what an earlier demo left: {', '.join(leftovers)}")
         shutil.rmtree(self.logs, ignore_errors=True)
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.cluster = cluster = Cluster()
+        self.cluster = cluster = Cluster(self.where.kubeconfig)
         from confluent_kafka.admin import AdminClient
 
         self.admin = AdminClient({"bootstrap.servers": localenv.kafka_bootstrap()})
@@ -614,43 +682,31 @@ class Demo:
         self.step(f"fake payments upstream on {self.payments.url} ({flaky})")
 
         env = self.child_env()
-        self.step(f"operator: kafka-retry-operator --namespace {self.namespace}")
-        self._start(
-            "operator",
-            [str(BIN / "kafka-retry-operator"), "--namespace", self.namespace],
-            {**env, **OPERATOR_ENV},
-        )
-        self.step("pod runner: runs the tier workers' Deployments as local processes")
-        pod_env = {
-            "PYTHONPATH": str(EXAMPLES),
-            "PAYMENTS_URL": self.payments.url,
-            "ORDER_SERVICE_FLAGS": str(self.flags_file),
-        }
-        self._start(
-            "podrunner",
-            [
-                sys.executable,
-                str(HACK / "podrunner.py"),
-                "--namespace",
-                self.namespace,
-                "--log-dir",
-                str(self.logs / "pods"),
-                "--grace-cap",
-                "5",
-                *(f"--env={k}={v}" for k, v in pod_env.items()),
-            ],
-            env,
-        )
+        if self.where.pods:
+            self._install_operator()
+        else:
+            self._start_operator_processes(env)
 
+        endpoint = f"{self.where.host}:{_free_port(self.where.host)}"
+        self.doc["spec"]["handler"]["http"]["url"] = f"http://{endpoint}/orders"
         tiers = ", ".join(f"{t.name} {t.delay_seconds}s" for t in self.topology.tiers)
-        self.step(f"$ kubectl apply -f examples/demo-pipeline.yaml   # tiers: {tiers}, then DLQ")
+        self.step(
+            f"$ kubectl apply -f examples/demo-pipeline.yaml   # tiers: {tiers}, then DLQ; "
+            f"the workers POST due orders to http://{endpoint}/orders"
+        )
         cluster.kubectl("apply", "-f", "-", input=json.dumps(self.doc))
         self.pipeline_applied = True
         self._wait_ready()
+        if self.where.pods:
+            pods = cluster.kubectl("get", "pods", "-n", self.namespace).stdout.rstrip()
+            self.step(f"$ kubectl get pods -n {self.namespace}\n" + _indent(pods))
 
         port = _free_port()
         source = self.topology.source_topic
-        self.step(f"order service: python -m order_service (live-lane SDK on {source})")
+        self.step(
+            f"order service: python -m order_service --endpoint {endpoint} (live-lane SDK on "
+            f"{source}; the tier workers' endpoint)"
+        )
         self._start(
             "order-service",
             [
@@ -663,6 +719,8 @@ class Demo:
                 self.namespace,
                 "--metrics-port",
                 str(port),
+                "--endpoint",
+                endpoint,
             ],
             {**env, "PAYMENTS_URL": self.payments.url, "ORDER_SERVICE_FLAGS": str(self.flags_file)},
         )
@@ -676,13 +734,74 @@ class Demo:
         if args.no_live:
             self.step(f"logs: {self.logs}")
 
+    def _install_operator(self) -> None:
+        """The chart's operator as a pod, from the image built from the Dockerfile (the one
+        `localenv.up` made sure containerd has)."""
+        image = os.environ["KRO_IMAGE"]
+        repository, _, tag = image.rpartition(":")
+        values = {
+            **CHART_VALUES,
+            "image.repository": repository,
+            "image.tag": tag,
+            "image.pullPolicy": "Never",
+            "rbac.scope": "namespaces",
+            "watchNamespaces": f"{{{self.namespace}}}",
+        }
+        self.step(
+            f"operator: helm install {RELEASE} charts/kafka-retry-operator -n {self.namespace} "
+            f"--wait   # image {image}; its tier workers run as pods"
+        )
+        helm = subprocess.run(
+            [
+                str(localenv.HELM_BIN), "--kubeconfig", self.where.kubeconfig, "install", RELEASE,
+                str(CHART), "--namespace", self.namespace, "--skip-crds", "--wait",
+                "--timeout", "180s", *(f"--set={k}={v}" for k, v in values.items()),
+            ],
+            capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        self.operator_installed = True
+        if helm.returncode != 0:
+            pods = self._cluster().kubectl("describe", "pods", "-n", self.namespace, check=False)
+            raise DemoError(f"helm install failed: {helm.stderr.strip()}\n{pods.stdout[-3000:]}")
+
+    def _start_operator_processes(self, env: dict[str, str]) -> None:
+        """The operator as a local process, and the pod runner running its tier workers."""
+        self.step(f"operator: kafka-retry-operator --namespace {self.namespace}")
+        self._start(
+            "operator",
+            [str(BIN / "kafka-retry-operator"), "--namespace", self.namespace],
+            {**env, **OPERATOR_ENV},
+        )
+        self.step("pod runner: runs the tier workers' Deployments as local processes (KRO_NODE=0)")
+        self._start(
+            "podrunner",
+            [
+                sys.executable,
+                str(HACK / "podrunner.py"),
+                "--namespace",
+                self.namespace,
+                "--log-dir",
+                str(self.logs / "pods"),
+                "--grace-cap",
+                "5",
+            ],
+            env,
+        )
+
     def _start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         self.children.append(Child(name, argv, env, self.logs / f"{name}.log").start())
-        _record_children(self.namespace, self.children)
+        self._record()
+
+    def _record(self) -> None:
+        _record_children(self.namespace, self.children, self.where if self.where.pods else None)
 
     def _fresh_namespace(self) -> None:
-        """A namespace of our own; an earlier demo's leftovers in it are removed first."""
+        """A namespace of our own; an earlier demo's leftovers in it are removed first (on
+        the node: the whole namespace, with any pods a killed demo left). On the node it is
+        labelled for the `restricted` Pod Security Standard, as the chart expects."""
         cluster = self._cluster()
+        if self.where.pods:
+            _delete_node_namespace(cluster, self.namespace)
         deadline = time.monotonic() + 120
         while cluster.namespace_phase(self.namespace) == "Terminating":
             if time.monotonic() > deadline:
@@ -691,6 +810,12 @@ class Demo:
         if cluster.namespace_phase(self.namespace) is None:
             cluster.kubectl("create", "namespace", self.namespace)
             self.created_namespace = True
+            if self.where.pods:
+                cluster.kubectl(
+                    "label", "namespace", self.namespace,
+                    "pod-security.kubernetes.io/enforce=restricted",
+                )  # fmt: skip
+                self._record()
             return
         self._release_pipelines(wait=0)
 
@@ -848,9 +973,9 @@ class Demo:
         self.flags_file.write_text(json.dumps({"couponPercentFix": True}))
         self.step(
             "fixing the bug: flag couponPercentFix=true in the service's flags file "
-            "(the service and the tier workers re-read it within a second)"
+            "(the service re-reads it within a second; the tier workers call the service)"
         )
-        time.sleep(2.5)  # longer than the handler's flag refresh: no replayed order sees the bug
+        time.sleep(2.5)  # longer than the service's flag refresh: no replayed order sees the bug
         command = [cli, "dlq", "replay", self.name, "-n", self.namespace, "--name", REPLAY_NAME]
         out = subprocess.run(
             [*command, "--no-wait"], env=env, capture_output=True, text=True, timeout=60
@@ -1121,6 +1246,13 @@ class Demo:
     def _delete_namespace(self) -> None:
         self._cluster().kubectl("delete", "namespace", self.namespace, "--wait=false", check=False)
 
+    def _uninstall_operator(self) -> None:
+        subprocess.run(
+            [str(localenv.HELM_BIN), "--kubeconfig", self.where.kubeconfig, "uninstall", RELEASE,
+             "--namespace", self.namespace],
+            capture_output=True, timeout=60,
+        )  # fmt: skip
+
     def cleanup(self) -> None:
         """Stop and remove everything the demo started, in an order that loses nothing: the
         service drains first, the pipeline goes while the operator can still delete its
@@ -1141,7 +1273,9 @@ class Demo:
         if "order-service" in by_name:
             steps.append(("order service", lambda: by_name["order-service"].stop(20)))
         if self.cluster is not None and self.pipeline_applied:
-            operator_up = "operator" in by_name and by_name["operator"].running()
+            operator_up = self.operator_installed or (
+                "operator" in by_name and by_name["operator"].running()
+            )
             steps.append(
                 (
                     "pipeline (its retry and DLQ topics go with it)",
@@ -1151,6 +1285,8 @@ class Demo:
         for name in ("podrunner", "operator"):
             if name in by_name:
                 steps.append((name, _stopper(by_name[name], hurry)))
+        if self.operator_installed:
+            steps.append((f"operator (helm uninstall {RELEASE})", self._uninstall_operator))
         if self.admin is not None:
             steps.append(("topics and consumer groups", self._delete_kafka_leftovers))
         if self.cluster is not None and self.created_namespace:
@@ -1174,11 +1310,11 @@ class Demo:
 # --------------------------------------------------------------------------- helpers
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     import socket
 
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 

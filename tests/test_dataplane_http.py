@@ -3,6 +3,7 @@ called directly, then through the live lane on the real broker."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import threading
@@ -128,6 +129,26 @@ def test_http_handler_statuses_and_timeout_are_classified(service_url: str) -> N
     # after a timeout the handler reconnects and works again
     handler(_event("ok-3"))
     handler.close()
+
+
+def test_a_python_service_gets_the_event_back_from_the_request(service_url: str) -> None:
+    """What a worker POSTs, `event_from_request` turns back into the worker's `Event` (the
+    example order service's endpoint calls its live-lane handler with it)."""
+    handler = hh.HttpEventHandler(service_url, timeout_s=5)
+    for key in (b"k1", b"\xff\x00", None):
+        sent = _event("ok-1", key=key)
+        handler(sent)
+        doc, headers = Service.seen[-1]
+        got = hh.event_from_request(headers.items(), json.dumps(doc).encode())
+        # Only the event's headers that HTTP cannot carry (binary `bin`) are left behind.
+        assert got == dataclasses.replace(sent, headers=sent.headers[:2]), (got, sent)
+    live = dataclasses.replace(_event("ok-2"), tier=None, attempt=1, due_ms=None)
+    handler(live)
+    doc, headers = Service.seen[-1]
+    assert hh.event_from_request(headers.items(), json.dumps(doc).encode()).tier is None
+    handler.close()
+    with pytest.raises(ValueError, match="not a tier worker's request"):
+        hh.event_from_request([("Content-Type", "application/json")], b"{}")
 
 
 def test_http_timeout_bounds_the_whole_request(service_url: str) -> None:

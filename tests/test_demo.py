@@ -1,7 +1,9 @@
 """`make demo` end to end, in its non-interactive mode (`hack/demo.py --no-live`): the real
-broker and API server, the operator, the pod runner's tier workers, the example order service,
-a DLQ filled by the service's bug and replayed after the fix. Each test runs the demo in a
-namespace and topic prefix of its own, so it can run beside anything else."""
+broker, the operator and the tier workers as pods on the local node (the operator installed
+from the chart; with KRO_NODE=0 the operator and the pod runner's workers as local processes,
+what the demo then runs), the example order service, a DLQ filled by the service's bug and
+replayed after the fix. Each test runs the demo in a namespace and topic prefix of its own, so
+it can run beside anything else."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +22,7 @@ from typing import Any
 import pytest
 
 import localenv
+import node
 from test_readme import lateness_claim
 
 pytestmark = pytest.mark.e2e
@@ -37,8 +41,8 @@ def _summary(stdout: str) -> dict[str, Any]:
 
 def _processes_mentioning(text: str) -> list[str]:
     """Processes whose command line or environment mentions `text` (the demo's namespace is
-    in the operator's, pod runner's and service's arguments and in the tier workers'
-    topology variable)."""
+    in the service's arguments, in the operator's and pod runner's when they are processes,
+    and in the environment of the tier workers, processes or containers on this host)."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
@@ -75,11 +79,18 @@ def _namespace_gone(kubectl: Any, namespace: str, timeout: float = 60) -> bool:
 
 
 @pytest.fixture
-def demo_names(unique: str, kubectl: Any, kafka_admin: Any) -> Iterator[tuple[str, str]]:
+def demo_kubectl(request: pytest.FixtureRequest) -> Any:
+    """kubectl against the cluster the demo uses: the local node's, unless KRO_NODE=0."""
+    return request.getfixturevalue("node_kubectl" if node.enabled() else "kubectl")
+
+
+@pytest.fixture
+def demo_names(unique: str, demo_kubectl: Any, kafka_admin: Any) -> Iterator[tuple[str, str]]:
     """A namespace and topic prefix for one demo run; whatever a failed run leaves is removed."""
     namespace, prefix = f"demo-{unique}", f"demo-{unique}-"
     yield namespace, prefix
     subprocess.run([*DEMO, "down", "--namespace", namespace], capture_output=True, timeout=60)
+    kubectl = demo_kubectl
     left = kubectl("get", "retrypipelines", "-n", namespace, "-o", "name", check=False)
     for obj in left.stdout.split():
         kubectl("patch", obj, "-n", namespace, "--type=merge", "-p",
@@ -118,21 +129,75 @@ def _read_until(proc: subprocess.Popen[str], marker: str, timeout: float) -> str
     raise AssertionError(f"no {marker!r} in the demo's output:\n{''.join(seen)}")
 
 
+class PodWatch:
+    """What `kubectl get pods` and `kubectl get nodes` show while the demo runs: the pods seen
+    Running in its namespace (operator and tier workers, by component label) and the nodes."""
+
+    def __init__(self, kubectl: Any, namespace: str) -> None:
+        self.kubectl, self.namespace = kubectl, namespace
+        self.running: dict[str, set[str]] = {}  # component label -> pod names seen Running
+        self.nodes: list[tuple[str, str]] = []  # (name, Ready status) at the last look
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PodWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1):
+            out = self.kubectl("get", "pods", "-A", "-o", "json", check=False)
+            if out.returncode == 0:
+                for pod in json.loads(out.stdout)["items"]:
+                    if pod["metadata"]["namespace"] != self.namespace:
+                        continue
+                    if pod["status"].get("phase") == "Running":
+                        component = pod["metadata"]["labels"].get("app.kubernetes.io/component")
+                        self.running.setdefault(component, set()).add(pod["metadata"]["name"])
+            out = self.kubectl("get", "nodes", "-o", "json", check=False)
+            if out.returncode == 0:
+                self.nodes = [
+                    (n["metadata"]["name"], _ready(n)) for n in json.loads(out.stdout)["items"]
+                ]
+
+
+def _ready(obj: dict[str, Any]) -> str:
+    return next(
+        (c["status"] for c in obj["status"].get("conditions", []) if c["type"] == "Ready"), "?"
+    )
+
+
 @pytest.mark.timeout(180)
 def test_demo_replays_the_dlq_and_loses_nothing(
-    demo_names: tuple[str, str], kubectl: Any, kafka_admin: Any
+    demo_names: tuple[str, str], demo_kubectl: Any, kafka_admin: Any
 ) -> None:
+    kubectl = demo_kubectl
     namespace, prefix = demo_names
     started = time.monotonic()
-    proc = subprocess.run(
-        [*DEMO, "--no-live", "--namespace", namespace, "--prefix", prefix,
-         "--events", "60", "--delays", "1,2", "--rate", "40"],
-        capture_output=True, text=True, timeout=170, cwd=ROOT,
-    )  # fmt: skip
+    with PodWatch(kubectl, namespace) as pods:
+        proc = subprocess.run(
+            [*DEMO, "--no-live", "--namespace", namespace, "--prefix", prefix,
+             "--events", "60", "--delays", "1,2", "--rate", "40"],
+            capture_output=True, text=True, timeout=170, cwd=ROOT,
+        )  # fmt: skip
     took = time.monotonic() - started
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     s = _summary(proc.stdout)
+    if node.enabled():
+        # Real pods: the chart's operator and one tier-worker pod per tier, on one Ready node.
+        assert len(pods.running.get("operator", ())) == 1, pods.running
+        assert len(pods.running.get("tier-worker", ())) == 2, pods.running
+        assert pods.nodes == [(node.NODE_NAME, "True")]
+        assert "helm install kafka-retry-operator" in output
+        assert "pod runner" not in output
+    else:
+        assert pods.running == {}, "KRO_NODE=0: no pods, the pod runner runs the workers"
+        assert "pod runner: runs the tier workers' Deployments as local processes" in output
 
     assert s["ok"] is True, output
     assert s["events"] == 60
@@ -159,13 +224,14 @@ def test_demo_replays_the_dlq_and_loses_nothing(
     assert _topics(kafka_admin, prefix) == []
     assert _namespace_gone(kubectl, namespace)
     assert all(server.pid() for server in localenv.ALL), "the shared servers keep running"
+    assert not node.enabled() or node.running(), "and the node"
     assert not (localenv.RUN / "demo" / f"{namespace}.json").exists()
     assert "make demo-down" in output
 
 
 @pytest.mark.timeout(150)
 def test_ctrl_c_stops_everything_the_demo_started(
-    demo_names: tuple[str, str], kubectl: Any, kafka_admin: Any
+    demo_names: tuple[str, str], demo_kubectl: Any, kafka_admin: Any
 ) -> None:
     namespace, prefix = demo_names
     # A prefix without a trailing separator gets a dash: `--prefix demo-x` names demo-x-orders.
@@ -184,14 +250,16 @@ def test_ctrl_c_stops_everything_the_demo_started(
     summary = _summary(out)
     assert summary["error"] == "interrupted" and summary["ok"] is False
     assert "cleaning up" in out
-    assert not _wait_gone(namespace), "operator, pod runner, tier workers and service stopped"
+    assert not _wait_gone(namespace), "operator, tier workers and service stopped"
     assert _topics(kafka_admin, prefix) == []
-    assert _namespace_gone(kubectl, namespace)
+    assert _namespace_gone(demo_kubectl, namespace)
     assert all(server.pid() for server in localenv.ALL), "Ctrl-C never stops the shared servers"
 
 
 @pytest.mark.timeout(150)
-def test_demo_down_stops_what_a_killed_demo_left(demo_names: tuple[str, str], kubectl: Any) -> None:
+def test_demo_down_stops_what_a_killed_demo_left(
+    demo_names: tuple[str, str], demo_kubectl: Any
+) -> None:
     namespace, prefix = demo_names
     proc = _start(namespace, prefix, "--events", "2000", "--rate", "20")
     try:
@@ -205,6 +273,9 @@ def test_demo_down_stops_what_a_killed_demo_left(demo_names: tuple[str, str], ku
     )
     assert down.returncode == 0, down.stderr
     assert "order-service" in down.stdout and "operator" in down.stdout
+    if node.enabled():
+        assert "operator and tier-worker pods" in down.stdout
+        assert _namespace_gone(demo_kubectl, namespace)
     assert not _wait_gone(namespace)
     assert all(server.pid() for server in localenv.ALL), "`demo.py down` leaves the servers"
 

@@ -9,9 +9,9 @@ the event goes (the pipeline's `classification` and kafka_retry.errors):
   pipeline lists as non-retriable: the event goes straight to the DLQ.
 
 The bug is fixed by a feature flag (`couponPercentFix`) in the JSON file named by
-$ORDER_SERVICE_FLAGS, re-read when it changes, so the live service and every tier worker see
-the fix without a restart. (In a real cluster the fix would be a new image of the service,
-rolled out to the service and, through `handler.python.image`, to the tier workers.)
+$ORDER_SERVICE_FLAGS, re-read when it changes, so the service sees the fix without a restart,
+on the live lane and for the orders its tier workers POST to it (order_service/endpoint.py).
+(In a real cluster the fix would be a new image of the service.)
 """
 
 from __future__ import annotations

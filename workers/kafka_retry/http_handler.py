@@ -1,4 +1,5 @@
 """The `http` handler: POST each event to the service and judge the answer by its status.
+A Python service receiving those POSTs gets its `Event` back with `event_from_request`.
 
 The body is the event's value, unchanged. Metadata travels in `X-Kafka-Retry-*` request
 headers (see docs/headers.md); the event's own Kafka headers travel as `X-Kafka-Header-<name>`
@@ -20,6 +21,7 @@ import socket
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterable
 
 from kafka_retry.errors import HttpStatusError
 from kafka_retry.event import Event
@@ -85,6 +87,56 @@ def request_headers(event: Event) -> dict[str, str]:
         if raw is not None and _TOKEN.match(name) and _PRINTABLE.match(raw):
             out[EVENT_HEADER_PREFIX + name] = raw.decode("ascii")
     return out
+
+
+def event_from_request(headers: Iterable[tuple[str, str]], body: bytes) -> Event:
+    """The `Event` a tier worker POSTed, rebuilt from its request (`request_headers`), so a
+    service can call the same handler on the live lane and behind its HTTP endpoint. Header
+    names are case-insensitive; a request missing the required ones is a `ValueError`."""
+    fields: dict[str, str] = {}
+    event_headers: list[tuple[str, bytes | None]] = []
+    for name, value in headers:
+        if name.lower().startswith(EVENT_HEADER_PREFIX.lower()):
+            event_headers.append((name[len(EVENT_HEADER_PREFIX) :], value.encode("latin-1")))
+        else:
+            fields[name.lower()] = value
+
+    def get(name: str) -> str | None:
+        return fields.get(name.lower())
+
+    def number(name: str) -> int | None:
+        text = get(name)
+        return int(text) if text is not None else None
+
+    missing = [n for n in (TOPIC, PARTITION, OFFSET, ATTEMPT, TIER) if get(n) is None]
+    if missing:
+        raise ValueError(f"not a tier worker's request: no {', '.join(missing)} header")
+    key = get(KEY)
+    tier = get(TIER)
+    return Event(
+        key=None if key is None else _key_bytes(key, get(KEY_ENCODING)),
+        value=body,
+        headers=tuple(event_headers),
+        topic=str(get(TOPIC)),
+        partition=int(str(get(PARTITION))),
+        offset=int(str(get(OFFSET))),
+        timestamp_ms=number(TIMESTAMP),
+        attempt=int(str(get(ATTEMPT))),
+        tier=None if tier == "source" else tier,
+        pipeline=get(PIPELINE) or "",
+        consumer_group=get(CONSUMER_GROUP) or "",
+        original_topic=get(ORIGINAL_TOPIC) or str(get(TOPIC)),
+        original_partition=number(ORIGINAL_PARTITION),
+        original_offset=number(ORIGINAL_OFFSET),
+        original_timestamp_ms=number(ORIGINAL_TIMESTAMP),
+        due_ms=number(DUE),
+        replay_id=get(REPLAY_ID),
+        last_error_class=get(LAST_ERROR_CLASS),
+    )
+
+
+def _key_bytes(text: str, encoding: str | None) -> bytes:
+    return base64.b64decode(text) if encoding == "base64" else text.encode("ascii")
 
 
 class _Watchdog:
