@@ -271,6 +271,23 @@ def test_worker_defaults_reach_the_operator(helm: Run) -> None:
     assert env_of(container, "ops")["KAFKA_RETRY_WORKER_IMAGE"] == "reg.example/billing:4.5"
 
 
+def test_every_operator_setting_is_a_chart_value(helm: Run) -> None:
+    """Each KAFKA_RETRY_OPERATOR_* setting the operator reads (config.py) is set by a chart
+    value, so a platform team tunes it in values.yaml rather than with extraEnv."""
+    from kafka_retry_operator import config
+
+    settings = {
+        value
+        for name, value in vars(config).items()
+        if name.startswith("ENV_") and value.startswith("KAFKA_RETRY_OPERATOR_")
+    }
+    assert "KAFKA_RETRY_OPERATOR_DRAIN_SETTLE" in settings
+    env = env_of(operator_container(render(helm, "kro", "ops", {})), "ops")
+    assert settings <= env.keys(), sorted(settings - env.keys())
+    docs = render(helm, "kro", "ops", {"operator.drainSettleSeconds": "15"})
+    assert env_of(operator_container(docs), "ops")["KAFKA_RETRY_OPERATOR_DRAIN_SETTLE"] == "15"
+
+
 def test_default_image_is_the_one_the_readme_builds(helm: Run) -> None:
     """A plain install runs the image the README's `docker build` names, pulled only if the
     node lacks it; the operator's own fallback for tier workers is the same image."""
