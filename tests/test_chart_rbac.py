@@ -352,9 +352,10 @@ def test_namespaces_scope_denies_everything_else(
 ) -> None:
     ns, sa = namespace, installed.user
     # kubectl resolves `scaledobjects.keda.sh` through discovery: KEDA's CRD must be served.
-    keda = Path(os.environ["KRO_KEDA_CRDS"]) / "keda.sh_scaledobjects.yaml"
-    kubectl("apply", "--server-side", "-f", str(keda))
-    kubectl("wait", "--for=condition=Established", "crd/scaledobjects.keda.sh", "--timeout=60s")
+    for plural in ("scaledobjects", "triggerauthentications"):
+        keda = Path(os.environ["KRO_KEDA_CRDS"]) / f"keda.sh_{plural}.yaml"
+        kubectl("apply", "--server-side", "-f", str(keda))
+        kubectl("wait", "--for=condition=Established", f"crd/{plural}.keda.sh", "--timeout=60s")
     granted = [
         ("list", "retrypipelines.kafkaretry.io", "-n", ns),
         ("watch", "retrypipelines.kafkaretry.io", "-n", ns),
@@ -376,9 +377,14 @@ def test_namespaces_scope_denies_everything_else(
         ("patch", "scaledobjects.keda.sh", "-n", ns),
         ("list", "scaledobjects.keda.sh", "-n", ns),
         ("delete", "scaledobjects.keda.sh", "-n", ns),
+        ("create", "triggerauthentications.keda.sh", "-n", ns),
+        ("patch", "triggerauthentications.keda.sh", "-n", ns),
+        ("list", "triggerauthentications.keda.sh", "-n", ns),
+        ("delete", "triggerauthentications.keda.sh", "-n", ns),
         ("create", "configmaps", "-n", ns),
         ("patch", "configmaps", "-n", ns),
         ("get", "secrets", "-n", ns),
+        ("list", "pods", "-n", ns),
         ("create", "events", "-n", ns),
         ("create", "leases.coordination.k8s.io", "-n", ns),
         ("get", f"leases.coordination.k8s.io/{installed.release}-kafka-retry-operator", "-n", ns),
@@ -406,6 +412,9 @@ def test_namespaces_scope_denies_everything_else(
         ("delete", "configmaps", "-n", ns),
         ("update", "deployments.apps", "-n", ns),
         ("create", "pods", "-n", ns),
+        ("get", "pods", "-n", ns),
+        ("watch", "pods", "-n", ns),
+        ("delete", "pods", "-n", ns),
         ("create", "pods", "--subresource=exec", "-n", ns),
         ("create", "serviceaccounts", "--subresource=token", "-n", ns),
         ("create", "roles.rbac.authorization.k8s.io", "-n", ns),

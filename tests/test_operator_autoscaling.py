@@ -6,6 +6,8 @@ v2.18.1's own manifests, from its Go module; the KEDA operator itself does not r
   KEDA's schema and read back unchanged; the operator stops owning the Deployment's `replicas`,
   so a scale by another manager (KEDA's HPA) survives the next reconcile.
 - Autoscaling off again: the ScaledObjects go, the operator owns `replicas` again.
+- With the pipeline's Kafka Secret: a TriggerAuthentication naming its keys, against KEDA's
+  schema too.
 """
 
 # ruff: noqa: F401, F811 - pytest fixtures are imported from operator_support by name
@@ -22,6 +24,7 @@ import pytest
 
 from kafka_retry.model import RetryPipelineSpec
 from kafka_retry_operator import children
+from kafka_retry_operator.keda_auth import KedaKafkaAuth
 from kafka_retry_operator.kube import KEDA_CHECK_S
 from operator_support import (
     Kubectl,
@@ -33,22 +36,26 @@ from operator_support import (
     wait_for,
 )
 
-CRD = "scaledobjects.keda.sh"
+CRDS = ("scaledobjects", "triggerauthentications")  # of keda.sh
 
 
 @pytest.fixture
 def no_keda(kubectl: Kubectl) -> Iterator[Callable[[], None]]:
-    """KEDA's ScaledObject CRD absent; the test installs it by calling the fixture's value.
-    Removed afterwards, so that every run starts without KEDA."""
-    kubectl("delete", "crd", CRD, "--ignore-not-found", "--wait=true")
+    """KEDA's CRDs absent; the test installs them by calling the fixture's value. Removed
+    afterwards, so that every run starts without KEDA."""
+    for plural in CRDS:
+        kubectl("delete", "crd", f"{plural}.keda.sh", "--ignore-not-found", "--wait=true")
 
     def install() -> None:
-        manifest = Path(os.environ["KRO_KEDA_CRDS"]) / "keda.sh_scaledobjects.yaml"
-        kubectl("apply", "--server-side", "-f", str(manifest))
-        kubectl("wait", "--for=condition=Established", f"crd/{CRD}", "--timeout=60s")
+        for plural in CRDS:
+            manifest = Path(os.environ["KRO_KEDA_CRDS"]) / f"keda.sh_{plural}.yaml"
+            kubectl("apply", "--server-side", "-f", str(manifest))
+            crd = f"crd/{plural}.keda.sh"
+            kubectl("wait", "--for=condition=Established", crd, "--timeout=60s")
 
     yield install
-    kubectl("delete", "crd", CRD, "--ignore-not-found", "--wait=false")
+    for plural in CRDS:
+        kubectl("delete", "crd", f"{plural}.keda.sh", "--ignore-not-found", "--wait=false")
 
 
 def _replicas_owners(kubectl: Kubectl, namespace: str, name: str) -> set[str]:
@@ -138,3 +145,62 @@ def test_autoscaling_with_and_without_keda(
     obj = get(kubectl, namespace, "retrypipeline", "pay")
     assert obj is not None
     assert "Autoscaling" not in {c["type"] for c in obj["status"]["conditions"]}
+
+
+def test_keda_authenticates_with_the_pipelines_kafka_secret(
+    no_keda: Callable[[], None],
+    operator: Any,
+    kubectl: Kubectl,
+    namespace: str,
+    kafka_bootstrap: str,
+    make_topic: Callable[..., str],
+    unique: str,
+) -> None:
+    """A pipeline whose Kafka Secret holds credentials: its ScaledObject names a
+    TriggerAuthentication that points KEDA at that same Secret's keys; both pass KEDA's
+    schemas (strict) and read back unchanged, owned by the pipeline; with autoscaling off
+    both go. (The `sasl` and `tls` mapping is unit-tested: this broker takes no SASL.)"""
+    no_keda()
+    settings = {
+        "security.protocol": "PLAINTEXT",  # what this broker takes; credentials unused by it
+        "sasl.username": "billing",
+        "sasl.password": f"s3cret-{unique}",
+        "ssl.ca.pem": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    }
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "kafka-client"},
+              "stringData": settings}  # fmt: skip
+    apply(kubectl, namespace, secret)
+    kafka = {"bootstrapServers": kafka_bootstrap, "secretRef": {"name": "kafka-client"}}
+    doc = pipeline("pay", kafka_bootstrap, make_topic("src"), f"g-{unique}", kafka=kafka)
+    doc["spec"]["tiers"] = doc["spec"]["tiers"][:1]
+    doc["spec"]["topics"]["deletionPolicy"] = "Delete"
+    doc["spec"]["workers"] = {"autoscaling": {"minReplicas": 1, "maxReplicas": 3,
+                                              "lagPerReplica": 100}}  # fmt: skip
+    apply(kubectl, namespace, doc)
+    wait_condition(kubectl, namespace, "pay", "Autoscaling", "True", "KedaScaledObject")
+
+    auth = KedaKafkaAuth.of(settings)
+    expected = children.trigger_authentication(namespace, "pay", "kafka-client", auth)
+    found = wait_for(lambda: get(kubectl, namespace, "triggerauthentication", "pay-kafka"), 30,
+                     "the TriggerAuthentication")  # fmt: skip
+    assert found["spec"] == expected["spec"], "KEDA's schema pruned or changed a field"
+    assert {r["parameter"] for r in found["spec"]["secretTargetRef"]} == {
+        "username", "password", "ca"}  # fmt: skip
+    (owner,) = found["metadata"]["ownerReferences"]
+    assert owner["kind"] == "RetryPipeline" and owner["controller"] is True
+    scaled = get(kubectl, namespace, "scaledobject", "pay-retry-1")
+    assert scaled is not None
+    spec = RetryPipelineSpec.model_validate(doc["spec"])
+    tier = spec.topology(namespace, "pay").tiers[0]
+    assert (
+        scaled["spec"]
+        == children.scaled_object(namespace, "pay", spec, tier, kafka_bootstrap, auth)["spec"]
+    )
+    assert scaled["spec"]["triggers"][0]["authenticationRef"] == {"name": "pay-kafka"}
+    assert settings["sasl.password"] not in json.dumps([found, scaled]), "never copied"
+
+    doc["spec"]["workers"] = {"replicas": 1}
+    apply(kubectl, namespace, doc)
+    wait_for(lambda: get(kubectl, namespace, "scaledobject", "pay-retry-1") is None, 60, "gone")
+    wait_for(lambda: get(kubectl, namespace, "triggerauthentication", "pay-kafka") is None, 60,
+             "the TriggerAuthentication gone")  # fmt: skip

@@ -22,6 +22,7 @@ from kafka_retry_operator import conditions as c
 from kafka_retry_operator import status as st
 from kafka_retry_operator.config import ConfigError, OperatorConfig
 from kafka_retry_operator.fleet import PipelineRecord
+from kafka_retry_operator.keda_auth import KedaKafkaAuth, UnsupportedKafkaAuth
 from kafka_retry_operator.sampler import ClusterHealth, Sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -186,6 +187,45 @@ def test_contract_constants_match_the_data_plane() -> None:
     assert children.METRICS_PORT == metrics.DEFAULT_PORT
     assert children.INSTANCE_ID_ENV == worker.INSTANCE_ID_ENV
     assert CLIENT_ENV_PREFIX == "KAFKA_CLIENT_"
+
+
+def test_keda_connects_with_the_pipelines_secret() -> None:
+    """KEDA's Kafka scaler gets `sasl` and `tls` in its trigger (how to connect) and the
+    credentials through a TriggerAuthentication naming keys of the pipeline's own Secret."""
+    settings = {
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "billing",
+        "sasl.password": "s3cret",
+        "ssl.ca.pem": "-----BEGIN CERTIFICATE-----",
+        "client.id": "billing",
+    }
+    auth = KedaKafkaAuth.of(settings)
+    assert auth.metadata == {"sasl": "scram_sha512", "tls": "enable"}
+    assert auth.parameters == {"username": "sasl.username", "password": "sasl.password",
+                               "ca": "ssl.ca.pem"}  # fmt: skip
+    spec = _spec(workers={"autoscaling": {"maxReplicas": 3, "lagPerReplica": 50}})
+    tier = spec.topology("shop", "billing-orders").tiers[0]
+    scaler = children.scaled_object("shop", "billing-orders", spec, tier, "kafka:9093", auth)
+    (trigger,) = scaler["spec"]["triggers"]
+    assert trigger["authenticationRef"] == {"name": "billing-orders-kafka"}
+    assert trigger["metadata"]["sasl"] == "scram_sha512" and trigger["metadata"]["tls"] == "enable"
+    ta = children.trigger_authentication("shop", "billing-orders", "kafka-client", auth)
+    assert ta["metadata"]["name"] == "billing-orders-kafka"
+    assert {(r["parameter"], r["name"], r["key"]) for r in ta["spec"]["secretTargetRef"]} == {
+        ("username", "kafka-client", "sasl.username"),
+        ("password", "kafka-client", "sasl.password"),
+        ("ca", "kafka-client", "ssl.ca.pem"),
+    }
+    assert "s3cret" not in json.dumps([scaler, ta]), "credentials are never copied"
+
+    assert KedaKafkaAuth.of({"security.protocol": "SSL"}) == KedaKafkaAuth({"tls": "enable"}, {})
+    plain = KedaKafkaAuth.of({"security.protocol": "sasl_plaintext", "sasl.mechanism": "PLAIN"})
+    assert plain.metadata == {"sasl": "plaintext"}
+    with pytest.raises(UnsupportedKafkaAuth, match=r"sasl\.mechanism GSSAPI"):
+        KedaKafkaAuth.of({"security.protocol": "SASL_SSL"})  # librdkafka's default mechanism
+    with pytest.raises(UnsupportedKafkaAuth, match=r"ssl\.ca\.location"):
+        KedaKafkaAuth.of({"security.protocol": "SSL", "ssl.ca.location": "/etc/ca.pem"})
 
 
 def test_http_handler_image_and_resources() -> None:
@@ -381,6 +421,35 @@ def test_workers_are_not_ready_until_the_watch_shows_the_applied_generation() ->
     assert (verdict.ok, verdict.message) == (False, "1/2 tiers ready; retry-1: rolling out")
     seen = {**before, "retry-1": st.TierWorkers("retry-1", 2, 2, 2, True, generation=5)}
     assert st.workers_verdict(record, seen).ok
+
+
+def _pod(name: str, tier: str, **container: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "labels": {"kafkaretry.io/tier": tier}},
+        "status": {"containerStatuses": [{"restartCount": 0, "state": {}, **container}]},
+    }
+
+
+def test_workers_ready_names_why_pods_fail() -> None:
+    """The kubelet's reasons (last termination, current wait) reach the WorkersReady message;
+    the reason stays WorkersNotReady, which the not-ready alert keys on."""
+    oom = _pod(
+        "w-1", "retry-1", restartCount=3,
+        lastState={"terminated": {"reason": "OOMKilled", "exitCode": 137}},
+        state={"waiting": {"reason": "CrashLoopBackOff"}},
+    )  # fmt: skip
+    starting = _pod("w-2", "retry-2", state={"waiting": {"reason": "ContainerCreating"}})
+    pull = _pod("w-3", "retry-2", state={"waiting": {"reason": "ImagePullBackOff"}})
+    troubles = st.pod_troubles([oom, starting, pull])
+    assert troubles == {
+        "retry-1": "pod w-1 last terminated OOMKilled (exit 137), now CrashLoopBackOff, 3 restarts",
+        "retry-2": "pod w-3 now ImagePullBackOff, 0 restarts",
+    }
+    s = st.compose(_record(), None, ClusterHealth(True), _workers(ready=0), {}, troubles=troubles)
+    workers = {x["type"]: x for x in s["conditions"]}["WorkersReady"]
+    assert workers["reason"] == "WorkersNotReady"
+    assert f"retry-1: 0/2 ready, 2 up to date ({troubles['retry-1']})" in workers["message"]
+    assert st.pod_troubles([_pod("w-4", "retry-1", state={"running": {}})]) == {}
 
 
 def test_suspended_is_ready_with_reason() -> None:

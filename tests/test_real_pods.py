@@ -3,7 +3,9 @@ the image built from the Dockerfile, run by a kubelet under the `restricted` Pod
 Standard, with the operator's ServiceAccount token, probes, limits and pod networking real.
 
 The tests of this module share one installed chart and follow one another (a pipeline made
-Ready, events through it, pods killed, a worker out of memory, the pipeline deleted)."""
+Ready, events through it, pods killed, a worker out of memory and shown in status, `helm
+test`, two workers spread and evicted one at a time under their budget, the pipeline
+deleted)."""
 
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ pytestmark = pytest.mark.e2e
 CHART = ROOT / "charts" / "kafka-retry-operator"
 BIN = Path(sys.executable).parent  # the venv's console scripts: kafka-retry
 RELEASE = "kro"
+# The chart's spread of tier workers over nodes; with one node every pod fits (skew 0).
+SPREAD = [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+           "whenUnsatisfiable": "DoNotSchedule"}]  # fmt: skip
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 
 
@@ -123,6 +128,7 @@ def installed(
             "--set", "image.pullPolicy=Never",
             "--set", "rbac.scope=namespaces", "--set", f"watchNamespaces={{{pipelines_ns}}}",
             "--set", "operator.statusIntervalSeconds=2",
+            "--set-json", f"workers.topologySpreadConstraints={json.dumps(SPREAD)}",
         ],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
@@ -421,6 +427,19 @@ def test_worker_over_its_memory_limit_is_oomkilled_restarted_and_shown(
         workers = condition(rp, "WorkersReady")
         assert workers["status"] == "False", workers
         assert "retry-1: 0/1 ready" in workers["message"], workers
+
+        # ...and why: the kubelet's last termination reason of the worker's container, at the
+        # next status refresh (every 2 s here) after the kubelet reported it.
+        def named() -> Any:
+            rp = _rp(node_kubectl, hungry.namespace, hungry.name)
+            message = condition(rp, "WorkersReady").get("message", "")
+            return "last terminated OOMKilled (exit 137)" in message and rp
+
+        rp = wait_for(named, 30, "WorkersReady to name the OOMKilled worker", every=1)
+        workers = condition(rp, "WorkersReady")
+        assert workers["status"] == "False", workers
+        assert workers["reason"] == "WorkersNotReady", "the alert on not-ready workers keys on it"
+        assert condition(rp, "Ready")["status"] == "False"
         assert rp["status"]["tiers"][0]["readyReplicas"] == 0
 
         del doc["spec"]["workers"]["resources"]  # the default limit: Ready
@@ -428,6 +447,85 @@ def test_worker_over_its_memory_limit_is_oomkilled_restarted_and_shown(
         _wait_ready(node_kubectl, hungry)
     finally:
         node_kubectl("delete", "rp", hungry.name, "-n", hungry.namespace, "--wait=false")
+        with contextlib.suppress(Exception):
+            kafka_admin.delete_topics([source])[source].result(timeout=30)
+
+
+def test_helm_test_runs_its_check_pod_on_the_node(
+    installed: Installed, node_kubectl: Kubectl, localenv_up: dict[str, str]
+) -> None:
+    """`helm test`: the hook pod runs (restricted, its own ServiceAccount) and passes."""
+    test = subprocess.run(
+        [localenv_up["KRO_HELM"], "--kubeconfig", installed.kubeconfig, "test", RELEASE,
+         "--namespace", installed.namespace, "--timeout", "180s", "--logs"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert test.returncode == 0, test.stdout + test.stderr
+    assert "Phase:          Succeeded" in test.stdout, test.stdout
+    hooks = _pods(node_kubectl, installed.namespace, "app.kubernetes.io/component=test")
+    assert [p["status"]["phase"] for p in hooks] == ["Succeeded"], hooks
+
+
+def _evict(kubectl: Kubectl, namespace: str, pod: str) -> subprocess.CompletedProcess[str]:
+    """The eviction API, as `kubectl drain` calls it."""
+    body = {"apiVersion": "policy/v1", "kind": "Eviction",
+            "metadata": {"name": pod, "namespace": namespace}}  # fmt: skip
+    path = f"/api/v1/namespaces/{namespace}/pods/{pod}/eviction"
+    return kubectl("create", "--raw", path, "-f", "-", input=json.dumps(body), check=False)
+
+
+def test_two_workers_are_spread_and_evicted_one_at_a_time(
+    pipeline: Pipeline, node_kubectl: Kubectl, kafka_admin: Any, service: Service
+) -> None:
+    """A tier of two workers: the chart's topology spread reaches the pods the scheduler
+    placed, and its PodDisruptionBudget lets a drain evict one worker, refusing the second
+    until the first's replacement is ready."""
+    from confluent_kafka.admin import NewTopic
+
+    source = f"{pipeline.source}-pair"
+    kafka_admin.create_topics([NewTopic(source, 2, 1)])[source].result(timeout=30)
+    doc = _pipeline_doc("pair", pipeline.doc["spec"]["kafka"]["bootstrapServers"], source,
+                        f"{pipeline.group}-pair", service.url)  # fmt: skip
+    doc["spec"]["workers"]["replicas"] = 2
+    pair = Pipeline("pair", pipeline.namespace, source, f"{pipeline.group}-pair", doc)
+    _apply(node_kubectl, pair.namespace, doc)
+    try:
+        _wait_ready(node_kubectl, pair)
+        pods = _workers(node_kubectl, pair)
+        assert len(pods) == 2 and {p["status"]["phase"] for p in pods} == {"Running"}
+        for pod in pods:
+            (constraint,) = pod["spec"]["topologySpreadConstraints"]
+            assert constraint["topologyKey"] == "kubernetes.io/hostname", constraint
+            assert constraint["whenUnsatisfiable"] == "DoNotSchedule", constraint
+            selector = constraint["labelSelector"]["matchLabels"]
+            assert selector.items() <= pod["metadata"]["labels"].items(), (selector, pod)
+            assert selector["kafkaretry.io/tier"] == "retry-1"
+            assert pod["spec"]["nodeName"] == node.NODE_NAME
+
+        def budget() -> Any:
+            out = node_kubectl("get", "pdb", "pair-retry-1", "-n", pair.namespace, "-o", "json")
+            status = json.loads(out.stdout).get("status") or {}
+            return status.get("currentHealthy") == 2 and status.get("disruptionsAllowed") == 1
+
+        wait_for(budget, 60, "the tier's budget to allow one disruption", every=1)
+        first, second = (p["metadata"]["name"] for p in pods)
+        evicted = _evict(node_kubectl, pair.namespace, first)
+        assert evicted.returncode == 0, evicted.stderr
+        refused = _evict(node_kubectl, pair.namespace, second)
+        assert refused.returncode != 0, "a second worker evicted while the first is away"
+        assert "disruption budget" in refused.stderr, refused.stderr
+
+        def replaced() -> Any:
+            names = {p["metadata"]["name"] for p in _workers(node_kubectl, pair)
+                     if _ready(p).get("status") == "True"}  # fmt: skip
+            return first not in names and len(names) == 2
+
+        wait_for(replaced, 120, "the evicted worker replaced and ready", every=1)
+        wait_for(budget, 60, "the budget to allow one disruption again", every=1)
+        again = _evict(node_kubectl, pair.namespace, second)
+        assert again.returncode == 0, again.stderr
+    finally:
+        node_kubectl("delete", "rp", pair.name, "-n", pair.namespace, "--wait=false")
         with contextlib.suppress(Exception):
             kafka_admin.delete_topics([source])[source].result(timeout=30)
 

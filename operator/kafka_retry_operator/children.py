@@ -25,6 +25,7 @@ from kafka_retry.model import (
     Topology,
 )
 from kafka_retry.topology_source import CONFIGMAP_KEY, TOPOLOGY_ENV, configmap_name
+from kafka_retry_operator.keda_auth import KedaKafkaAuth
 
 # The worker's probe and metrics port (kafka_retry.metrics.PORT_ENV / DEFAULT_PORT; not
 # imported, so the operator does not register the data plane's metrics).
@@ -57,9 +58,11 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_DRAIN = "kafkaretry.io/drain"  # on a drain worker: which drain (DrainingStage)
 WORKER_APP = "kafka-retry-worker"
+TIER_WORKER = "tier-worker"  # the component label of tier-worker pods
 MANAGER = "kafka-retry-operator"
 # KEDA's ScaledObject, made for tiers of pipelines with `spec.workers.autoscaling`.
 KEDA_GROUP, KEDA_VERSION, SCALED_OBJECTS = "keda.sh", "v1alpha1", "scaledobjects"
+TRIGGER_AUTHENTICATIONS = "triggerauthentications"
 TOPOLOGY_HASH_ANNOTATION = "kafkaretry.io/topology-hash"
 # On a pod template: the version of the Kafka Secret its pods were started with.
 SECRET_VERSION_ANNOTATION = "kafkaretry.io/kafka-secret-version"
@@ -179,7 +182,7 @@ def tier_deployment(
     environment variables, read at start)."""
     return _worker_deployment(
         namespace, pipeline, spec, deployment_name(pipeline, tier.name),
-        {LABEL_COMPONENT: "tier-worker", LABEL_TIER: tier.name},
+        {LABEL_COMPONENT: TIER_WORKER, LABEL_TIER: tier.name},
         selector_labels(pipeline, tier.name), ["--tier", tier.name],
         topology_hash(topology), defaults, secret_version, desired_replicas(spec, autoscaled),
     )  # fmt: skip
@@ -300,13 +303,33 @@ def _replicas(replicas: int | None) -> dict[str, int]:
 
 
 def scaled_object(
-    namespace: str, pipeline: str, spec: RetryPipelineSpec, tier: ResolvedTier, bootstrap: str
+    namespace: str,
+    pipeline: str,
+    spec: RetryPipelineSpec,
+    tier: ResolvedTier,
+    bootstrap: str,
+    auth: KedaKafkaAuth | None = None,
 ) -> dict[str, Any]:
     """KEDA's Kafka scaler on the tier's own consumer group and topic: a worker per
-    `lagPerReplica` events waiting, between min and max."""
+    `lagPerReplica` events waiting, between min and max; with the pipeline's Secret, it
+    connects as the pipeline's clients do (`auth`, see keda_auth)."""
     autoscaling = spec.workers.autoscaling
     assert autoscaling is not None
-    labels = {**pipeline_labels(pipeline), LABEL_COMPONENT: "tier-worker", LABEL_TIER: tier.name}
+    labels = {**pipeline_labels(pipeline), LABEL_COMPONENT: TIER_WORKER, LABEL_TIER: tier.name}
+    trigger: dict[str, Any] = {
+        "type": "kafka",
+        "metadata": {
+            "bootstrapServers": bootstrap,
+            "consumerGroup": tier.consumer_group,
+            "topic": tier.topic,
+            "lagThreshold": str(autoscaling.lag_per_replica),
+            # A tier's group starts at the beginning of its topic, as the worker.
+            "offsetResetPolicy": "earliest",
+            **(auth.metadata if auth else {}),
+        },
+    }
+    if auth is not None and auth.parameters:
+        trigger["authenticationRef"] = {"name": trigger_authentication_name(pipeline)}
     return {
         "apiVersion": f"{KEDA_GROUP}/{KEDA_VERSION}",
         "kind": "ScaledObject",
@@ -319,19 +342,33 @@ def scaled_object(
             "scaleTargetRef": {"name": deployment_name(pipeline, tier.name)},
             "minReplicaCount": autoscaling.min_replicas,
             "maxReplicaCount": autoscaling.max_replicas,
-            "triggers": [
-                {
-                    "type": "kafka",
-                    "metadata": {
-                        "bootstrapServers": bootstrap,
-                        "consumerGroup": tier.consumer_group,
-                        "topic": tier.topic,
-                        "lagThreshold": str(autoscaling.lag_per_replica),
-                        # A tier's group starts at the beginning of its topic, as the worker.
-                        "offsetResetPolicy": "earliest",
-                    },
-                }
-            ],
+            "triggers": [trigger],
+        },
+    }
+
+
+def trigger_authentication_name(pipeline: str) -> str:
+    return f"{pipeline}-kafka"
+
+
+def trigger_authentication(
+    namespace: str, pipeline: str, secret: str, auth: KedaKafkaAuth
+) -> dict[str, Any]:
+    """The TriggerAuthentication the pipeline's ScaledObjects name: KEDA reads each credential
+    from the pipeline's own Secret (nothing is copied)."""
+    return {
+        "apiVersion": f"{KEDA_GROUP}/{KEDA_VERSION}",
+        "kind": "TriggerAuthentication",
+        "metadata": {
+            "name": trigger_authentication_name(pipeline),
+            "namespace": namespace,
+            "labels": {**pipeline_labels(pipeline), LABEL_COMPONENT: TIER_WORKER},
+        },
+        "spec": {
+            "secretTargetRef": [
+                {"parameter": param, "name": secret, "key": key}
+                for param, key in sorted(auth.parameters.items())
+            ]
         },
     }
 
@@ -362,7 +399,7 @@ def tier_pdb(namespace: str, pipeline: str, tier: str) -> dict[str, Any]:
             "namespace": namespace,
             "labels": {
                 **pipeline_labels(pipeline),
-                LABEL_COMPONENT: "tier-worker",
+                LABEL_COMPONENT: TIER_WORKER,
                 LABEL_TIER: tier,
             },
         },

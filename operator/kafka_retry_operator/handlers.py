@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from kafka_retry.model import GROUP, LABEL_PIPELINE, LABEL_TIER, VERSION, RetryPipelineSpec
@@ -203,7 +204,7 @@ def reconcile(
         record, verdict = reconciler.reconcile(
             rt, body, parsed, _claims(kwargs), dict(status), logger
         )
-        new = _status(rt, record, kwargs, status)
+        new = _status(rt, record, kwargs, status, _pod_troubles(rt, record, kwargs))
         patch.status.update(st.merge_patch(status, new))
         _announce(body, announcements.topics_changed(verdict.created, verdict.grown))
         _announce(body, announcements.status_changed(status, new, record.topology.dlq_topic))
@@ -265,7 +266,8 @@ async def refresh_status(
     record = rt.fleet.get(key)
     if record is None:  # not reconciled (yet), or its spec is invalid
         return
-    new = _status(rt, record, kwargs, status)
+    troubles = await asyncio.to_thread(_pod_troubles, rt, record, kwargs)
+    new = _status(rt, record, kwargs, status, troubles)
     if st.differs(status, new):
         patch.status.update(st.merge_patch(status, new))
     elif st.finished_drains(record, status):
@@ -316,10 +318,14 @@ def _announce(body: kopf.Body, found: list[announcements.Announcement]) -> None:
 
 
 def _status(
-    rt: Runtime, record: PipelineRecord, kwargs: dict[str, Any], status: kopf.Status
+    rt: Runtime,
+    record: PipelineRecord,
+    kwargs: dict[str, Any],
+    status: kopf.Status,
+    troubles: dict[str, str],
 ) -> dict[str, Any]:
     """The status the pipeline should show now: from the last reconcile, the sampler's latest
-    measurements and the tier Deployments' index."""
+    measurements, the tier Deployments' index and why their pods fail."""
     return st.compose(
         record,
         rt.sampler.sample(record.key),
@@ -327,7 +333,24 @@ def _status(
         _workers(kwargs, record.key),
         status,
         drain_settle_s=rt.config.drain_settle,
+        troubles=troubles,
     )
+
+
+def _pod_troubles(rt: Runtime, record: PipelineRecord, kwargs: dict[str, Any]) -> dict[str, str]:
+    """Why the pods of tiers that are not ready fail (OOMKilled, CrashLoopBackOff...): one
+    list of the pipeline's tier-worker pods, only while some tier is not ready. Without the
+    right to list pods, or the API answering an error, the status says only the counts."""
+    if st.workers_verdict(record, _workers(kwargs, record.key)).ok:
+        return {}
+    namespace, name = record.key
+    try:
+        return st.pod_troubles(rt.kube.tier_worker_pods(namespace, name))
+    except ApiException as e:
+        log.warning(
+            "%s/%s: tier-worker pods not listed: %s %s", namespace, name, e.status, e.reason
+        )
+        return {}
 
 
 def _summary(error: ValidationError) -> str:

@@ -17,7 +17,14 @@ from kubernetes.client.exceptions import ApiException
 
 from kafka_retry import kafka_secret
 from kafka_retry.model import GROUP, LABEL_PIPELINE, VERSION
-from kafka_retry_operator.children import KEDA_GROUP, KEDA_VERSION, MANAGER, SCALED_OBJECTS
+from kafka_retry_operator.children import (
+    KEDA_GROUP,
+    KEDA_VERSION,
+    LABEL_COMPONENT,
+    MANAGER,
+    SCALED_OBJECTS,
+    TIER_WORKER,
+)
 
 APPLY = "application/apply-patch+yaml"
 MERGE = "application/merge-patch+json"
@@ -87,21 +94,28 @@ class Kube:
         self._keda = (served, now)
         return served
 
-    def apply_scaled_object(self, body: dict[str, Any]) -> None:
-        """Server-side apply, validated strictly against KEDA's schema (an unknown field is an
-        error, not silently dropped)."""
+    def apply_keda(self, plural: str, body: dict[str, Any]) -> None:
+        """Server-side apply of a KEDA object (a ScaledObject, a TriggerAuthentication),
+        validated strictly against KEDA's schema (an unknown field is an error, not silently
+        dropped)."""
         meta = body["metadata"]
         self.custom.patch_namespaced_custom_object(
-            KEDA_GROUP, KEDA_VERSION, meta["namespace"], SCALED_OBJECTS, meta["name"], body,
+            KEDA_GROUP, KEDA_VERSION, meta["namespace"], plural, meta["name"], body,
             field_manager=MANAGER, force=True, field_validation="Strict", _content_type=APPLY,
         )  # fmt: skip
 
-    def scaled_objects(self, namespace: str, pipeline: str) -> dict[str, str]:
-        """The pipeline's ScaledObjects now in the cluster: name -> owner uid."""
-        found: Any = self.custom.list_namespaced_custom_object(
-            KEDA_GROUP, KEDA_VERSION, namespace, SCALED_OBJECTS,
-            label_selector=f"{LABEL_PIPELINE}={pipeline}",
-        )  # fmt: skip
+    def keda_objects(self, plural: str, namespace: str, pipeline: str) -> dict[str, str]:
+        """The pipeline's KEDA objects of one kind now in the cluster: name -> owner uid
+        (none where that kind is not served)."""
+        try:
+            found: Any = self.custom.list_namespaced_custom_object(
+                KEDA_GROUP, KEDA_VERSION, namespace, plural,
+                label_selector=f"{LABEL_PIPELINE}={pipeline}",
+            )  # fmt: skip
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            return {}
         return {
             o["metadata"]["name"]: next(
                 (r["uid"] for r in o["metadata"].get("ownerReferences", []) if r.get("controller")),
@@ -110,10 +124,10 @@ class Kube:
             for o in found.get("items", [])
         }
 
-    def delete_scaled_object(self, namespace: str, name: str) -> None:
+    def delete_keda(self, plural: str, namespace: str, name: str) -> None:
         try:
             self.custom.delete_namespaced_custom_object(
-                KEDA_GROUP, KEDA_VERSION, namespace, SCALED_OBJECTS, name
+                KEDA_GROUP, KEDA_VERSION, namespace, plural, name
             )
         except ApiException as e:
             if e.status != 404:
@@ -129,6 +143,13 @@ class Kube:
         except ApiException as e:
             if e.status != 404:
                 raise
+
+    def tier_worker_pods(self, namespace: str, pipeline: str) -> list[dict[str, Any]]:
+        """The pipeline's tier-worker pods, as the API serves them (camelCase dicts)."""
+        selector = f"{LABEL_PIPELINE}={pipeline},{LABEL_COMPONENT}={TIER_WORKER}"
+        found = self.core.list_namespaced_pod(namespace, label_selector=selector)
+        serialize = self.core.api_client.sanitize_for_serialization
+        return [dict(serialize(pod)) for pod in found.items]
 
     def worker_deployments(self, namespace: str, pipeline: str) -> dict[str, str]:
         """The pipeline's Deployments now in the cluster (tier and drain workers): name ->

@@ -21,6 +21,7 @@ from kafka_retry.model import LABEL_TIER, RetryPipelineSpec, Topology
 from kafka_retry_operator import children, claims, conditions, draining, topics
 from kafka_retry_operator.fleet import PipelineKey, PipelineRecord, owner_id
 from kafka_retry_operator.kafka_admin import Cluster, InvalidKafkaSettings
+from kafka_retry_operator.keda_auth import KedaKafkaAuth, UnsupportedKafkaAuth
 from kafka_retry_operator.runtime import Runtime
 from kafka_retry_operator.topics import Retry, TopicsVerdict
 
@@ -28,6 +29,8 @@ KAFKA_SECRET_NOT_FOUND = "KafkaSecretNotFound"
 # Reasons of the Autoscaling condition.
 KEDA_SCALED_OBJECT = "KedaScaledObject"
 KEDA_NOT_INSTALLED = "KedaNotInstalled"
+KEDA_AUTH_UNSUPPORTED = "KedaAuthUnsupported"
+TRIGGER_AUTHS = children.TRIGGER_AUTHENTICATIONS
 SUSPENDED = "Suspended"
 PIPELINE_OVERLAP = "PipelineOverlap"
 ClaimsIndex = Mapping[claims.ClaimKey, Iterable[claims.Claimant]]
@@ -38,6 +41,7 @@ class Connection(NamedTuple):
     cluster: Cluster | None  # None: no client (see `verdict`)
     verdict: TopicsVerdict | None  # why there is no client
     secret: tuple[str, str] | None  # (name, version) of the Secret read, if the spec names one
+    settings: Mapping[str, str]  # the Secret's librdkafka settings; never log them
 
 
 def connect(rt: Runtime, key: PipelineKey, spec: RetryPipelineSpec) -> Connection:
@@ -51,15 +55,15 @@ def connect(rt: Runtime, key: PipelineKey, spec: RetryPipelineSpec) -> Connectio
         except SecretNotFound as e:
             rt.admins.release(owner_id(key))
             verdict = TopicsVerdict(False, KAFKA_SECRET_NOT_FOUND, str(e), Retry.LATER)
-            return Connection(None, verdict, None)
+            return Connection(None, verdict, None, {})
         secret = (name, version)
     try:
         cluster = rt.admins.bind(owner_id(key), spec.kafka.bootstrap_servers, settings)
-        return Connection(cluster, None, secret)
+        return Connection(cluster, None, secret, settings)
     except InvalidKafkaSettings as e:
         rt.admins.release(owner_id(key))
         verdict = TopicsVerdict(False, INVALID_KAFKA_SETTINGS, str(e), Retry.LATER)
-        return Connection(None, verdict, secret)
+        return Connection(None, verdict, secret, settings)
 
 
 def reconcile(
@@ -81,9 +85,10 @@ def reconcile(
         # Nothing is created, not even a Kafka client: the names are another pipeline's.
         rt.admins.release(owner_id(key))
         why = TopicsVerdict(False, PIPELINE_OVERLAP, claims.describe(overlaps), Retry.LATER)
-        cluster, verdict, secret = Connection(None, why, None)
+        connection = Connection(None, why, None, {})
     else:
-        cluster, verdict, secret = connect(rt, key, spec)
+        connection = connect(rt, key, spec)
+    cluster, verdict, secret = connection.cluster, connection.verdict, connection.secret
     if secret is not None:
         rt.secret_checks.read(key, time.monotonic())  # the status timer need not read it again
     if cluster is not None:
@@ -99,7 +104,7 @@ def reconcile(
     assert verdict is not None
     if verdict.created or verdict.grown:
         logger.info(f"topics created: {list(verdict.created)}, grown: {list(verdict.grown)}")
-    autoscaled, autoscaling = autoscaling_verdict(rt, spec)
+    autoscaled, autoscaling, keda_auth = autoscaling_verdict(rt, spec, connection.settings)
     record = PipelineRecord(
         key=key,
         generation=int(body.metadata.get("generation") or 0),
@@ -118,7 +123,7 @@ def reconcile(
     rt.fleet.put(record)
     if verdict.usable:
         version = secret[1] if secret else None
-        applied = apply_children(rt, body, spec, topology, version, autoscaled)
+        applied = apply_children(rt, body, spec, topology, version, autoscaled, keda_auth)
         record = dataclasses.replace(record, worker_generations=applied)
         rt.fleet.put(record)
     rt.sampler.wake()
@@ -126,24 +131,36 @@ def reconcile(
 
 
 def autoscaling_verdict(
-    rt: Runtime, spec: RetryPipelineSpec
-) -> tuple[bool, conditions.Verdict | None]:
-    """(KEDA scales the tier workers, the Autoscaling condition). No condition without
-    `spec.workers.autoscaling`. No HPA fallback: the lag is not served as an external metric."""
+    rt: Runtime, spec: RetryPipelineSpec, settings: Mapping[str, str]
+) -> tuple[bool, conditions.Verdict | None, KedaKafkaAuth | None]:
+    """(KEDA scales the tier workers, the Autoscaling condition, how KEDA authenticates with
+    the pipeline's Secret). No condition without `spec.workers.autoscaling`. No HPA fallback:
+    the lag is not served as an external metric."""
     if spec.workers.autoscaling is None:
-        return False, None
+        return False, None, None
     if spec.suspend:
         why = "spec.suspend: tier workers are scaled to 0, no ScaledObject"
-        return False, conditions.Verdict.of(conditions.AUTOSCALING, False, SUSPENDED, why)
+        return False, conditions.Verdict.of(conditions.AUTOSCALING, False, SUSPENDED, why), None
+    least = f"tier workers stay at minReplicas ({spec.workers.autoscaling.min_replicas})"
     if not rt.kube.keda_served():
         why = (
             f"KEDA's ScaledObject API ({children.KEDA_GROUP}/{children.KEDA_VERSION}) is not "
-            f"served: tier workers stay at minReplicas "
-            f"({spec.workers.autoscaling.min_replicas}). Install KEDA, or drop autoscaling"
+            f"served: {least}. Install KEDA, or drop autoscaling"
         )
-        return False, conditions.Verdict.of(conditions.AUTOSCALING, False, KEDA_NOT_INSTALLED, why)
+        verdict = conditions.Verdict.of(conditions.AUTOSCALING, False, KEDA_NOT_INSTALLED, why)
+        return False, verdict, None
+    auth = None
+    if spec.kafka.secret_ref is not None:
+        try:
+            auth = KedaKafkaAuth.of(settings)
+        except UnsupportedKafkaAuth as e:
+            why = f"Secret {spec.kafka.secret_ref.name}: {e}: {least}"
+            verdict = conditions.Verdict.of(
+                conditions.AUTOSCALING, False, KEDA_AUTH_UNSUPPORTED, why
+            )
+            return False, verdict, None
     ok = "a KEDA ScaledObject per tier scales its workers on the tier's lag"
-    return True, conditions.Verdict.of(conditions.AUTOSCALING, True, KEDA_SCALED_OBJECT, ok)
+    return True, conditions.Verdict.of(conditions.AUTOSCALING, True, KEDA_SCALED_OBJECT, ok), auth
 
 
 def apply_children(
@@ -153,6 +170,7 @@ def apply_children(
     topology: Topology,
     secret_version: str | None,
     autoscaled: bool = False,
+    keda_auth: KedaKafkaAuth | None = None,
 ) -> dict[str, int]:
     """Returns each tier Deployment's generation as applied (tier -> generation)."""
     namespace, name = body.metadata.namespace or "", body.metadata.name or ""
@@ -173,31 +191,45 @@ def apply_children(
         if deployment_name not in wanted and owner_uid == body.metadata.uid:
             rt.kube.delete_deployment(namespace, deployment_name)
     apply_disruption_budgets(rt, body, spec, topology)
-    apply_scaled_objects(rt, body, spec, topology, autoscaled)
+    apply_scaled_objects(rt, body, spec, topology, autoscaled, keda_auth)
     return applied
 
 
 def apply_scaled_objects(
-    rt: Runtime, body: kopf.Body, spec: RetryPipelineSpec, topology: Topology, autoscaled: bool
+    rt: Runtime,
+    body: kopf.Body,
+    spec: RetryPipelineSpec,
+    topology: Topology,
+    autoscaled: bool,
+    auth: KedaKafkaAuth | None,
 ) -> None:
-    """A KEDA ScaledObject per tier while KEDA scales the workers; others of the pipeline go
-    (autoscaling turned off, a tier removed). Without KEDA there is nothing to list."""
+    """A KEDA ScaledObject per tier while KEDA scales the workers, and the TriggerAuthentication
+    they name when the pipeline's Secret holds credentials; others of the pipeline go
+    (autoscaling turned off, a tier removed, no credentials). Without KEDA there is nothing to
+    list."""
     namespace, name = body.metadata.namespace or "", body.metadata.name or ""
     bootstrap = spec.kafka.bootstrap_servers
-    scalers = [
-        children.scaled_object(namespace, name, spec, tier, bootstrap)
-        for tier in topology.tiers
-        if autoscaled
-    ]
-    kopf.adopt(scalers, owner=body)
-    for scaler in scalers:
-        rt.kube.apply_scaled_object(scaler)
+    wanted: dict[str, list[dict[str, Any]]] = {children.SCALED_OBJECTS: [], TRIGGER_AUTHS: []}
+    if autoscaled:
+        if auth is not None and auth.parameters and spec.kafka.secret_ref is not None:
+            secret = spec.kafka.secret_ref.name
+            trigger_auth = children.trigger_authentication(namespace, name, secret, auth)
+            wanted[TRIGGER_AUTHS].append(trigger_auth)
+        wanted[children.SCALED_OBJECTS] = [
+            children.scaled_object(namespace, name, spec, tier, bootstrap, auth)
+            for tier in topology.tiers
+        ]
+    for plural in (TRIGGER_AUTHS, children.SCALED_OBJECTS):  # named before it is used
+        kopf.adopt(wanted[plural], owner=body)
+        for obj in wanted[plural]:
+            rt.kube.apply_keda(plural, obj)
     if not (autoscaled or rt.kube.keda_served()):
         return
-    keep = {s["metadata"]["name"] for s in scalers}
-    for scaler_name, owner_uid in rt.kube.scaled_objects(namespace, name).items():
-        if scaler_name not in keep and owner_uid == body.metadata.uid:
-            rt.kube.delete_scaled_object(namespace, scaler_name)
+    for plural in (children.SCALED_OBJECTS, TRIGGER_AUTHS):  # unused before it goes
+        keep = {o["metadata"]["name"] for o in wanted[plural]}
+        for obj_name, owner_uid in rt.kube.keda_objects(plural, namespace, name).items():
+            if obj_name not in keep and owner_uid == body.metadata.uid:
+                rt.kube.delete_keda(plural, namespace, obj_name)
 
 
 def apply_disruption_budgets(
@@ -255,7 +287,7 @@ def finalize(
         for deployment_name in running:
             rt.kube.delete_deployment(namespace, deployment_name, foreground=True)
         return {"*": f"waiting for the workers to stop: {', '.join(sorted(running))}"}
-    cluster, verdict, _ = connect(rt, key, spec)
+    cluster, verdict, _, _ = connect(rt, key, spec)
     admin = rt.admins.admin(cluster) if cluster is not None else None
     if admin is None:
         return {"*": verdict.message if verdict else "no Kafka client"}

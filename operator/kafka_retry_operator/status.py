@@ -1,11 +1,12 @@
 """A pipeline's `status`, composed from what the operator knows (pure functions).
 
 Inputs: the record of the last reconcile (topics verdict, generation), the latest sample
-(lag, DLQ depth), the cluster's health as seen by the sampler, and the tier Deployments'
-replica counts. The previous status supplies what must not churn: lastTransitionTime of
-unchanged conditions, the last known lag and depth while Kafka cannot be measured, and
-dlq.lastUpdated while the DLQ does not change. So an unchanged pipeline composes an identical
-status, and the timer writes nothing.
+(lag, DLQ depth), the cluster's health as seen by the sampler, the tier Deployments'
+replica counts, and why the pods of tiers that are not ready fail (`pod_troubles`). The
+previous status supplies what must not churn: lastTransitionTime of unchanged conditions,
+the last known lag and depth while Kafka cannot be measured, and dlq.lastUpdated while the
+DLQ does not change. So an unchanged pipeline composes an identical status, and the timer
+writes nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kafka_retry.model import (
+    LABEL_TIER,
     DlqStatus,
     DrainingStatus,
     RetryPipelineStatus,
@@ -48,7 +50,44 @@ class TierWorkers:
     generation: int = 0  # the Deployment's generation as last seen by the watch
 
 
-def workers_verdict(record: PipelineRecord, workers: Mapping[str, TierWorkers]) -> c.Verdict:
+# A container waiting for one of these is starting, not failing.
+_STARTING = frozenset({"ContainerCreating", "PodInitializing"})
+
+
+def pod_troubles(pods: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """Tier -> why one of its worker pods fails, from the kubelet's container statuses: the
+    last termination (`OOMKilled`, `Error` with its exit code) and what it waits for now
+    (`CrashLoopBackOff`, `ImagePullBackOff`...). A Deployment's counts say only "0/1 ready";
+    this says why. Pods as the API serves them (camelCase dicts)."""
+    found: dict[str, str] = {}
+    for pod in pods:
+        tier = ((pod.get("metadata") or {}).get("labels") or {}).get(LABEL_TIER)
+        if not tier or tier in found:
+            continue
+        for s in (pod.get("status") or {}).get("containerStatuses") or []:
+            last = (s.get("lastState") or {}).get("terminated") or {}
+            waiting = ((s.get("state") or {}).get("waiting") or {}).get("reason")
+            parts = []
+            if last.get("reason"):
+                parts.append(f"last terminated {last['reason']} (exit {last.get('exitCode')})")
+            if waiting and waiting not in _STARTING:
+                parts.append(f"now {waiting}")
+            if parts:
+                restarts = int(s.get("restartCount") or 0)
+                name = pod["metadata"].get("name")
+                found[tier] = f"pod {name} {', '.join(parts)}, {restarts} restarts"
+                break
+    return found
+
+
+def workers_verdict(
+    record: PipelineRecord,
+    workers: Mapping[str, TierWorkers],
+    troubles: Mapping[str, str] | None = None,
+) -> c.Verdict:
+    """WorkersReady. Its reason stays `WorkersNotReady` whatever the pods' trouble (the
+    KafkaRetryWorkersNotReady alert keys on it); the message names the trouble."""
+    troubles = troubles or {}
     tiers = [t.name for t in record.topology.tiers]
     behind = []
     for name in tiers:
@@ -60,7 +99,8 @@ def workers_verdict(record: PipelineRecord, workers: Mapping[str, TierWorkers]) 
         if w.generation < record.worker_generations.get(name, 0):  # the watch is behind
             behind.append(f"{name}: rolling out")
         elif not (w.current and w.desired == want and w.ready >= want and w.updated >= want):
-            behind.append(f"{name}: {w.ready}/{want} ready, {w.updated} up to date")
+            trouble = f" ({troubles[name]})" if name in troubles else ""
+            behind.append(f"{name}: {w.ready}/{want} ready, {w.updated} up to date{trouble}")
     if behind:
         ok = len(tiers) - len(behind)
         message = f"{ok}/{len(tiers)} tiers ready; " + "; ".join(behind)
@@ -91,10 +131,11 @@ def compose(
     at: str | None = None,
     now_s: float | None = None,
     drain_settle_s: float = 0.0,
+    troubles: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     at = at or c.now()
     topics = topics_verdict(record, health)
-    workers_ready = workers_verdict(record, workers)
+    workers_ready = workers_verdict(record, workers, troubles)
     drains = _draining(record, sample, workers_ready.ok, previous, at, drain_settle_s)
     suspended = record.suspended and topics.ok and workers_ready.ok
     kept, at_risk = _retention(record, sample, time.time() if now_s is None else now_s)
