@@ -86,9 +86,13 @@ bench-tier: ## benchmark: tier worker rate vs a bare confluent-kafka loop
 bench-delay: ## benchmark: lateness of tier events against their due time, under load
 	$(BENCH) bench/delay_precision.py $(BENCH_ARGS)
 
+.PHONY: bench-tier-stream
+bench-tier-stream: ## benchmark: a tier under a steady stream vs the same events as a due backlog
+	$(BENCH) bench/tier_stream.py $(BENCH_ARGS)
+
 .PHONY: bench-operator
 bench-operator: ## benchmark: 50/200/500 pipelines under one operator: Ready, refresh, memory
 	$(BENCH) bench/operator_scale.py $(BENCH_ARGS)
 
 .PHONY: bench
-bench: bench-isolation bench-tier bench-delay bench-operator ## all four benchmarks (about 4 min)
+bench: bench-isolation bench-tier bench-tier-stream bench-delay bench-operator ## all five benchmarks (about 6 min)

@@ -4,9 +4,9 @@ Events arrive on a tier with a short delay (`--delay`, seconds) as the live lane
 them: due one delay after they were written. They are produced at each of `--rates` events
 per second for `--seconds`, and a tier worker (its own process, as `kafka-retry worker` runs)
 with a handler that only notes the time handles them. Lateness is handler start - due time;
-an event handled before its due time is early, and there must be none. The worker holds each
-partition (pause, seek back) until its head is due, so under a steady stream it resumes,
-fetches and pauses again many times a second: lateness is mostly one fetch round trip.
+an event handled before its due time is early, and there must be none. The worker keeps the
+events it fetched before they are due and takes them as they fall due, at most every
+`delay.TAKE_EVERY_MS`: under a steady stream, lateness is mostly that period.
 
     python bench/delay_precision.py [--rates 1000,5000] [--seconds 10] [--delay 2]
 """

@@ -11,10 +11,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kafka_retry import decision, poison
 from kafka_retry import headers as h
-from kafka_retry import poison
 from kafka_retry.classification import Failure
 from kafka_retry.client_log import ClientLog
+from kafka_retry.decision import DEAD_LETTER, HANDLE, HOLD
+from kafka_retry.delay import DelayGate, WindowLimits
 from kafka_retry.errors import NonRetriableError, PayloadDecodeError
 from kafka_retry.event import Event
 from kafka_retry.handlers import HandlerLoadError, load_callable
@@ -336,3 +338,92 @@ def test_poison_marks_count_the_starts_of_the_event_that_stops_the_worker() -> N
     watch.assigned(tp, 5, poison.mark(2, 3))
     assert watch.before_handler(tp, 5) == 1
     assert poison.starts_at("other metadata", 5) == 0
+
+
+# ---------------------------------------------------------------- decision and holding
+
+
+def _parsed(due_ms: int | None = None, problems: tuple[str, ...] = ()) -> h.ParsedHeaders:
+    return h.ParsedHeaders((("trace", b"t"),), h.RetryState(due_ms=due_ms), problems)
+
+
+def test_tier_decision_holds_handles_or_dead_letters_by_the_broker_clock() -> None:
+    delay = 5_000
+    # The append time (rounded up to the next ms) + the delay, whatever due-ms says.
+    assert decision.on_tier(_parsed(due_ms=0), 1_000, delay, 3_000) == (HOLD, 6_001, ())
+    assert decision.on_tier(_parsed(due_ms=10**12), 1_000, delay, 6_001) == (HANDLE, 6_001, ())
+    # No usable timestamp: the header decides; too far ahead is absurd.
+    assert decision.on_tier(_parsed(due_ms=4_000), None, delay, 3_000) == (HOLD, 4_000, ())
+    verdict, _, problems = decision.on_tier(_parsed(due_ms=9_000), None, delay, 3_000)
+    assert verdict == DEAD_LETTER and h.DUE in problems[0]
+    assert decision.on_tier(_parsed(problems=("bad",)), 1_000, delay, 9_000) == (
+        DEAD_LETTER, None, ("bad",),
+    )  # fmt: skip
+    assert decision.not_before_ms(1_000, delay, 3_000) == 6_001
+    assert decision.not_before_ms(None, delay, 3_000) == 0  # read its headers now
+
+
+def test_live_lane_decision_handles_unless_headers_are_unreadable() -> None:
+    assert decision.on_live_lane(_parsed()) == (HANDLE, None, ())
+    assert decision.on_live_lane(_parsed(problems=("name",))) == (DEAD_LETTER, None, ("name",))
+
+
+class _Msg:
+    def __init__(self, offset: int, size: int = 100) -> None:
+        self.offset, self._value = offset, b"x" * size
+
+    def value(self) -> bytes:
+        return self._value
+
+    def key(self) -> None:
+        return None
+
+
+class _Consumer:
+    """What the gate asks of the consumer, recorded (the real thing: tests/test_dataplane_*)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[tuple[str, int]]]] = []
+
+    def pause(self, tps: list[Any]) -> None:
+        self.calls.append(("pause", [(t.topic, t.partition) for t in tps]))
+
+    def resume(self, tps: list[Any]) -> None:
+        self.calls.append(("resume", [(t.topic, t.partition) for t in tps]))
+
+    def offsets_for_times(self, tps: list[Any], timeout: float) -> list[Any]:
+        return tps
+
+
+def test_waiting_events_are_taken_in_order_as_they_fall_due_never_sought() -> None:
+    consumer = _Consumer()
+    gate = DelayGate(consumer)
+    a, b = ("t", 0), ("t", 1)
+    for offset, due in ((0, 1_000), (1, 1_010), (2, 1_050)):
+        gate.hold(a, due, _Msg(offset))
+    gate.hold(b, 5_000, _Msg(0))
+    assert gate.waiting(a) and len(gate) == 2 and gate.poll_timeout(900, 1.0) == 0.1
+    gate.pause_idle(900)  # b's head is due in 4.1 s: no fetching meanwhile; a's is near
+    assert consumer.calls == [("pause", [b])]
+    assert [m.offset for _, m in gate.take_due(1_010)] == [0, 1]
+    assert gate.take_due(1_020) == []  # takes are at least TAKE_EVERY_MS apart
+    assert [(tp, m.offset) for tp, m in gate.take_due(5_000)] == [(a, 2), (b, 0)]
+    assert consumer.calls[-1] == ("resume", [b]) and len(gate) == 0 and gate.events == 0
+
+
+def test_full_windows_pause_until_half_empty_and_forget_resumes() -> None:
+    consumer = _Consumer()
+    gate = DelayGate(consumer, WindowLimits(max_events=4, max_bytes=10**9))
+    a = ("t", 0)
+    for offset in range(4):
+        gate.hold(a, 1_000 + offset, _Msg(offset))
+    assert consumer.calls == [("pause", [a])] and gate.paused() == {a}
+    assert [m.offset for _, m in gate.take_due(1_001)] == [0, 1]  # down to half: resumed
+    assert consumer.calls[-1] == ("resume", [a]) and gate.paused() == set()
+    gate.pause_idle(0)  # head due in over a second
+    gate.forget([a])  # revoked: dropped, and librdkafka's pause cleared
+    assert consumer.calls[-1] == ("resume", [a]) and len(gate) == 0 and gate.bytes == 0
+    by_bytes = DelayGate(consumer, WindowLimits(max_events=100, max_bytes=3 * (100 + 512)))
+    for offset in range(3):
+        by_bytes.hold(a, 1_000, _Msg(offset))
+    assert by_bytes.paused() == {a}

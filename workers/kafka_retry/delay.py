@@ -1,20 +1,32 @@
-"""Holding a tier's partitions until their head event is due, with pause/seek/resume.
+"""Holding a tier's partitions until their head event is due, reading each event once.
 
-A tier has one fixed delay, so on each partition the head is the event due first: when it is
-not due yet, the partition is paused and its position moved back to the head; when the time
-comes it is sought to the head again and resumed, and the head is re-read and re-checked.
-The consumer keeps polling meanwhile (with `poll_timeout`), so a delay of any length never
-trips `max.poll.interval.ms`.
+A tier has one delay, so on each partition the events fall due in order. Fetched events that
+are not due yet wait in their partition's window (a FIFO, in offset order) and are taken from
+it as they fall due; the consumer's position stays after the last of them, so nothing is
+fetched twice. Before, a head that was not due paused the partition, sought back to it and
+dropped the rest of the batch, and under a steady stream each event was fetched and decoded
+again at every release (bench/tier_stream.py).
 
-librdkafka cannot say whether a partition is paused and keeps a pause across a revoke and
-reassignment, so holds are tracked here and dropped, with a resume, on revoke or loss; the
-new owner re-reads the uncommitted head from the committed offset and holds it again.
-Must be used from the consumer's thread only.
+A partition is paused (never sought: `resume()` goes on after its window) while
+- its head is due more than `IDLE_PAUSE_MS` ahead: a tier with nothing due soon sends no
+  fetch requests while it waits, as before; resumed when the head is due; or
+- the windows are full (`WindowLimits`, for the whole worker), until they are down to half.
+
+Memory: at most `max_events` events and `max_bytes` of their keys and values (plus
+`EVENT_OVERHEAD` each, for the message object and its headers), and one consumed batch on top.
+The consumer keeps polling meanwhile (`poll_timeout`: until the next head is due, capped), so
+a delay of any length never trips `max.poll.interval.ms`. librdkafka keeps a pause across a
+revoke and reassignment and cannot say whether a partition is paused: pauses are tracked here
+and cleared, with the windows, on revoke or loss; the new owner re-reads from the committed
+offset. Offsets are not this module's business: a waiting event is not begun, so nothing
+after it is committed (offsets.py). Must be used from the consumer's thread only.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,65 +37,157 @@ from kafka_retry.offsets import TopicPartitionKey
 log = logging.getLogger(__name__)
 
 WAKE_TIMEOUT_S = 0.25  # bound on the wake-up request's round trip; it only speeds things up
+IDLE_PAUSE_MS = 250  # a head due further ahead than this pauses its partition
+# Due events are taken at most this often: under a steady stream one falls due every few
+# microseconds to milliseconds, and a loop turn for each costs more than handling it. The
+# price is lateness: at most this much, for the first event of each take.
+TAKE_EVERY_MS = 50
+EVENT_OVERHEAD = 512  # bytes counted per waiting event besides its key and value
+DEFAULT_MAX_EVENTS = 20_000
+DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 
 
-@dataclass(slots=True)
-class Hold:
-    offset: int
-    due_ms: int
+@dataclass(frozen=True, slots=True)
+class WindowLimits:
+    """How much the worker keeps fetched ahead of due time, over all its partitions."""
+
+    max_events: int = DEFAULT_MAX_EVENTS
+    max_bytes: int = DEFAULT_MAX_BYTES
 
 
 class DelayGate:
-    def __init__(self, consumer: Any) -> None:
+    def __init__(self, consumer: Any, limits: WindowLimits | None = None) -> None:
         self._consumer = consumer
-        self._held: dict[TopicPartitionKey, Hold] = {}
-        # Partitions just resumed, and the offset their first message must have.
-        self._expect: dict[TopicPartitionKey, int] = {}
-        self._reseek: set[TopicPartitionKey] = set()  # already re-held once for a skip
+        self._limits = limits or WindowLimits()
+        # Partitions with events waiting: (due ms, message), in offset order.
+        self._windows: dict[TopicPartitionKey, deque[tuple[int, Any]]] = {}
+        self._paused: set[TopicPartitionKey] = set()
+        self._full = False  # some partitions are paused for the limits
+        self._next_take_ms = 0
+        self.events = 0
+        self.bytes = 0
 
     def __len__(self) -> int:
-        return len(self._held)
+        """Partitions holding a head that is not due yet."""
+        return len(self._windows)
 
-    def is_held(self, tp: TopicPartitionKey) -> bool:
-        return tp in self._held
+    def waiting(self, tp: TopicPartitionKey) -> bool:
+        """Whether `tp` has events waiting: a newer one of `tp` must wait behind them. Per event."""
+        return tp in self._windows
 
-    def admits(self, tp: TopicPartitionKey, offset: int) -> bool:
-        """Whether a consumed message may be processed: not if its partition is held (the rest
-        of a batch behind a held head, re-read after it), nor if it is the first message of a
-        just-resumed partition and skipped past the head (see `check_resumed`). Per event."""
-        if tp in self._held:
-            return False
-        return not self._expect or self.check_resumed(tp, offset)
+    def hold(self, tp: TopicPartitionKey, due_ms: int, msg: Any) -> None:
+        """Keep `msg`, the newest of `tp` so far, until `due_ms`."""
+        window = self._windows.get(tp)
+        if window is None:
+            window = self._windows[tp] = deque()
+        window.append((due_ms, msg))
+        self.events += 1
+        self.bytes += _size(msg)
+        if self._at_limits() and tp not in self._paused:
+            self._full = True
+            self._pause(tp)
 
-    def hold(self, tp: TopicPartitionKey, offset: int, due_ms: int) -> None:
-        """Pause `tp` with `offset` as its head. Messages of `tp` already in hand are dropped
-        by the caller (`is_held`); they are re-read after the head."""
+    def hold_again(self, tp: TopicPartitionKey, due_ms: int, msg: Any) -> None:
+        """Put back a head just taken (`take_due`) that is due later than its timestamp said."""
+        window = self._windows.get(tp)
+        if window is None:
+            window = self._windows[tp] = deque()
+        window.appendleft((due_ms, msg))
+        self.events += 1
+        self.bytes += _size(msg)
+
+    def take_due(self, now_ms: int) -> list[tuple[TopicPartitionKey, Any]]:
+        """Take the waiting events that are due, each partition's in order; a partition paused
+        for its head is resumed as the head falls due (unless the windows are full)."""
+        due: list[tuple[TopicPartitionKey, Any]] = []
+        if now_ms < self._next_take_ms:
+            return due
+        self._next_take_ms = now_ms + TAKE_EVERY_MS
+        resume = []
+        for tp, window in list(self._windows.items()):
+            if window[0][0] > now_ms:
+                continue
+            if tp in self._paused and not self._full:
+                resume.append(tp)
+            while window and window[0][0] <= now_ms:
+                msg = window.popleft()[1]
+                self.events -= 1
+                self.bytes -= _size(msg)
+                due.append((tp, msg))
+            if not window:
+                del self._windows[tp]
+        if self._full and not self._above_half():
+            self._full = False
+            resume += [tp for tp in self._paused if self._due_soon(tp, now_ms)]
+        if resume:
+            self._resume(resume)
+        return due
+
+    def pause_idle(self, now_ms: int) -> None:
+        """Pause the partitions whose head is due more than `IDLE_PAUSE_MS` ahead."""
+        for tp, window in self._windows.items():
+            if window[0][0] - now_ms > IDLE_PAUSE_MS and tp not in self._paused:
+                self._pause(tp)
+
+    def poll_timeout(self, now_ms: int, cap_s: float) -> float:
+        """Seconds until the next head is due, at most `cap_s`: bounded, never a spin."""
+        if not self._windows:
+            return cap_s
+        due_ms = min(w[0][0] for w in self._windows.values())
+        wait_ms = max(due_ms, self._next_take_ms) - now_ms
+        return max(0.0, min(cap_s, wait_ms / 1000.0))
+
+    def paused(self) -> set[TopicPartitionKey]:
+        return set(self._paused)
+
+    def forget(self, tps: list[TopicPartitionKey]) -> None:
+        """On revoke/lost: drop the windows (the next owner re-reads them) and clear
+        librdkafka's pause flag while the partitions are still assigned."""
+        paused = [TopicPartition(tp[0], tp[1]) for tp in tps if tp in self._paused]
+        for tp in tps:
+            self._paused.discard(tp)
+            window = self._windows.pop(tp, None)
+            if window is not None:
+                self.events -= len(window)
+                self.bytes -= sum(_size(m) for _, m in window)
+        if paused:
+            self._consumer.resume(paused)
+        if self._full and not self._above_half():
+            self._full = False
+            now_ms = int(time.time() * 1000)
+            self._resume([tp for tp in self._paused if self._due_soon(tp, now_ms)])
+
+    def _at_limits(self) -> bool:
+        limits = self._limits
+        return self.events >= limits.max_events or self.bytes >= limits.max_bytes
+
+    def _above_half(self) -> bool:
+        limits = self._limits
+        return 2 * self.events > limits.max_events or 2 * self.bytes > limits.max_bytes
+
+    def _due_soon(self, tp: TopicPartitionKey, now_ms: int) -> bool:
+        window = self._windows.get(tp)
+        if not window:
+            return True
+        return window[0][0] - now_ms <= IDLE_PAUSE_MS
+
+    def _pause(self, tp: TopicPartitionKey) -> None:
         self._consumer.pause([TopicPartition(tp[0], tp[1])])
-        self._consumer.seek(TopicPartition(tp[0], tp[1], offset))
-        self._held[tp] = Hold(offset, due_ms)
+        self._paused.add(tp)
 
-    def release_due(self, now_ms: int) -> int:
-        """Seek to the head and resume every partition whose head is due; returns how many."""
-        due = [(tp, h) for tp, h in self._held.items() if h.due_ms <= now_ms]
-        if not due:
-            return 0
-        for tp, h in due:
-            self._consumer.seek(TopicPartition(tp[0], tp[1], h.offset))
-            del self._held[tp]
-            self._expect[tp] = h.offset
-        resumed = [TopicPartition(tp[0], tp[1]) for tp, _ in due]
+    def _resume(self, tps: list[TopicPartitionKey]) -> None:
+        self._paused.difference_update(tps)
+        resumed = [TopicPartition(tp[0], tp[1]) for tp in tps]
         self._consumer.resume(resumed)
         self._wake_fetcher(resumed)
-        return len(due)
 
     def _wake_fetcher(self, resumed: list[TopicPartition]) -> None:
         """Make librdkafka fetch the resumed partitions now. It acts on a resume only at its
         broker thread's next turn: when an outstanding fetch returns (fetch.wait.max.ms at
         most) or, with every partition paused and so no fetch outstanding, after idling for
-        up to a second; measured, that was most of a tier's lateness (p99 ~1 s at 1k/s). A
-        request to the partitions' leaders (a latest-offset lookup, one round trip) wakes their
-        broker threads, which then fetch: the first message after a resume arrives in a few
-        ms. Only a nudge: if it fails or times out, the fetch still comes at the next turn."""
+        up to a second. A request to the partitions' leaders (a latest-offset lookup, one
+        round trip) wakes their broker threads, which then fetch. Only a nudge: if it fails
+        or times out, the fetch still comes at the next turn."""
         try:
             self._consumer.offsets_for_times(
                 [TopicPartition(tp.topic, tp.partition, -1) for tp in resumed],
@@ -92,36 +196,7 @@ class DelayGate:
         except KafkaException as e:
             log.debug("fetcher wake-up after resume failed (harmless): %s", e)
 
-    def check_resumed(self, tp: TopicPartitionKey, offset: int) -> bool:
-        """False if a just-resumed partition's first message skipped past its head (a seek that
-        did not take): the caller must not process it; the head is held again, due now. A
-        second skip in a row is accepted: the head is gone (retention), not skipped by us."""
-        expected = self._expect.pop(tp, None)
-        if expected is None:
-            return True
-        if offset > expected and tp not in self._reseek:
-            self.hold(tp, expected, 0)
-            self._reseek.add(tp)
-            return False
-        self._reseek.discard(tp)
-        return True
 
-    def poll_timeout(self, now_ms: int, cap_s: float) -> float:
-        """Seconds until the next head is due, at most `cap_s`: bounded, never a spin."""
-        if not self._held:
-            return cap_s
-        wait_ms = min(h.due_ms for h in self._held.values()) - now_ms
-        return max(0.0, min(cap_s, wait_ms / 1000.0))
-
-    def forget(self, tps: list[TopicPartitionKey], *, resume: bool) -> None:
-        """On revoke/lost: drop holds and clear librdkafka's pause flag while still assigned."""
-        held = [tp for tp in tps if tp in self._held]
-        for tp in tps:
-            self._held.pop(tp, None)
-            self._expect.pop(tp, None)
-            self._reseek.discard(tp)
-        if resume and held:
-            self._consumer.resume([TopicPartition(tp[0], tp[1]) for tp in held])
-
-    def expects(self) -> bool:
-        return bool(self._expect)
+def _size(msg: Any) -> int:
+    """What a waiting message is counted at: its key and value, and `EVENT_OVERHEAD`."""
+    return len(msg.value() or b"") + len(msg.key() or b"") + EVENT_OVERHEAD

@@ -20,6 +20,10 @@ TIER_FETCH_QUEUE_BACKOFF_MS = "50"
 # librdkafka acts on a resume at its fetcher's next turn, after an outstanding long-poll fetch
 # returns: keep that wait short (default 500 ms) so that a resumed partition is fetched soon.
 TIER_FETCH_WAIT_MAX_MS = "100"
+# A tier's events are not due for a delay after they arrive, so there is no hurry to fetch
+# each as it comes: the broker answers a fetch once this much has gathered (or after
+# fetch.wait.max.ms), rather than one response, and one loop turn, per event under a stream.
+TIER_FETCH_MIN_BYTES = "65536"
 
 # How long the group waits for a silent member before handing its partitions to others.
 # librdkafka's default (45 s) stalls a killed worker's partitions for that long. A restarted
@@ -96,6 +100,7 @@ def consumer_config(
         config["queued.max.messages.kbytes"] = TIER_PREFETCH_KBYTES
         config["fetch.queue.backoff.ms"] = TIER_FETCH_QUEUE_BACKOFF_MS
         config["fetch.wait.max.ms"] = TIER_FETCH_WAIT_MAX_MS
+        config["fetch.min.bytes"] = TIER_FETCH_MIN_BYTES
     config.update(extra or {})
     # KIP-848: the broker assigns partitions, unless the settings name an assignor.
     kip848 = str(config.get("group.protocol", "classic")).lower() == "consumer"

@@ -1,7 +1,9 @@
 """The consume → handle → forward loop shared by the live-lane SDK and the tier workers.
 
-One `StageRunner` consumes one stage's topic. On a tier it first waits for each event's due
-time (`DelayGate`); on the live lane events are due on arrival. The handler runs on the
+One `StageRunner` consumes one stage's topic. What it does with each event is decided by
+`decision.py` (hold, handle or dead-letter); on a tier, events not due yet wait in their
+partition's window (`DelayGate`) and are handled as they fall due; on the live lane events are
+due on arrival. The handler runs on the
 consumer's thread; a failure is classified and forwarded (next tier or DLQ) without waiting
 for the acknowledgement, so the loop moves on at once. An input offset is stored for commit
 only when everything before it is finished: handled, or forwarded and acknowledged
@@ -21,11 +23,12 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from kafka_retry import decision, poison, record_headers
 from kafka_retry import headers as h
-from kafka_retry import poison, record_headers
 from kafka_retry.classification import Classifier, Failure
 from kafka_retry.client_log import client_log
-from kafka_retry.delay import DelayGate
+from kafka_retry.decision import DEAD_LETTER, HOLD
+from kafka_retry.delay import DelayGate, WindowLimits
 from kafka_retry.event import Event
 from kafka_retry.forwarding import Forwarder, Redirect, Refusal, too_large
 from kafka_retry.handlers import HandlerFn
@@ -107,6 +110,7 @@ class StageRunner:
         poll_cap_s: float = DEFAULT_POLL_CAP_S,
         drain_timeout_s: float = DEFAULT_DRAIN_S,
         drain_to: str | None = None,
+        window_limits: WindowLimits | None = None,
     ) -> None:
         self.topology = topology
         self.stage = stage
@@ -152,6 +156,7 @@ class StageRunner:
         self._last_poll = time.monotonic()
         self._forwarder: Forwarder | None = None
         self._gate: DelayGate | None = None
+        self._window_limits = window_limits
         # A drain worker's (draining.py in the operator): due events go here unhandled.
         self._drain_to = drain_to
         self._drain_outcome = RETRIED if stage.is_tier else DEAD_LETTERED
@@ -211,7 +216,7 @@ class StageRunner:
         log.info("following the new topology of %s", topology.pipeline)
 
     def paused_partitions(self) -> int:
-        """Partitions held for a head that is not due yet."""
+        """Partitions holding a head that is not due yet."""
         return len(self._gate) if self._gate is not None else 0
 
     # ------------------------------------------------------------------ the loop
@@ -225,7 +230,7 @@ class StageRunner:
             on_failed_attempt=lambda _err: self._metrics.delivery_failures.inc(),
         )
         self._forwarder = forwarder
-        self._gate = DelayGate(consumer) if self.stage.is_tier else None
+        self._gate = DelayGate(consumer, self._window_limits) if self.stage.is_tier else None
         consumer.subscribe(
             [self.stage.topic],
             on_assign=self._on_assign,
@@ -255,21 +260,33 @@ class StageRunner:
             timeout = self._cap
             if forwarder.stuck or self._stalled:
                 self._stall(consumer, bool(forwarder.stuck))
-            if gate is not None and not self._stalled:
-                now_ms = int(time.time() * 1000)
-                gate.release_due(now_ms)
-                timeout = gate.poll_timeout(now_ms, self._cap)
+            holding = gate is not None and not self._stalled
+            if holding:
+                assert gate is not None
+                timeout = gate.poll_timeout(int(time.time() * 1000), self._cap)
             # Acknowledgements are served between consume calls: wait for them, not up to the
             # cap, so offsets are stored as soon as forwards are durable.
             timeout = forwarder.wait_s(timeout, ACK_WAIT_S)
             messages = self._consume(consumer, timeout)
             polled = time.monotonic()
             forwarder.poll(0)
+            if holding:  # waiting events now due first: they are older than what just came
+                assert gate is not None
+                due = gate.take_due(int(time.time() * 1000))
+                for i, (tp, msg) in enumerate(due):
+                    if self._stopping.is_set() or time.monotonic() - polled > self._batch_budget_s:
+                        for tp_rest, msg_rest in reversed(due[i:]):
+                            gate.hold_again(tp_rest, 0, msg_rest)
+                        self._keep(consumer, messages)
+                        messages = []
+                        break
+                    if tp in self._assigned:
+                        self._handle(msg, tp, msg.offset(), int(time.time() * 1000))
             for i in range(len(messages)):
                 if self._stopping.is_set():
                     break
                 if time.monotonic() - polled > self._batch_budget_s:
-                    self._rewind(consumer, messages[i:])
+                    self._keep(consumer, messages[i:])
                     break
                 # Dropped from the batch as it is handled, so that its header objects are freed
                 # while still in the CPU cache rather than all together at the next consume.
@@ -279,6 +296,8 @@ class StageRunner:
             self._store(consumer)
             self._count()
             if gate is not None:
+                if holding:
+                    gate.pause_idle(int(time.time() * 1000))
                 self._metrics.paused.set(len(gate))
 
     def _consume(self, consumer: Any, timeout: float) -> list[Any]:
@@ -306,10 +325,18 @@ class StageRunner:
         tp = (msg.topic(), msg.partition())
         if tp not in self._assigned:
             return  # revoked by a rebalance inside the consume() that returned it
-        offset = msg.offset()
+        now_ms = int(time.time() * 1000)
         gate = self._gate
-        if gate is not None and not gate.admits(tp, offset):
-            return
+        if gate is not None:
+            # Not due by its append time, or behind events that are not: it waits (unread).
+            not_before = decision.not_before_ms(msg.timestamp()[1], self._delay_ms, now_ms)
+            if not_before > now_ms or gate.waiting(tp):
+                gate.hold(tp, not_before, msg)
+                return
+        self._handle(msg, tp, msg.offset(), now_ms)
+
+    def _handle(self, msg: Any, tp: TopicPartitionKey, offset: int, now_ms: int) -> None:
+        """An event that is next on its partition: read its headers, decide, carry it out."""
         try:
             parsed = self._read_headers(_headers(msg))
         except SystemError as e:  # header names that are not UTF-8: keep the others, say so
@@ -318,30 +345,29 @@ class StageRunner:
             parsed = parsed._replace(problems=(*parsed.problems, unreadable))
         ts_type, ts = msg.timestamp()
         timestamp_ms = ts if ts_type != 0 and ts >= 0 else None
-        now_ms = int(time.time() * 1000)
 
         due_ms: int | None = None
         prior = parsed.state
         if self._is_tier:
-            problems = parsed.problems
-            if not problems:
-                due_ms = h.effective_due_ms(prior.due_ms, timestamp_ms, self._delay_ms, now_ms)
-                if due_ms is None:
-                    problems = (f"header {h.DUE} is absurd: {prior.due_ms} ms, now {now_ms} ms",)
-            if problems:
+            verdict, due_ms, problems = decision.on_tier(
+                parsed, timestamp_ms, self._delay_ms, now_ms
+            )
+            if verdict == HOLD:  # due later than its append time said: no broker clock
+                assert due_ms is not None and self._gate is not None
+                self._gate.hold_again(tp, due_ms, msg)
+                return
+            if verdict == DEAD_LETTER:
                 self._dead_letter_malformed(msg, tp, parsed, timestamp_ms, problems, now_ms)
                 return
-            assert due_ms is not None and gate is not None
-            if due_ms > now_ms:
-                gate.hold(tp, offset, due_ms)
-                return
+            assert due_ms is not None
             self._lateness.observe((now_ms - due_ms) / 1000.0)
             failed = prior.attempt if prior.attempt is not None else self._failed_before
             attempt = min(failed, h.MAX_ATTEMPT) + 1
             origin = _origin(prior, tp, offset, timestamp_ms)
         else:
-            if parsed.problems:
-                self._dead_letter_malformed(msg, tp, parsed, timestamp_ms, parsed.problems, now_ms)
+            verdict, _, problems = decision.on_live_lane(parsed)
+            if verdict == DEAD_LETTER:
+                self._dead_letter_malformed(msg, tp, parsed, timestamp_ms, problems, now_ms)
                 return
             prior = _NO_STATE
             attempt = 1
@@ -395,20 +421,26 @@ class StageRunner:
             self._succeeded += 1
             self.stats.handled += 1
 
-    def _rewind(self, consumer: Any, rest: list[Any]) -> None:
-        """Seek each partition back to its first unprocessed message in `rest`, so a slow
-        handler never keeps the consumer from polling for longer than the interval allows."""
+    def _keep(self, consumer: Any, rest: list[Any]) -> None:
+        """Handling took long: the rest of the batch is handled after the next poll, so a slow
+        handler never keeps the consumer from polling for longer than the interval allows. On
+        a tier it waits in its partitions' windows; on the live lane each partition is sought
+        back to its first unhandled message."""
+        gate = self._gate
         first: dict[TopicPartitionKey, int] = {}
         for msg in rest:
-            if msg.error() is not None:
+            if msg is None or msg.error() is not None:
                 continue
             tp = (msg.topic(), msg.partition())
-            held = self._gate is not None and self._gate.is_held(tp)  # held: already sought
-            if tp in self._assigned and tp not in first and not held:
+            if tp not in self._assigned:
+                continue
+            if gate is not None:
+                gate.hold(tp, 0, msg)
+            elif tp not in first:
                 first[tp] = msg.offset()
         for (topic, partition), offset in first.items():
             consumer.seek(TopicPartition(topic, partition, offset))
-        log.info("handling took long: %d partition(s) re-read after the next poll", len(first))
+        log.info("handling took long: the rest of the batch is handled after the next poll")
 
     def _dead_letter_malformed(
         self,
@@ -490,16 +522,18 @@ class StageRunner:
         """While a forward is stuck, take no new events (nothing after it could be committed
         anyway): pause every assigned partition; resume them once it is delivered."""
         if stuck and not self._stalled:
-            held = self._gate.is_held if self._gate is not None else lambda _tp: False
-            self._stalled = {tp for tp in self._assigned if not held(tp)}
+            held = self._gate.paused() if self._gate is not None else set()
+            self._stalled = self._assigned - held
             consumer.pause([TopicPartition(t, p) for t, p in self._stalled])
             self._metrics.stuck.set(1)
             log.error(
                 "consumption stalled on %d partition(s): a forward is stuck", len(self._stalled)
             )
         elif not stuck and self._stalled:
-            resume = [TopicPartition(t, p) for t, p in self._stalled if (t, p) in self._assigned]
-            consumer.resume(resume)
+            # Not those the delay gate paused meanwhile (its windows full): it resumes them.
+            held = self._gate.paused() if self._gate is not None else set()
+            stalled = (self._stalled & self._assigned) - held
+            consumer.resume([TopicPartition(t, p) for t, p in stalled])
             self._stalled = set()
             self._metrics.stuck.set(0)
             log.info("the stuck forward was delivered: consuming again")
@@ -607,7 +641,7 @@ class StageRunner:
         tps = [(p.topic, p.partition) for p in partitions]
         try:
             if self._gate is not None:
-                self._gate.forget(tps, resume=True)
+                self._gate.forget(tps)
             assert self._forwarder is not None
             # Finish what is in flight so the new owner does not repeat it.
             self._forwarder.drain(self._drain_s)
@@ -625,7 +659,7 @@ class StageRunner:
         log.warning("partitions lost (no commit possible): %s", tps)
         try:
             if self._gate is not None:
-                self._gate.forget(tps, resume=True)
+                self._gate.forget(tps)
         except Exception:
             log.exception("resume of lost partitions failed")
         finally:
