@@ -45,7 +45,10 @@ def on_tier(
     an absurd due time)."""
     if parsed.problems:
         return Decision(DEAD_LETTER, None, parsed.problems)
-    due_ms = h.effective_due_ms(parsed.state.due_ms, timestamp_ms, delay_ms, now_ms)
+    # The broker's clock first: `effective_due_ms` says the same, with a call more per event.
+    due_ms = h.due_by_append_time(timestamp_ms, delay_ms, now_ms)
+    if due_ms is None:
+        due_ms = h.effective_due_ms(parsed.state.due_ms, None, delay_ms, now_ms)
     if due_ms is None:
         absurd = f"header {h.DUE} is absurd: {parsed.state.due_ms} ms, now {now_ms} ms"
         return Decision(DEAD_LETTER, None, (absurd,))
