@@ -51,6 +51,14 @@ def _set(path: str, value: Any) -> Mutation:
     return mutate
 
 
+def _both(*mutations: Mutation) -> Mutation:
+    def mutate(doc: dict[str, Any]) -> None:
+        for m in mutations:
+            m(doc)
+
+    return mutate
+
+
 _DELETE = object()
 
 # (case id, mutation, substrings the API server's message must contain)
@@ -127,6 +135,11 @@ INVALID: list[tuple[str, Mutation, list[str]]] = [
         "both-handler-kinds",
         _set("spec.handler.python", {"image": "billing:1", "callable": "billing.h:handle"}),
         ["spec.handler", "exactly one of `python` or `http`"],
+    ),
+    (
+        "tier-named-like-the-live-lane",
+        _both(_set("spec.liveLane", {}), _set("spec.tiers.1.name", "live-lane")),
+        ["spec.tiers", "no tier may be named `live-lane` with `liveLane`"],
     ),
     ("no-handler-kind", _set("spec.handler", {}), ["spec.handler", "exactly one"]),
     ("handler-missing", _set("spec.handler", _DELETE), ["spec.handler", "Required"]),

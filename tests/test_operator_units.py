@@ -452,6 +452,74 @@ def test_workers_ready_names_why_pods_fail() -> None:
     assert st.pod_troubles([_pod("w-4", "retry-1", state={"running": {}})]) == {}
 
 
+def test_live_lane_deployment_is_a_tier_workers_pod_on_the_source() -> None:
+    spec = _spec(liveLane={}, workers={"replicas": 3, "resources": {"limits": {"cpu": "1"}}})
+    topo = spec.topology("shop", "billing-orders")
+    defaults = children.WorkerDefaults("op:1", {})
+    _, deployments = children.desired_children("shop", "billing-orders", spec, topo, defaults)
+    names = [d["metadata"]["name"] for d in deployments]
+    assert names == ["billing-orders-retry-1", "billing-orders-retry-2", "billing-orders-live-lane"]
+    live, tier = deployments[2], deployments[0]
+    container = live["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["--live"]
+    assert live["spec"]["replicas"] == 3
+    assert live["spec"]["selector"]["matchLabels"]["kafkaretry.io/tier"] == "live-lane"
+    tier_container = tier["spec"]["template"]["spec"]["containers"][0]
+    for key in ("image", "resources", "securityContext", "env", "envFrom", "command"):
+        assert container[key] == tier_container[key], key
+    # Without liveLane, nothing changes: the tiers' Deployments only.
+    _, plain = children.desired_children("shop", "billing-orders", _spec(), topo, defaults)
+    assert [d["metadata"]["name"] for d in plain] == names[:2]
+    assert _spec(liveLane={}, suspend=True).topology("s", "p").suspend  # scaled to 0 with tiers
+    suspended = children.live_lane_deployment(
+        "shop", "billing-orders", _spec(liveLane={}, suspend=True), topo, defaults
+    )
+    assert suspended["spec"]["replicas"] == 0
+
+
+def test_live_lane_scaler_watches_the_source_group() -> None:
+    spec = _spec(liveLane={}, workers={"autoscaling": {"maxReplicas": 4, "lagPerReplica": 100}})
+    scaler = children.live_lane_scaled_object(
+        "shop", "billing-orders", spec, spec.topology("shop", "billing-orders")
+    )
+    assert scaler["spec"]["scaleTargetRef"] == {"name": "billing-orders-live-lane"}
+    meta = scaler["spec"]["triggers"][0]["metadata"]
+    assert (meta["topic"], meta["consumerGroup"]) == ("orders", "billing")
+    assert scaler["spec"]["maxReplicaCount"] == 4
+
+
+def test_a_tier_named_like_the_live_lane_is_refused_with_it() -> None:
+    tiers = [{"name": "live-lane", "delaySeconds": 5}]
+    assert _spec(tiers=tiers)  # without liveLane the name is free
+    with pytest.raises(ValueError, match="no tier may be named `live-lane` with `liveLane`"):
+        _spec(tiers=tiers, liveLane={})
+
+
+def test_status_shows_the_live_lane_beside_the_tiers() -> None:
+    record = _record(live_lane=True, worker_generations={"live-lane": 2})
+    live = st.TierWorkers("live-lane", 2, 1, 2, True, generation=2)
+    sample = Sample(0.0, {"retry-1": 0, "retry-2": 0}, 0, None, live_lag=12)
+    s = st.compose(record, sample, ClusterHealth(True), {**_workers(), "live-lane": live}, {})
+    assert s["liveLane"] == {
+        "topic": "orders",
+        "consumerGroup": "billing",
+        "lag": 12,
+        "readyReplicas": 1,
+    }
+    conds = {x["type"]: x for x in s["conditions"]}
+    assert conds["WorkersReady"]["message"] == (
+        "2/3 tiers and live lane ready; live-lane: 1/2 ready, 2 up to date"
+    )
+    ready = {**_workers(), "live-lane": st.TierWorkers("live-lane", 2, 2, 2, True, generation=2)}
+    # The lag stays known while Kafka cannot be measured.
+    again = st.compose(record, None, ClusterHealth(True), ready, s)
+    assert again["liveLane"]["lag"] == 12
+    assert {x["type"]: x["status"] for x in again["conditions"]}["WorkersReady"] == "True"
+    # A live lane removed from the spec is removed from status (a null in the merge patch).
+    gone = st.compose(_record(), None, ClusterHealth(True), _workers(), again)
+    assert st.merge_patch(again, gone)["liveLane"] is None
+
+
 def test_suspended_is_ready_with_reason() -> None:
     workers = {t: st.TierWorkers(t, 0, 0, 0, True) for t in ("retry-1", "retry-2")}
     s = st.compose(_record(replicas=0, suspended=True), None, None, workers, {}, at="T")

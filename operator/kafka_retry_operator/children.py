@@ -1,5 +1,5 @@
 """The Kubernetes objects a pipeline owns, as pure functions of its spec: the topology
-ConfigMap and one tier-worker Deployment per tier.
+ConfigMap, one tier-worker Deployment per tier and, with `spec.liveLane`, the live lane's.
 
 This is the operator's half of the contract with the tier worker (`kafka-retry worker`): the
 command and args, the topology in `KAFKA_RETRY_TOPOLOGY` from the ConfigMap, the metrics and
@@ -19,6 +19,7 @@ from kafka_retry.kafka_config import CLIENT_ENV_PREFIX
 from kafka_retry.model import (
     LABEL_PIPELINE,
     LABEL_TIER,
+    LIVE_LANE,
     DrainingStage,
     ResolvedTier,
     RetryPipelineSpec,
@@ -188,6 +189,26 @@ def tier_deployment(
     )  # fmt: skip
 
 
+def live_lane_deployment(
+    namespace: str,
+    pipeline: str,
+    spec: RetryPipelineSpec,
+    topology: Topology,
+    defaults: WorkerDefaults,
+    secret_version: str | None = None,
+    autoscaled: bool = False,
+) -> dict[str, Any]:
+    """The managed live lane (`spec.liveLane`): `kafka-retry worker --live`, a tier worker's
+    pod on the source topic. Labelled as a stage named `live-lane` (no tier may have that name
+    then), so the Deployment index, budgets and KEDA treat it as they treat a tier."""
+    return _worker_deployment(
+        namespace, pipeline, spec, deployment_name(pipeline, LIVE_LANE),
+        {LABEL_COMPONENT: LIVE_LANE, LABEL_TIER: LIVE_LANE},
+        selector_labels(pipeline, LIVE_LANE), ["--live"],
+        topology_hash(topology), defaults, secret_version, desired_replicas(spec, autoscaled),
+    )  # fmt: skip
+
+
 def drain_deployment(
     namespace: str,
     pipeline: str,
@@ -313,17 +334,47 @@ def scaled_object(
     """KEDA's Kafka scaler on the tier's own consumer group and topic: a worker per
     `lagPerReplica` events waiting, between min and max; with the pipeline's Secret, it
     connects as the pipeline's clients do (`auth`, see keda_auth)."""
+    return _scaled_object(
+        namespace, pipeline, spec, tier.name, tier.consumer_group, tier.topic, bootstrap, auth
+    )
+
+
+def live_lane_scaled_object(
+    namespace: str,
+    pipeline: str,
+    spec: RetryPipelineSpec,
+    topology: Topology,
+    auth: KedaKafkaAuth | None = None,
+) -> dict[str, Any]:
+    """The live lane's scaler: on the source group's lag, with the tiers' bounds."""
+    return _scaled_object(
+        namespace, pipeline, spec, LIVE_LANE, topology.consumer_group, topology.source_topic,
+        topology.bootstrap_servers, auth,
+    )  # fmt: skip
+
+
+def _scaled_object(
+    namespace: str,
+    pipeline: str,
+    spec: RetryPipelineSpec,
+    stage: str,
+    group: str,
+    topic: str,
+    bootstrap: str,
+    auth: KedaKafkaAuth | None,
+) -> dict[str, Any]:
     autoscaling = spec.workers.autoscaling
     assert autoscaling is not None
-    labels = {**pipeline_labels(pipeline), LABEL_COMPONENT: TIER_WORKER, LABEL_TIER: tier.name}
+    component = LIVE_LANE if stage == LIVE_LANE else TIER_WORKER
+    labels = {**pipeline_labels(pipeline), LABEL_COMPONENT: component, LABEL_TIER: stage}
     trigger: dict[str, Any] = {
         "type": "kafka",
         "metadata": {
             "bootstrapServers": bootstrap,
-            "consumerGroup": tier.consumer_group,
-            "topic": tier.topic,
+            "consumerGroup": group,
+            "topic": topic,
             "lagThreshold": str(autoscaling.lag_per_replica),
-            # A tier's group starts at the beginning of its topic, as the worker.
+            # A group starts at the beginning of its topic, as the worker.
             "offsetResetPolicy": "earliest",
             **(auth.metadata if auth else {}),
         },
@@ -334,12 +385,12 @@ def scaled_object(
         "apiVersion": f"{KEDA_GROUP}/{KEDA_VERSION}",
         "kind": "ScaledObject",
         "metadata": {
-            "name": deployment_name(pipeline, tier.name),
+            "name": deployment_name(pipeline, stage),
             "namespace": namespace,
             "labels": labels,
         },
         "spec": {
-            "scaleTargetRef": {"name": deployment_name(pipeline, tier.name)},
+            "scaleTargetRef": {"name": deployment_name(pipeline, stage)},
             "minReplicaCount": autoscaling.min_replicas,
             "maxReplicaCount": autoscaling.max_replicas,
             "triggers": [trigger],
@@ -399,7 +450,7 @@ def tier_pdb(namespace: str, pipeline: str, tier: str) -> dict[str, Any]:
             "namespace": namespace,
             "labels": {
                 **pipeline_labels(pipeline),
-                LABEL_COMPONENT: TIER_WORKER,
+                LABEL_COMPONENT: LIVE_LANE if tier == LIVE_LANE else TIER_WORKER,
                 LABEL_TIER: tier,
             },
         },
@@ -416,14 +467,28 @@ def desired_children(
     secret_version: str | None = None,
     autoscaled: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The ConfigMap and the Deployments: the tiers' in tier order, then the drains'."""
-    deployments = [
-        tier_deployment(
-            namespace, pipeline, spec, tier, topology, defaults, secret_version, autoscaled
-        )
-        for tier in topology.tiers
-    ] + [
-        drain_deployment(namespace, pipeline, spec, drain, defaults, secret_version)
-        for drain in topology.draining
-    ]
+    """The ConfigMap and the Deployments: the tiers' in tier order, the live lane's, then the
+    drains'."""
+    live = (
+        [
+            live_lane_deployment(
+                namespace, pipeline, spec, topology, defaults, secret_version, autoscaled
+            )
+        ]
+        if spec.live_lane is not None
+        else []
+    )
+    deployments = (
+        [
+            tier_deployment(
+                namespace, pipeline, spec, tier, topology, defaults, secret_version, autoscaled
+            )
+            for tier in topology.tiers
+        ]
+        + live
+        + [
+            drain_deployment(namespace, pipeline, spec, drain, defaults, secret_version)
+            for drain in topology.draining
+        ]
+    )
     return topology_configmap(namespace, pipeline, topology), deployments

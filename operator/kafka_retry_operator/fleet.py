@@ -37,8 +37,9 @@ class PipelineRecord:
     # (name, resourceVersion) of spec.kafka.secretRef's Secret as last read; None: none read.
     secret: tuple[str, str] | None = None
     autoscaling: Verdict | None = None  # with spec.workers.autoscaling: KEDA or why not
-    # tier -> the generation of its Deployment as this reconcile applied it: until the index
-    # shows that generation, its workers are not judged ready.
+    live_lane: bool = False  # spec.liveLane: the operator runs the live lane's Deployment
+    # tier (or LIVE_LANE) -> the generation of its Deployment as this reconcile applied it:
+    # until the index shows that generation, its workers are not judged ready.
     worker_generations: Mapping[str, int] = field(default_factory=dict)
 
 

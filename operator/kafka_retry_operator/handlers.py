@@ -27,7 +27,14 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from kafka_retry.model import GROUP, LABEL_PIPELINE, LABEL_TIER, VERSION, RetryPipelineSpec
+from kafka_retry.model import (
+    GROUP,
+    LABEL_PIPELINE,
+    LABEL_TIER,
+    LIVE_LANE,
+    VERSION,
+    RetryPipelineSpec,
+)
 from kafka_retry.replay_lease import Lease
 from kafka_retry_operator import (
     announcements,
@@ -159,18 +166,22 @@ def worker_deleted(
     logger: kopf.Logger,
     **_: Any,
 ) -> None:
-    """A tier Deployment deleted by hand comes back: its pipeline is asked to reconcile (an
-    annotation change is a kopf update). Deployments of removed tiers, or of pipelines being
-    deleted, are not in the fleet's records and are left alone. An event handler, not a
-    delete handler: kopf then keeps no state (annotations, finalizers) on Deployments."""
+    """A tier's (or the live lane's) Deployment deleted by hand comes back: its pipeline is
+    asked to reconcile (an annotation change is a kopf update). Deployments of removed tiers,
+    or of pipelines being deleted, are not in the fleet's records and are left alone. An event
+    handler, not a delete handler: kopf then keeps no state (annotations, finalizers) on
+    Deployments."""
     if event.get("type") != "DELETED":
         return
     rt = runtime_of(memo)
     pipeline, tier = labels.get(LABEL_PIPELINE), labels.get(LABEL_TIER)
     record = rt.fleet.get((namespace or "", pipeline or ""))
-    if record is None or tier not in {t.name for t in record.topology.tiers}:
+    if record is None:
         return
-    logger.warning(f"tier Deployment of {tier} was deleted: reconciling {pipeline}")
+    stages = {t.name for t in record.topology.tiers} | ({LIVE_LANE} if record.live_lane else set())
+    if tier not in stages:
+        return
+    logger.warning(f"worker Deployment of {tier} was deleted: reconciling {pipeline}")
     rt.kube.request_reconcile(namespace or "", pipeline or "")
 
 

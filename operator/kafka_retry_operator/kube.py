@@ -16,7 +16,7 @@ from kubernetes import config as kube_config
 from kubernetes.client.exceptions import ApiException
 
 from kafka_retry import kafka_secret
-from kafka_retry.model import GROUP, LABEL_PIPELINE, VERSION
+from kafka_retry.model import GROUP, LABEL_PIPELINE, LIVE_LANE, VERSION
 from kafka_retry_operator.children import (
     KEDA_GROUP,
     KEDA_VERSION,
@@ -145,8 +145,9 @@ class Kube:
                 raise
 
     def tier_worker_pods(self, namespace: str, pipeline: str) -> list[dict[str, Any]]:
-        """The pipeline's tier-worker pods, as the API serves them (camelCase dicts)."""
-        selector = f"{LABEL_PIPELINE}={pipeline},{LABEL_COMPONENT}={TIER_WORKER}"
+        """The pipeline's tier-worker and live-lane pods, as the API serves them (camelCase
+        dicts)."""
+        selector = f"{LABEL_PIPELINE}={pipeline},{LABEL_COMPONENT} in ({TIER_WORKER},{LIVE_LANE})"
         found = self.core.list_namespaced_pod(namespace, label_selector=selector)
         serialize = self.core.api_client.sanitize_for_serialization
         return [dict(serialize(pod)) for pod in found.items]

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import kopf
 
 from kafka_retry.kafka_secret import SecretNotFound
-from kafka_retry.model import LABEL_TIER, RetryPipelineSpec, Topology
+from kafka_retry.model import LABEL_TIER, LIVE_LANE, RetryPipelineSpec, Topology
 from kafka_retry_operator import children, claims, conditions, draining, topics
 from kafka_retry_operator.fleet import PipelineKey, PipelineRecord, owner_id
 from kafka_retry_operator.kafka_admin import Cluster, InvalidKafkaSettings
@@ -117,6 +117,7 @@ def reconcile(
         ),
         secret=secret,
         autoscaling=autoscaling,
+        live_lane=spec.live_lane is not None,
     )
     # Recorded before the children change, so that a Deployment this reconcile removes is
     # already unknown when its deletion is seen (see handlers.worker_deleted).
@@ -172,7 +173,8 @@ def apply_children(
     autoscaled: bool = False,
     keda_auth: KedaKafkaAuth | None = None,
 ) -> dict[str, int]:
-    """Returns each tier Deployment's generation as applied (tier -> generation)."""
+    """Returns each tier's (and the live lane's) Deployment generation as applied (stage ->
+    generation)."""
     namespace, name = body.metadata.namespace or "", body.metadata.name or ""
     configmap, deployments = children.desired_children(
         namespace, name, spec, topology, rt.worker_defaults, secret_version, autoscaled
@@ -203,10 +205,10 @@ def apply_scaled_objects(
     autoscaled: bool,
     auth: KedaKafkaAuth | None,
 ) -> None:
-    """A KEDA ScaledObject per tier while KEDA scales the workers, and the TriggerAuthentication
-    they name when the pipeline's Secret holds credentials; others of the pipeline go
-    (autoscaling turned off, a tier removed, no credentials). Without KEDA there is nothing to
-    list."""
+    """A KEDA ScaledObject per tier (and the live lane) while KEDA scales the workers, and the
+    TriggerAuthentication they name when the pipeline's Secret holds credentials; others of the
+    pipeline go (autoscaling turned off, a tier removed, no credentials). Without KEDA there is
+    nothing to list."""
     namespace, name = body.metadata.namespace or "", body.metadata.name or ""
     bootstrap = spec.kafka.bootstrap_servers
     wanted: dict[str, list[dict[str, Any]]] = {children.SCALED_OBJECTS: [], TRIGGER_AUTHS: []}
@@ -219,6 +221,10 @@ def apply_scaled_objects(
             children.scaled_object(namespace, name, spec, tier, bootstrap, auth)
             for tier in topology.tiers
         ]
+        if spec.live_lane is not None:
+            wanted[children.SCALED_OBJECTS].append(
+                children.live_lane_scaled_object(namespace, name, spec, topology, auth)
+            )
     for plural in (TRIGGER_AUTHS, children.SCALED_OBJECTS):  # named before it is used
         kopf.adopt(wanted[plural], owner=body)
         for obj in wanted[plural]:
@@ -235,13 +241,14 @@ def apply_scaled_objects(
 def apply_disruption_budgets(
     rt: Runtime, body: kopf.Body, spec: RetryPipelineSpec, topology: Topology
 ) -> None:
-    """A PodDisruptionBudget per tier while the tier runs more than one worker; the budgets of
-    tiers scaled down to one, suspended or removed go."""
+    """A PodDisruptionBudget per tier (and the live lane) while it runs more than one worker;
+    the budgets of stages scaled down to one, suspended or removed go."""
     namespace, name = body.metadata.namespace or "", body.metadata.name or ""
     scaling = spec.workers.autoscaling
     most = scaling.max_replicas if scaling is not None else spec.workers.replicas
     several = most > 1 and not spec.suspend
-    budgets = [children.tier_pdb(namespace, name, t.name) for t in topology.tiers if several]
+    stages = [t.name for t in topology.tiers] + ([LIVE_LANE] if spec.live_lane else [])
+    budgets = [children.tier_pdb(namespace, name, stage) for stage in stages if several]
     kopf.adopt(budgets, owner=body)
     for budget in budgets:
         rt.kube.apply_pdb(budget)

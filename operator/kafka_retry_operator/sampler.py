@@ -58,6 +58,7 @@ class Sample:
     # Of a suspended (or scaled to zero) pipeline: each tier's oldest waiting event (ms).
     tier_oldest_ms: Mapping[str, int] = field(default_factory=dict)
     drain_lag: Mapping[str, int | None] = field(default_factory=dict)  # by draining topic
+    live_lag: int | None = None  # with spec.liveLane: the source group's, on the source topic
 
 
 @dataclass(frozen=True)
@@ -289,6 +290,10 @@ class _ClusterLoop:
                 parts = _partitions(d.topic, counts)
                 tps.update(parts)
                 groups.setdefault(d.consumer_group, set()).update(parts)
+            if r.live_lane:
+                parts = _partitions(r.topology.source_topic, counts)
+                tps.update(parts)
+                groups.setdefault(r.topology.consumer_group, set()).update(parts)
         marks = watermarks(admin, tps, timeout)
         offsets = committed(admin, {g: sorted(p) for g, p in groups.items() if p}, timeout)
 
@@ -296,6 +301,7 @@ class _ClusterLoop:
         tiers: dict[PipelineKey, dict[str, depth.Backlog | None]] = {}
         dlqs: dict[PipelineKey, depth.Backlog | None] = {}
         drains: dict[PipelineKey, list[tuple[DrainingStage, depth.Backlog | None]]] = {}
+        live: dict[PipelineKey, depth.Backlog | None] = {}
         heads: dict[TP, int] = {}
         for r in records:
             tiers[r.key] = {
@@ -308,6 +314,10 @@ class _ClusterLoop:
                 (d, _backlog(d.topic, counts, marks, offsets, d.consumer_group))
                 for d in r.topology.draining
             ]
+            if r.live_lane:
+                live[r.key] = _backlog(
+                    r.topology.source_topic, counts, marks, offsets, r.topology.consumer_group
+                )
             heads.update(_heads(dlq, dlqs[r.key]))
             if r.replicas == 0:  # events wait on the tiers: how old the oldest are
                 for t in r.topology.tiers:
@@ -333,6 +343,7 @@ class _ClusterLoop:
                 oldest(r.topology.dlq_topic, dlq_backlog),
                 {name: ms for name, ms in tier_oldest.items() if ms is not None},
                 {d.topic: b.total if b else None for d, b in drains[r.key]},
+                b.total if (b := live.get(r.key)) else None,
             )
         duration = time.monotonic() - started
         stats = PassStats(duration, len(records), time.time())

@@ -19,8 +19,10 @@ from typing import Any
 
 from kafka_retry.model import (
     LABEL_TIER,
+    LIVE_LANE,
     DlqStatus,
     DrainingStatus,
+    LiveLaneStatus,
     RetryPipelineStatus,
     TierStatus,
     TopicsStatus,
@@ -85,10 +87,11 @@ def workers_verdict(
     workers: Mapping[str, TierWorkers],
     troubles: Mapping[str, str] | None = None,
 ) -> c.Verdict:
-    """WorkersReady. Its reason stays `WorkersNotReady` whatever the pods' trouble (the
+    """WorkersReady over the tiers' Deployments and, with `spec.liveLane`, the live lane's.
+    Its reason stays `WorkersNotReady` whatever the pods' trouble (the
     KafkaRetryWorkersNotReady alert keys on it); the message names the trouble."""
     troubles = troubles or {}
-    tiers = [t.name for t in record.topology.tiers]
+    tiers = [t.name for t in record.topology.tiers] + ([LIVE_LANE] if record.live_lane else [])
     behind = []
     for name in tiers:
         w = workers.get(name)
@@ -103,7 +106,7 @@ def workers_verdict(
             behind.append(f"{name}: {w.ready}/{want} ready, {w.updated} up to date{trouble}")
     if behind:
         ok = len(tiers) - len(behind)
-        message = f"{ok}/{len(tiers)} tiers ready; " + "; ".join(behind)
+        message = f"{ok}/{len(tiers)} {_stages(record)} ready; " + "; ".join(behind)
         return c.Verdict.of(c.WORKERS_READY, False, "WorkersNotReady", message)
     if record.suspended:
         return c.Verdict.of(c.WORKERS_READY, True, "Suspended", "spec.suspend: scaled to 0")
@@ -111,8 +114,13 @@ def workers_verdict(
         return c.Verdict.of(c.WORKERS_READY, True, "ScaledToZero", "spec.workers.replicas is 0")
     per_tier = "as scaled by KEDA" if record.replicas is None else f"x {record.replicas}"
     return c.Verdict.of(
-        c.WORKERS_READY, True, "WorkersReady", f"{len(tiers)} tiers {per_tier} ready"
+        c.WORKERS_READY, True, "WorkersReady", f"{len(tiers)} {_stages(record)} {per_tier} ready"
     )
+
+
+def _stages(record: PipelineRecord) -> str:
+    """What WorkersReady counts: tiers, or tiers and the live lane."""
+    return "tiers and live lane" if record.live_lane else "tiers"
 
 
 def topics_verdict(record: PipelineRecord, health: ClusterHealth | None) -> c.Verdict:
@@ -167,7 +175,7 @@ def compose(
                 hold_limit_seconds=t.hold_limit_seconds,
             )
         )
-    return RetryPipelineStatus(
+    composed = RetryPipelineStatus(
         observed_generation=record.generation,
         conditions=conditions,
         topics=TopicsStatus(
@@ -176,10 +184,35 @@ def compose(
             dlq=record.topology.dlq_topic,
         ),
         tiers=tiers,
+        live_lane=_live_lane(record, sample, workers, previous.get("liveLane")),
         dlq=_dlq(sample, previous.get("dlq"), at),
         draining=drains,
         tier_count=len(tiers),
     ).wire()
+    # A merge patch keeps what it does not name: a live lane removed from the spec is nulled.
+    return composed if record.live_lane else {**composed, "liveLane": None}
+
+
+def _live_lane(
+    record: PipelineRecord,
+    sample: Sample | None,
+    workers: Mapping[str, TierWorkers],
+    previous: Any,
+) -> LiveLaneStatus | None:
+    """Beside the tiers: its readiness and the source group's lag (the last known lag while
+    Kafka cannot be measured)."""
+    if not record.live_lane:
+        return None
+    lag = sample.live_lag if sample else None
+    if lag is None and isinstance(previous, Mapping):
+        lag = previous.get("lag")
+    w = workers.get(LIVE_LANE)
+    return LiveLaneStatus(
+        topic=record.topology.source_topic,
+        consumer_group=record.topology.consumer_group,
+        lag=lag,
+        ready_replicas=w.ready if w else 0,
+    )
 
 
 def _retention(record: PipelineRecord, sample: Sample | None, now_s: float) -> tuple[str, str]:

@@ -30,6 +30,9 @@ LABEL_TIER = f"{GROUP}/tier"
 TOPIC_PATTERN = r"^[a-zA-Z0-9._-]{1,249}$"
 # Tier names become part of topic and Deployment names: a DNS-1123 label, kept short.
 TIER_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$"
+# The managed live lane's stage name (its Deployment `<pipeline>-live-lane`, its `LABEL_TIER`):
+# no tier of a pipeline with `spec.liveLane` may have it.
+LIVE_LANE = "live-lane"
 CALLABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
 MAX_DELAY_SECONDS = 7 * 24 * 3600
 # The longest a handler may take on one event. A consumer that does not poll for
@@ -358,6 +361,14 @@ class Workers(ApiModel):
     )
 
 
+class LiveLane(ApiModel):
+    """The live lane run by the operator, for a service that does not embed the SDK: a
+    Deployment `<pipeline>-live-lane` consumes `source.topic` as `source.consumerGroup`, calls
+    the pipeline's handler on each event, and forwards failures to the first tier (or the DLQ)
+    as the SDK does. Its pods follow `workers` (replicas, autoscaling on the source group's
+    lag, resources) and `suspend` (events then wait on the source topic)."""
+
+
 # CEL: a tier's and the DLQ's topic once defaults are resolved (as `topology()` resolves them).
 _CEL_PREFIX = "self.source.consumerGroup + '.' + self.source.topic + '.'"
 _CEL_TIER_TOPIC = "(has({t}.topic) ? {t}.topic : " + _CEL_PREFIX + " + {t}.name)"
@@ -397,6 +408,12 @@ class RetryPipelineSpec(ApiModel):
                 "topic (default `<consumerGroup>.<sourceTopic>.<name>`)",
                 ".dlq.topic",
             ),
+            cel(
+                f"!has(self.liveLane) || self.tiers.all(t, t.name != '{LIVE_LANE}')",
+                f"tiers: no tier may be named `{LIVE_LANE}` with `liveLane`: the live lane's "
+                "Deployment is `<pipeline>-live-lane`",
+                ".tiers",
+            ),
         )
     )
 
@@ -416,10 +433,16 @@ class RetryPipelineSpec(ApiModel):
     )
     handler: Handler = Field(description=Handler.__doc__)
     workers: Workers = Field(default_factory=Workers, description=Workers.__doc__)
+    live_lane: LiveLane | None = Field(
+        default=None,
+        description=(LiveLane.__doc__ or "")
+        + " Without it, the service consumes its source topic itself with the SDK.",
+    )
     suspend: bool = Field(
         default=False,
-        description="Stop tier workers (scale to 0). Events wait on their tier; none reach "
-        "the DLQ because of the suspension.",
+        description="Stop tier workers and the managed live lane (scale to 0). Events wait on "
+        "their tier (or, with `liveLane`, the source topic); none reach the DLQ because of the "
+        "suspension.",
     )
 
     @model_validator(mode="after")
@@ -428,6 +451,15 @@ class RetryPipelineSpec(ApiModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"tiers: tier names must be unique (repeated: {', '.join(dupes)})")
+        return self
+
+    @model_validator(mode="after")
+    def _live_lane_name_free(self) -> RetryPipelineSpec:
+        if self.live_lane is not None and any(t.name == LIVE_LANE for t in self.tiers):
+            raise ValueError(
+                f"tiers: no tier may be named `{LIVE_LANE}` with `liveLane`: the live lane's "
+                "Deployment is `<pipeline>-live-lane`"
+            )
         return self
 
     @model_validator(mode="after")
@@ -607,6 +639,17 @@ class TierStatus(ApiModel):
     )
 
 
+class LiveLaneStatus(ApiModel):
+    """The managed live lane (`spec.liveLane`) as measured."""
+
+    topic: str = Field(description="The source topic it consumes.")
+    consumer_group: str = Field(description="The group it consumes as (`source.consumerGroup`).")
+    lag: int | None = Field(
+        default=None, description="Events on the source topic not yet committed by the group."
+    )
+    ready_replicas: int = Field(default=0, description="Ready live-lane pods.")
+
+
 class DrainingStatus(ApiModel):
     kind: Literal["tier", "dlq"]
     name: str = Field(description="The removed tier's name, or `dlq`.")
@@ -667,6 +710,7 @@ class RetryPipelineStatus(ApiModel):
     tiers: list[TierStatus] = Field(
         default_factory=list, description="Per tier: lag and ready workers."
     )
+    live_lane: LiveLaneStatus | None = Field(default=None, description=LiveLaneStatus.__doc__)
     dlq: DlqStatus | None = Field(default=None, description=DlqStatus.__doc__)
     draining: list[DrainingStatus] = Field(
         default_factory=list,

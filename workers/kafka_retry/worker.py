@@ -1,5 +1,9 @@
 """The tier worker: `kafka-retry worker --tier NAME [--topology-file PATH]`.
 
+`kafka-retry worker --live` is the managed live lane (`spec.liveLane`): the SDK's loop
+(`RetryingConsumer`'s stage) on the source topic as the service's group, calling the topology's
+handler, so a service that only answers HTTP needs no SDK.
+
 `kafka-retry worker --drain TOPIC` is a drain worker instead: it empties a tier or DLQ topic
 that a spec change left behind into where its events go now (the topology's `draining`). A
 worker given `--topology-file` (a mounted ConfigMap) follows changes to it without a restart.
@@ -41,7 +45,7 @@ from kafka_retry.kafka_config import (
     producer_config,
 )
 from kafka_retry.metrics import DEFAULT_PORT, PORT_ENV, HealthServer
-from kafka_retry.model import Topology
+from kafka_retry.model import LIVE_LANE, Topology
 from kafka_retry.routing import Stage
 from kafka_retry.runner import StageRunner, tune_gc_for_worker
 from kafka_retry.topology_follow import TopologyFollower
@@ -78,6 +82,32 @@ def build_worker(
         instance_id=instance_id,
     )
     log.info("tier %s consumer settings: %s", tier, describe(config, frozenset(extra)))
+    return StageRunner(
+        topology,
+        stage,
+        handler if handler is not None else build_handler(topology.handler),
+        consumer_config=config,
+        producer_config=producer_config(topology.bootstrap_servers, extra),
+        **runner_options,
+    )
+
+
+def build_live_lane(
+    topology: Topology,
+    *,
+    handler: HandlerFn | None = None,
+    client_settings: Mapping[str, Any] | None = None,
+    instance_id: str | None = None,
+    **runner_options: Any,
+) -> StageRunner:
+    """The live lane as the SDK runs it (`Stage.source`, the source group), with the
+    topology's handler: what `spec.liveLane` deploys."""
+    stage = Stage.source(topology)
+    extra = client_settings_from_env() if client_settings is None else dict(client_settings)
+    config = consumer_config(
+        topology.bootstrap_servers, stage.consumer_group, extra, instance_id=instance_id
+    )
+    log.info("live lane consumer settings: %s", describe(config, frozenset(extra)))
     return StageRunner(
         topology,
         stage,
@@ -132,6 +162,11 @@ def add_parser(subparsers: Any) -> None:
     role = p.add_mutually_exclusive_group(required=True)
     role.add_argument("--tier", help="tier name, as in the pipeline's spec")
     role.add_argument(
+        "--live",
+        action="store_true",
+        help="run the live lane on the source topic (the operator's, with spec.liveLane)",
+    )
+    role.add_argument(
         "--drain", metavar="TOPIC", help="empty a topic the spec left behind (operator's use)"
     )
     p.add_argument(
@@ -153,14 +188,14 @@ def run_worker(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
         topology = load_topology(args.topology_file, env)
         if args.drain:
             topology.draining_stage(args.drain)
-        else:
+        elif not args.live:
             topology.tier(args.tier)
     except Exception as e:
         log.error("cannot load the topology: %s", e)
         return EXIT_CONFIG
     port = int(env.get(PORT_ENV, DEFAULT_PORT))
     if topology.suspend:
-        return _idle(topology, args.tier or args.drain, port)
+        return _idle(topology, args.tier or args.drain or LIVE_LANE, port)
     settings = client_settings_from_env(env)
     instance_id = env.get(INSTANCE_ID_ENV) or None
     if args.drain:
@@ -173,9 +208,18 @@ def run_worker(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
         except (HandlerLoadError, ValueError) as e:
             log.error("cannot load the handler: %s", e)
             return EXIT_HANDLER
-        runner = build_worker(
-            topology, args.tier, handler=handler, client_settings=settings, instance_id=instance_id
-        )
+        if args.live:
+            runner = build_live_lane(
+                topology, handler=handler, client_settings=settings, instance_id=instance_id
+            )
+        else:
+            runner = build_worker(
+                topology,
+                args.tier,
+                handler=handler,
+                client_settings=settings,
+                instance_id=instance_id,
+            )
     server = HealthServer(port, runner.alive, runner.ready).start()
     log.info("metrics and probes on port %d", server.port)
     _on_signals(runner.stop)

@@ -1,0 +1,246 @@
+"""The managed live lane (`spec.liveLane`) end to end: the operator (a subprocess) runs the live
+lane as a Deployment beside the tier workers, all run by hack/podrunner.py as real
+`kafka-retry worker` processes on the real broker, in front of a service that only answers
+HTTP (no SDK anywhere)."""
+
+# ruff: noqa: F401, F811 - pytest fixtures are imported from operator_support by name
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from dataplane_support import produce_ids
+from kafka_retry.http_handler import ATTEMPT, DUE, KEY, TIER
+from operator_support import (
+    Kubectl,
+    OperatorProcess,
+    apply,
+    cleanup_topics,
+    condition,
+    get,
+    operator,
+    pipeline,
+    podrunner,
+    wait_condition,
+    wait_for,
+)
+
+pytestmark = pytest.mark.e2e
+
+N = 5  # events of each kind
+
+
+@dataclass(frozen=True)
+class Call:
+    key: str
+    tier: str
+    attempt: int
+    due_ms: int | None
+    at_ms: int
+    status: int
+
+
+@dataclass
+class Service:
+    """Keys `ok-*` succeed; `flaky-*` answer 503 before attempt 3 (the live lane's attempt 1
+    and retry-1's fail, retry-2's succeeds); `dead-*` answer 422 (non-retriable) until
+    `fixed`."""
+
+    fixed: bool = False
+    calls: list[Call] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    url: str = ""
+
+    def answer(self, headers: Any) -> int:
+        key, attempt = headers.get(KEY, ""), int(headers.get(ATTEMPT, "0"))
+        if key.startswith("flaky-"):
+            status = 200 if attempt >= 3 else 503
+        elif key.startswith("dead-"):
+            status = 200 if self.fixed else 422
+        else:
+            status = 200
+        due = headers.get(DUE)
+        call = Call(key, headers.get(TIER, ""), attempt, int(due) if due else None, _now(), status)
+        with self.lock:
+            self.calls.append(call)
+        return status
+
+    def snapshot(self) -> list[Call]:
+        with self.lock:
+            return list(self.calls)
+
+    def handled(self) -> set[str]:
+        return {c.key for c in self.snapshot() if c.status == 200}
+
+
+def _now() -> int:
+    return int(time.time() * 1000)
+
+
+@pytest.fixture
+def service() -> Iterator[Service]:
+    svc = Service()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(svc.answer(self.headers))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    svc.url = f"http://127.0.0.1:{server.server_address[1]}/events"
+    yield svc
+    server.shutdown()
+    server.server_close()
+
+
+def _status(kubectl: Kubectl, namespace: str) -> dict[str, Any]:
+    return dict((get(kubectl, namespace, "rp", "orders") or {}).get("status") or {})
+
+
+def _deployments(kubectl: Kubectl, namespace: str) -> dict[str, dict[str, Any]]:
+    found = json.loads(kubectl("get", "deployments", "-n", namespace, "-o", "json").stdout)
+    return {d["metadata"]["name"]: d for d in found["items"]}
+
+
+def test_managed_live_lane_handles_retries_dead_letters_and_replays(
+    operator: OperatorProcess,
+    podrunner: Any,
+    kubectl: Kubectl,
+    namespace: str,
+    kafka_bootstrap: str,
+    make_topic: Any,
+    unique: str,
+    cleanup_topics: list[str],
+    service: Service,
+) -> None:
+    source = make_topic("orders")
+    group = f"svc-{unique}"
+    prefix = f"{group}.{source}"
+    cleanup_topics.extend(f"{prefix}.{t}" for t in ("retry-1", "retry-2", "dlq"))
+    doc = pipeline(
+        "orders", kafka_bootstrap, source, group,
+        handler={"http": {"url": service.url, "timeoutSeconds": 5}},
+        workers={"replicas": 1, "resources": {"limits": {"memory": "256Mi"}}},
+        liveLane={},
+    )  # fmt: skip
+    apply(kubectl, namespace, doc)
+    rp = wait_condition(kubectl, namespace, "orders", timeout=120)
+
+    # The live lane is a Deployment like the tiers': same pod settings, its own role.
+    deployments = _deployments(kubectl, namespace)
+    assert sorted(deployments) == ["orders-live-lane", "orders-retry-1", "orders-retry-2"]
+    live = deployments["orders-live-lane"]
+    tier = deployments["orders-retry-1"]
+    assert live["metadata"]["ownerReferences"][0]["uid"] == rp["metadata"]["uid"]
+    live_pod, tier_pod = live["spec"]["template"]["spec"], tier["spec"]["template"]["spec"]
+    assert live_pod["containers"][0]["args"] == ["--live"]
+    for key in ("securityContext", "resources", "image", "command"):
+        assert live_pod["containers"][0][key] == tier_pod["containers"][0][key], key
+    assert live_pod["securityContext"] == tier_pod["securityContext"]
+    assert live["spec"]["replicas"] == tier["spec"]["replicas"] == 1
+    status = rp["status"]
+    assert status["liveLane"]["topic"] == source
+    assert status["liveLane"]["consumerGroup"] == group
+    assert status["liveLane"]["readyReplicas"] == 1
+    assert "tiers and live lane" in condition(rp, "WorkersReady")["message"]
+
+    ok, flaky, dead = ([f"{kind}-{i}" for i in range(N)] for kind in ("ok", "flaky", "dead"))
+    produce_ids(kafka_bootstrap, source, ok + flaky + dead)
+
+    def settled() -> bool:
+        s = _status(kubectl, namespace)
+        return (
+            service.handled() >= set(ok + flaky)
+            and (s.get("dlq") or {}).get("depth") == N
+            and (s.get("liveLane") or {}).get("lag") == 0
+        )
+
+    wait_for(settled, 120, "ok and flaky handled, dead in the DLQ, the source consumed", every=1)
+    calls = service.snapshot()
+    # The live lane called the service first, for every event, as the SDK would.
+    first = {c.key: c for c in reversed(calls)}
+    assert {k: c.tier for k, c in first.items()} == dict.fromkeys(ok + flaky + dead, "source")
+    assert all(c.attempt == 1 for c in first.values())
+    # flaky: retried on retry-1 then retry-2, each no sooner than its delay; none early.
+    for key in flaky:
+        tiers = [(c.tier, c.attempt, c.status) for c in calls if c.key == key]
+        assert tiers == [("source", 1, 503), ("retry-1", 2, 503), ("retry-2", 3, 200)], tiers
+    early = [c for c in calls if c.due_ms is not None and c.at_ms < c.due_ms]
+    assert not early, early
+    for key in flaky:
+        live_at, r1, r2 = (c for c in calls if c.key == key)
+        assert r1.at_ms - live_at.at_ms >= 1000 and r2.at_ms - r1.at_ms >= 2000, (live_at, r1, r2)
+    # dead: non-retriable, so straight to the DLQ: called once, on the live lane.
+    assert sorted(c.key for c in calls if c.key.startswith("dead-")) == sorted(dead)
+
+    # The service is fixed; the DLQ is replayed into the first tier and handled there.
+    service.fixed = True
+    replay = {
+        "apiVersion": "kafkaretry.io/v1alpha1",
+        "kind": "DLQReplay",
+        "metadata": {"name": "after-fix"},
+        "spec": {"pipeline": "orders"},
+    }
+    apply(kubectl, namespace, replay)
+    wait_for(
+        lambda: (
+            ((get(kubectl, namespace, "dlqreplay", "after-fix") or {}).get("status") or {}).get(
+                "phase"
+            )
+            == "Succeeded"
+        ),
+        60,
+        "the replay Succeeded",
+    )
+    wait_for(lambda: service.handled() >= set(dead), 60, "the replayed events handled")
+    wait_for(
+        lambda: (_status(kubectl, namespace).get("dlq") or {}).get("depth") == 0,
+        30,
+        "an empty DLQ",
+    )
+    replayed = [c for c in service.snapshot() if c.key in dead and c.status == 200]
+    assert {c.tier for c in replayed} == {"retry-1"}
+    # Lost 0: every event produced was handled, each once.
+    succeeded = [c.key for c in service.snapshot() if c.status == 200]
+    assert sorted(succeeded) == sorted(ok + flaky + dead)
+
+    # Deleted by hand, the live lane's Deployment comes back, as a tier's does.
+    uid = _deployments(kubectl, namespace)["orders-live-lane"]["metadata"]["uid"]
+    kubectl("delete", "deployment", "orders-live-lane", "-n", namespace)
+    wait_for(
+        lambda: (
+            (d := _deployments(kubectl, namespace).get("orders-live-lane"))
+            and d["metadata"]["uid"] != uid
+        ),
+        30,
+        "the live lane's Deployment recreated",
+    )
+
+    # Without liveLane, the service consumes the source itself again: the Deployment goes.
+    del doc["spec"]["liveLane"]
+    apply(kubectl, namespace, doc)
+    wait_condition(kubectl, namespace, "orders", timeout=60)
+    wait_for(
+        lambda: "orders-live-lane" not in _deployments(kubectl, namespace),
+        30,
+        "the live lane's Deployment removed",
+    )
+    wait_for(lambda: "liveLane" not in _status(kubectl, namespace), 30, "status.liveLane removed")
+    assert (
+        "tiers and live lane"
+        not in condition(get(kubectl, namespace, "rp", "orders"), "WorkersReady")["message"]
+    )
