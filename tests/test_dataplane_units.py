@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
 
 from kafka_retry import decision, poison
 from kafka_retry import headers as h
+from kafka_retry.assignment import Assignment
 from kafka_retry.classification import Failure
 from kafka_retry.client_log import ClientLog
 from kafka_retry.decision import DEAD_LETTER, HANDLE, HOLD
@@ -427,3 +429,28 @@ def test_full_windows_pause_until_half_empty_and_forget_resumes() -> None:
     for offset in range(3):
         by_bytes.hold(a, 1_000, _Msg(offset))
     assert by_bytes.paused() == {a}
+
+
+class _AssigningConsumer(_Consumer):
+    def incremental_assign(self, tps: list[Any]) -> None:
+        self.calls.append(("assign", [(t.topic, t.partition) for t in tps]))
+
+    def committed(self, tps: list[Any], timeout: float) -> list[Any]:
+        return []
+
+
+def test_a_stall_leaves_the_gates_pauses_to_the_gate_and_a_release_forgets_everything() -> None:
+    consumer = _AssigningConsumer()
+    parts = Assignment(incremental=True)
+    parts.gate = DelayGate(consumer, WindowLimits(max_events=1, max_bytes=10**9))
+    a, b = ("t", 0), ("t", 1)
+    parts.assign(consumer, [TopicPartition(*a), TopicPartition(*b)])
+    parts.tracker.begin(a, 0)
+    assert parts.stall(consumer) == 2 and consumer.calls[-1] == ("pause", [a, b])
+    parts.gate.hold(b, 10**15, _Msg(0))  # the windows fill while stalled: the gate pauses b
+    parts.unstall(consumer)
+    assert consumer.calls[-1] == ("resume", [a]) and parts.gate.paused() == {b}
+    parts.leaving([a, b])
+    parts.release([a, b])
+    assert not parts.partitions and not parts.stalled and len(parts.gate) == 0
+    assert parts.tracker.in_flight() == 0

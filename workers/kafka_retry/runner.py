@@ -7,7 +7,8 @@ due on arrival. The handler runs on the
 consumer's thread; a failure is classified and forwarded (next tier or DLQ) without waiting
 for the acknowledgement, so the loop moves on at once. An input offset is stored for commit
 only when everything before it is finished: handled, or forwarded and acknowledged
-(`OffsetTracker`). Every consumer call (consume, pause, seek, resume, store, commit) and every
+(`OffsetTracker`). What is kept per partition comes and goes with the assignment
+(`Assignment`). Every consumer call (consume, pause, seek, resume, store, commit) and every
 delivery report happen on the thread that calls `run()`.
 """
 
@@ -25,6 +26,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from kafka_retry import decision, poison, record_headers
 from kafka_retry import headers as h
+from kafka_retry.assignment import Assignment
 from kafka_retry.classification import Classifier, Failure
 from kafka_retry.client_log import client_log
 from kafka_retry.decision import DEAD_LETTER, HOLD
@@ -36,7 +38,7 @@ from kafka_retry.kafka_config import incremental_rebalance
 from kafka_retry.metrics import StageMetrics
 from kafka_retry.model import Topology
 from kafka_retry.offsets import OffsetTracker, Ticket, TopicPartitionKey
-from kafka_retry.poison import POISON_STARTS, HeadWatch
+from kafka_retry.poison import POISON_STARTS
 from kafka_retry.routing import (
     DEAD_LETTERED,
     OUTCOMES,
@@ -122,7 +124,6 @@ class StageRunner:
         self._batch = batch_size
         self._cap = poll_cap_s
         self._drain_s = drain_timeout_s
-        self._incremental = incremental_rebalance(self._consumer_config)
         self._max_poll_s = int(self._consumer_config.get("max.poll.interval.ms", 300000)) / 1000
         # A batch is cut short (the rest re-read) when handling it nears max.poll.interval.ms.
         self._batch_budget_s = self._max_poll_s / 2
@@ -144,10 +145,12 @@ class StageRunner:
         # Outcomes since the last `_count()`: successes, and forwards acknowledged by outcome.
         self._succeeded = 0
         self._acked: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
-        self._tracker = OffsetTracker()
-        self._assigned: set[TopicPartitionKey] = set()
-        self._stalled: set[TopicPartitionKey] = set()  # paused while a forward is stuck
-        self._heads = HeadWatch()
+        # Per partition: assigned, held, stalled, offset frontier, poison marks (assignment.py).
+        self._parts = Assignment(incremental=incremental_rebalance(self._consumer_config))
+        # The same objects, read per event.
+        self._assigned = self._parts.partitions
+        self._tracker = self._parts.tracker
+        self._heads = self._parts.heads
         self._handler_since = 0.0  # perf_counter() at the start of the call in progress
         self._consumer: Any = None
         self._stopping = threading.Event()
@@ -231,6 +234,7 @@ class StageRunner:
         )
         self._forwarder = forwarder
         self._gate = DelayGate(consumer, self._window_limits) if self.stage.is_tier else None
+        self._parts.gate = self._gate
         consumer.subscribe(
             [self.stage.topic],
             on_assign=self._on_assign,
@@ -258,9 +262,9 @@ class StageRunner:
                 self._apply_topology(topology)
             self._last_poll = time.monotonic()
             timeout = self._cap
-            if forwarder.stuck or self._stalled:
+            if forwarder.stuck or self._parts.stalled:
                 self._stall(consumer, bool(forwarder.stuck))
-            holding = gate is not None and not self._stalled
+            holding = gate is not None and not self._parts.stalled
             if holding:
                 assert gate is not None
                 timeout = gate.poll_timeout(int(time.time() * 1000), self._cap)
@@ -521,20 +525,12 @@ class StageRunner:
     def _stall(self, consumer: Any, stuck: bool) -> None:
         """While a forward is stuck, take no new events (nothing after it could be committed
         anyway): pause every assigned partition; resume them once it is delivered."""
-        if stuck and not self._stalled:
-            held = self._gate.paused() if self._gate is not None else set()
-            self._stalled = self._assigned - held
-            consumer.pause([TopicPartition(t, p) for t, p in self._stalled])
+        if stuck and not self._parts.stalled:
+            stalled = self._parts.stall(consumer)
             self._metrics.stuck.set(1)
-            log.error(
-                "consumption stalled on %d partition(s): a forward is stuck", len(self._stalled)
-            )
-        elif not stuck and self._stalled:
-            # Not those the delay gate paused meanwhile (its windows full): it resumes them.
-            held = self._gate.paused() if self._gate is not None else set()
-            stalled = (self._stalled & self._assigned) - held
-            consumer.resume([TopicPartition(t, p) for t, p in stalled])
-            self._stalled = set()
+            log.error("consumption stalled on %d partition(s): a forward is stuck", stalled)
+        elif not stuck and self._parts.stalled:
+            self._parts.unstall(consumer)
             self._metrics.stuck.set(0)
             log.info("the stuck forward was delivered: consuming again")
 
@@ -606,42 +602,19 @@ class StageRunner:
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         try:
-            if self._incremental:
-                consumer.incremental_assign(partitions)
-            else:
-                consumer.assign(partitions)
-                self._assigned.clear()
+            self._parts.assign(consumer, partitions)
             if partitions:
-                # librdkafka keeps a pause across revoke and reassignment; start unpaused and
-                # re-read from the committed offset, where any held head still is.
-                consumer.resume(partitions)
                 self.stats.assigned += 1
-            self._assigned.update((p.topic, p.partition) for p in partitions)
-            self._read_heads(consumer, partitions)
             self._joined = True
             self._metrics.assigned.set(len(self._assigned))
         except Exception:
             log.exception("assignment of %s failed", partitions)
             raise
 
-    def _read_heads(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        """What the previous runs left on these partitions (poison.py); best effort."""
-        if not partitions:
-            return
-        try:
-            committed = consumer.committed(partitions, timeout=10)
-        except KafkaException as e:
-            log.warning("committed offsets unreadable, no poison check this time: %s", e)
-            return
-        for p in committed:
-            if p.error is None:
-                self._heads.assigned((p.topic, p.partition), p.offset, p.metadata)
-
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
         try:
-            if self._gate is not None:
-                self._gate.forget(tps)
+            self._parts.leaving(tps)
             assert self._forwarder is not None
             # Finish what is in flight so the new owner does not repeat it.
             self._forwarder.drain(self._drain_s)
@@ -658,8 +631,7 @@ class StageRunner:
         tps = [(p.topic, p.partition) for p in partitions]
         log.warning("partitions lost (no commit possible): %s", tps)
         try:
-            if self._gate is not None:
-                self._gate.forget(tps)
+            self._parts.leaving(tps)
         except Exception:
             log.exception("resume of lost partitions failed")
         finally:
@@ -668,10 +640,7 @@ class StageRunner:
                 self.stats.lost += 1
 
     def _release(self, tps: list[TopicPartitionKey]) -> None:
-        self._tracker.forget(tps)
-        self._heads.forget(tps)
-        self._assigned.difference_update(tps)
-        self._stalled.difference_update(tps)
+        self._parts.release(tps)
         self._metrics.assigned.set(len(self._assigned))
 
     # ------------------------------------------------------------------ shutdown
