@@ -39,6 +39,12 @@ class Service(BaseHTTPRequestHandler):
         doc = json.loads(body)
         Service.seen.append((doc, dict(self.headers.items())))
         kind = str(doc["id"]).split("-")[0]
+        if kind == "says":  # the status and the X-Kafka-Retry-Error verdict the body asks for
+            self.send_response(int(doc["status"]))
+            self.send_header(hh.ERROR_VERDICT, str(doc["verdict"]))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if kind == "slow":
             RELEASE.wait(5)
         status = {"ok": 200, "fail": 500, "bad": 400, "slow": 200, "limited": 429, "drip": 200}[
@@ -174,6 +180,47 @@ def test_http_handler_statuses_can_be_overridden(service_url: str) -> None:
             handler(_event(event_id))
         assert rules.classify(info.value).retriable is retriable
     handler.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "verdict", "retriable"),
+    [
+        (500, "non-retriable", False),  # a bug the service knows retrying cannot fix
+        (404, "retriable", True),  # not there yet: worth another try later
+        (409, " Retriable ", True),  # case and spaces do not matter
+        (503, "NON-RETRIABLE", False),
+        (500, "maybe", True),  # not a verdict: the status decides
+        (400, "", False),
+    ],
+)
+def test_the_service_can_override_its_status(
+    service_url: str, status: int, verdict: str, retriable: bool
+) -> None:
+    """The answer header beats the status and the pipeline's status rules alike."""
+    handler = hh.HttpEventHandler(service_url, timeout_s=1)
+    rules = Classifier(Classification(non_retriable_http_statuses=[404, 409]))
+    event = dataclasses.replace(
+        _event("says-1"),
+        value=json.dumps({"id": "says-1", "status": status, "verdict": verdict}).encode(),
+    )
+    with pytest.raises(HttpStatusError) as info:
+        handler(event)
+    assert info.value.status == status
+    assert rules.classify(info.value).retriable is retriable
+    handler.close()
+
+
+def test_the_shared_secret_is_sent_and_never_shown(service_url: str) -> None:
+    handler = hh.HttpEventHandler(service_url, timeout_s=1, token="s3cret-value")
+    handler(_event("ok-1"))
+    assert Service.seen[-1][1]["Authorization"] == "Bearer s3cret-value"
+    assert "s3cret" not in repr(handler) and "s3cret" not in str(vars(handler).get("url"))
+    with pytest.raises(HttpStatusError) as info:
+        handler(_event("fail-1"))
+    assert "s3cret" not in str(info.value)
+    handler.close()
+    hh.HttpEventHandler(service_url, timeout_s=1)(_event("ok-2"))  # no secret: no header
+    assert "Authorization" not in Service.seen[-1][1]
 
 
 def test_connection_refused_is_retriable() -> None:

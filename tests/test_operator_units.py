@@ -477,6 +477,22 @@ def test_live_lane_deployment_is_a_tier_workers_pod_on_the_source() -> None:
     assert suspended["spec"]["replicas"] == 0
 
 
+def test_the_http_shared_secret_reaches_the_pods_from_the_secret_only() -> None:
+    ref = {"name": "svc-token", "key": "token"}
+    spec = _spec(handler={"http": {"url": "http://svc/events", "secretRef": ref}}, liveLane={})
+    topo = spec.topology("shop", "billing-orders")
+    _, deployments = children.desired_children(
+        "shop", "billing-orders", spec, topo, children.WorkerDefaults("op:1", {})
+    )
+    for d in deployments:  # the tiers' and the live lane's
+        env = d["spec"]["template"]["spec"]["containers"][0]["env"]
+        token = [e for e in env if e["name"] == "KAFKA_RETRY_HTTP_TOKEN"]
+        assert token == [{"name": "KAFKA_RETRY_HTTP_TOKEN", "valueFrom": {"secretKeyRef": ref}}]
+    plain = _deployment(_spec(handler={"http": {"url": "http://svc/events"}}))
+    env = plain["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert "KAFKA_RETRY_HTTP_TOKEN" not in {e["name"] for e in env}
+
+
 def test_live_lane_scaler_watches_the_source_group() -> None:
     spec = _spec(liveLane={}, workers={"autoscaling": {"maxReplicas": 4, "lagPerReplica": 100}})
     scaler = children.live_lane_scaled_object(

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kafka_retry.handlers import HTTP_TOKEN_ENV
 from kafka_retry.kafka_config import CLIENT_ENV_PREFIX
 from kafka_retry.model import (
     LABEL_PIPELINE,
@@ -254,6 +255,10 @@ def _worker_deployment(
         {"name": METRICS_PORT_ENV, "value": str(METRICS_PORT)},
         {"name": INSTANCE_ID_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
     ]
+    token = spec.handler.http.secret_ref if spec.handler.http is not None else None
+    if token is not None:  # from the Secret to the pod: never through the operator
+        ref = {"name": token.name, "key": token.key}
+        env.append({"name": HTTP_TOKEN_ENV, "valueFrom": {"secretKeyRef": ref}})
     container: dict[str, Any] = {
         "name": WORKER_CONTAINER,
         "image": worker_image(spec, defaults.image),

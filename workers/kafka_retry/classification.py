@@ -4,7 +4,8 @@ Order of precedence, first match wins:
 1. `classification.retriable` names, anywhere in the exception's cause/context chain;
 2. `classification.nonRetriable` names, anywhere in the chain;
 3. built-in kinds, outermost exception first: `RetriableError`, `NonRetriableError`,
-   `HttpStatusError` (by status, see `http_retriable`), timeouts and connection errors;
+   `HttpStatusError` (by the service's `X-Kafka-Retry-Error` answer header if it sent one,
+   else by status, see `http_retriable`), timeouts and connection errors;
 4. `classification.unknownErrors`.
 A name matches the class of an exception or any of its base classes, by simple name
 (`ValueError`) or fully qualified name (`json.decoder.JSONDecodeError`).
@@ -151,6 +152,8 @@ class Classifier:
         if isinstance(exc, NonRetriableError):
             return False
         if isinstance(exc, HttpStatusError):
+            if exc.retriable is not None:  # the service said so: it knows better than a status
+                return exc.retriable
             return self.http_retriable(exc.status)
         if isinstance(exc, _TRANSIENT_TYPES):
             return True

@@ -19,11 +19,16 @@ class PayloadDecodeError(NonRetriableError):
 
 
 class HttpStatusError(Exception):
-    """An HTTP handler's endpoint answered with a non-2xx status; classified by that status."""
+    """An HTTP handler's endpoint answered with a non-2xx status; classified by that status,
+    unless the service said otherwise (`retriable`: its `X-Kafka-Retry-Error` answer header,
+    see http_handler.py)."""
 
-    def __init__(self, status: int, reason: str = "", body: str = "") -> None:
+    def __init__(
+        self, status: int, reason: str = "", body: str = "", retriable: bool | None = None
+    ) -> None:
         self.status = status
         self.reason = reason
         self.body = body
+        self.retriable = retriable
         detail = f": {body}" if body else ""
         super().__init__(f"HTTP {status} {reason}".rstrip() + detail)

@@ -13,6 +13,8 @@ from kafka_retry.event import Event
 from kafka_retry.model import Handler
 
 HandlerFn = Callable[[Event], object]
+# The http handler's shared secret, set by the operator from `handler.http.secretRef`.
+HTTP_TOKEN_ENV = "KAFKA_RETRY_HTTP_TOKEN"
 
 
 class HandlerLoadError(Exception):
@@ -39,11 +41,15 @@ def load_callable(path: str) -> HandlerFn:
     return fn
 
 
-def build_handler(spec: Handler) -> HandlerFn:
+def build_handler(spec: Handler, http_token: str | None = None) -> HandlerFn:
+    """`http_token`: the shared secret of `handler.http.secretRef` (the workers get it in
+    `HTTP_TOKEN_ENV` from the Secret, never through the topology)."""
     if spec.python is not None:
         return load_callable(spec.python.callable)
     if spec.http is not None:
         from kafka_retry.http_handler import HttpEventHandler
 
-        return HttpEventHandler(spec.http.url, timeout_s=spec.http.timeout_seconds)
+        return HttpEventHandler(
+            spec.http.url, timeout_s=spec.http.timeout_seconds, token=http_token
+        )
     raise HandlerLoadError("handler: set exactly one of `python` or `http`")

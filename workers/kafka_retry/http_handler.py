@@ -7,6 +7,11 @@ when name and value are valid in HTTP. A non-2xx answer raises `HttpStatusError`
 by status); timeouts and connection errors propagate as `TimeoutError`/`ConnectionError`
 (retriable). One keep-alive connection per handler, reopened after any error.
 
+The service may override its status's classification with the answer header
+`X-Kafka-Retry-Error: retriable` or `non-retriable` (other values are ignored). With a shared
+secret (`handler.http.secretRef`), every request carries `Authorization: Bearer <secret>`, so
+the service can refuse anyone else; the secret is never logged.
+
 `timeout_s` bounds the whole request (connect, send, answer), not each socket read: a server
 that answers a byte at a time would otherwise hold the consumer for as long as it likes.
 """
@@ -45,6 +50,9 @@ DUE = HTTP_PREFIX + "Due-Ms"
 REPLAY_ID = HTTP_PREFIX + "Replay-Id"
 LAST_ERROR_CLASS = HTTP_PREFIX + "Last-Error-Class"
 EVENT_HEADER_PREFIX = "X-Kafka-Header-"
+# Answer header: the service's own verdict on a non-2xx answer, overriding its status.
+ERROR_VERDICT = HTTP_PREFIX + "Error"
+VERDICTS = {"retriable": True, "non-retriable": False}
 
 MAX_ERROR_BODY = 512
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -181,7 +189,7 @@ class _Watchdog:
 class HttpEventHandler:
     """Callable handler; one instance per consumer thread (it keeps one connection)."""
 
-    def __init__(self, url: str, *, timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str, *, timeout_s: float = 10.0, token: str | None = None) -> None:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
@@ -193,29 +201,34 @@ class HttpEventHandler:
         self._conn: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
         self._watchdog = _Watchdog()
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url
 
+    def __repr__(self) -> str:  # never the token
+        return f"HttpEventHandler({self.url!r})"
+
     def __call__(self, event: Event) -> None:
-        body, headers = event.value or b"", request_headers(event)
+        body, headers = event.value or b"", request_headers(event) | self._auth
         with self._lock:
             reused = self._conn is not None
             try:
-                status, reason, data = self._post(body, headers)
+                status, reason, verdict, data = self._post(body, headers)
             except ConnectionError:
                 if not reused:
                     raise
                 # The server closed an idle keep-alive connection: that says nothing about
                 # the event, so try once more on a fresh connection.
-                status, reason, data = self._post(body, headers)
+                status, reason, verdict, data = self._post(body, headers)
         if not 200 <= status < 300:
             text = data[:MAX_ERROR_BODY].decode("utf-8", errors="replace")
-            raise HttpStatusError(status, reason, text)
+            raise HttpStatusError(status, reason, text, VERDICTS.get(verdict.strip().lower()))
 
     def close(self) -> None:
         with self._lock:
             self._drop()
 
-    def _post(self, body: bytes, headers: dict[str, str]) -> tuple[int, str, bytes]:
+    def _post(self, body: bytes, headers: dict[str, str]) -> tuple[int, str, str, bytes]:
+        """(status, reason, the `X-Kafka-Retry-Error` answer header or "", body)."""
         started = time.monotonic()
         conn = self._connection()
         try:
@@ -231,7 +244,8 @@ class HttpEventHandler:
                 self._watchdog.disarm()
             if response.will_close or self._watchdog.fired:
                 self._drop()
-            return response.status, response.reason, data
+            verdict = response.getheader(ERROR_VERDICT) or ""
+            return response.status, response.reason, verdict, data
         except BaseException as e:
             self._drop()  # a half-used connection must not serve the next event
             if self._watchdog.fired:

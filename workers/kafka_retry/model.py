@@ -243,9 +243,23 @@ class PythonHandler(ApiModel):
     )
 
 
+class SecretKeyRef(ApiModel):
+    """One key of a Secret in the pipeline's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, description="The Secret's name.")
+    key: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[-._a-zA-Z0-9]+$",
+        description="The key whose value is used.",
+    )
+
+
 class HttpHandler(ApiModel):
     """Tier workers POST each due event to the service: 2xx is success; 408, 429, 5xx,
-    timeouts and connection errors are retriable; other statuses go to the DLQ."""
+    timeouts and connection errors are retriable; other statuses go to the DLQ, unless the
+    answer's `X-Kafka-Retry-Error` header says `retriable` or `non-retriable`
+    (docs/headers.md)."""
 
     url: str = Field(
         pattern=r"^https?://",
@@ -258,6 +272,13 @@ class HttpHandler(ApiModel):
         le=MAX_HANDLER_TIMEOUT_SECONDS,
         description="A request slower than this is retriable. At most 120: a longer one "
         "would keep the worker from polling its group.",
+    )
+    secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="A shared secret the workers send as `Authorization: Bearer <secret>`, so "
+        "that the service can refuse callers other than the pipeline's workers. Read by the "
+        "worker pods from the Secret (the operator never reads it; never logged nor in "
+        "status); a changed value reaches them when they restart.",
     )
 
 

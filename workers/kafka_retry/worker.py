@@ -9,7 +9,8 @@ that a spec change left behind into where its events go now (the topology's `dra
 worker given `--topology-file` (a mounted ConfigMap) follows changes to it without a restart.
 
 Contract with the operator's Deployments: the topology comes from `KAFKA_RETRY_TOPOLOGY` (or
-the file), extra librdkafka settings from `KAFKA_CLIENT_*` (never logged),
+the file), extra librdkafka settings from `KAFKA_CLIENT_*` and an http handler's shared
+secret from `KAFKA_RETRY_HTTP_TOKEN` (both never logged),
 `KAFKA_RETRY_METRICS_PORT` (default 9400) serves /metrics, /healthz and /readyz, and
 `KAFKA_RETRY_INSTANCE_ID` (the pod name) makes the worker a static member of its group, so a
 restarted container takes its partitions back at once.
@@ -37,7 +38,7 @@ from confluent_kafka import KafkaException
 
 from kafka_retry import logformat
 from kafka_retry.forwarding import FatalProducerError
-from kafka_retry.handlers import HandlerFn, HandlerLoadError, build_handler
+from kafka_retry.handlers import HTTP_TOKEN_ENV, HandlerFn, HandlerLoadError, build_handler
 from kafka_retry.kafka_config import (
     client_settings_from_env,
     consumer_config,
@@ -204,7 +205,7 @@ def run_worker(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
         )
     else:
         try:
-            handler = build_handler(topology.handler)
+            handler = build_handler(topology.handler, http_token=env.get(HTTP_TOKEN_ENV))
         except (HandlerLoadError, ValueError) as e:
             log.error("cannot load the handler: %s", e)
             return EXIT_HANDLER

@@ -1,0 +1,3 @@
+module example.com/go_order_service
+
+go 1.21
