@@ -57,6 +57,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -64,6 +65,7 @@ from typing import IO, Any
 log = logging.getLogger("podrunner")
 
 DEFAULT_PORT_ENVS = ("KAFKA_RETRY_METRICS_PORT",)
+REPORTERS = 5  # threads writing Deployment statuses (kube-controller-manager's default syncs)
 # Environment a real container would not get from the host, but a local process needs.
 _INHERITED_ENV = ("HOME", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR")
 _VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
@@ -292,6 +294,7 @@ class PodRunner:
         self._stop = threading.Event()
         self._synced = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._reporters = ThreadPoolExecutor(REPORTERS, thread_name_prefix="podrunner-status")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -309,6 +312,7 @@ class PodRunner:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=15)
+        self._reporters.shutdown(wait=True)
         with self._lock:
             pods = [p for ps in self._pods.values() for p in ps]
             self._pods.clear()
@@ -441,6 +445,7 @@ class PodRunner:
                 self._reported.pop(key, None)
             log.info("deployment %s/%s gone: stopping %d pods", *key, len(pods))
             self._stop_all(pods)
+        changed = []
         for key, d in deployments.items():
             if d["metadata"].get("deletionTimestamp"):
                 with self._lock:
@@ -448,7 +453,12 @@ class PodRunner:
                 self._stop_all(pods)
                 continue
             self._converge(key, d, now)
-            self._report(key, d)
+            status = self._status(key, d)
+            if status is not None:
+                changed.append((key, status))
+        # Written by several threads, as the deployment controller's workers do: one at a
+        # time, 2,000 Deployments' statuses would take minutes on a busy API server.
+        list(self._reporters.map(lambda change: self._report(*change), changed))
 
     def _converge(self, key: tuple[str, str], d: dict[str, Any], now: float) -> None:
         want = _replicas(d)
@@ -505,9 +515,8 @@ class PodRunner:
             for t in threads:
                 t.join()
 
-    def _report(self, key: tuple[str, str], d: dict[str, Any]) -> None:
-        from kubernetes.client.exceptions import ApiException
-
+    def _status(self, key: tuple[str, str], d: dict[str, Any]) -> dict[str, Any] | None:
+        """The Deployment's status as its pods make it, or None when it was reported so."""
         want = _replicas(d)
         current = template_hash(d["spec"]["template"])
         with self._lock:
@@ -524,7 +533,7 @@ class PodRunner:
         available = ready >= want
         cond_status = "True" if available else "False"
         if self._reported.get(key) == status and _available(d) == cond_status:
-            return
+            return None
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         status["conditions"] = [
             {
@@ -536,6 +545,11 @@ class PodRunner:
                 "lastTransitionTime": stamp,
             }
         ]
+        return status
+
+    def _report(self, key: tuple[str, str], status: dict[str, Any]) -> None:
+        from kubernetes.client.exceptions import ApiException
+
         try:
             self._apps.patch_namespaced_deployment_status(key[1], key[0], {"status": status})
             status.pop("conditions")

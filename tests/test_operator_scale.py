@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,16 @@ def _ready_count(kubectl: Kubectl, namespace: str) -> int:
         if conds.get("Ready") == "True" and "dlq" in status:
             ready += 1
     return ready
+
+
+def _posted(kubectl: Kubectl, namespace: str) -> Counter[tuple[str, str]]:
+    """Events posted about the namespace's pipelines: (pipeline, reason) -> how many."""
+    found = kubectl("get", "events", "-n", namespace, "--field-selector",
+                    "involvedObject.kind=RetryPipeline", "-o", "json").stdout  # fmt: skip
+    posted: Counter[tuple[str, str]] = Counter()
+    for e in json.loads(found)["items"]:
+        posted[(e["involvedObject"]["name"], e["reason"])] += e.get("count") or 1
+    return posted
 
 
 def test_fifty_pipelines_become_ready(
@@ -94,6 +105,22 @@ def test_fifty_pipelines_become_ready(
         assert len(table) == COUNT and all(row.split()[4] == "True" for row in table)
         topics = kafka_admin.list_topics(timeout=10).topics
         assert all(t in topics for t in cleanup_topics)
+
+        # Events mark transitions: each pipeline's topics were created once and its workers
+        # became ready once, however far the operator's watch runs behind its own status
+        # writes (fifty timers at a 1 s interval; a timer that took its last write for not
+        # written would write it again and announce the same transition again).
+        names = [d["metadata"]["name"] for d in docs]
+        wait_for(
+            lambda: all(_posted(kubectl, namespace)[(n, "WorkersReady")] for n in names),
+            60,
+            "a WorkersReady Event for every pipeline",
+        )
+        time.sleep(5)  # five status intervals: time for a repeated announcement to be posted
+        posted = _posted(kubectl, namespace)
+        repeated = {k: v for k, v in posted.items() if v > 1}
+        assert not repeated, f"transitions announced more than once: {repeated}"
+        assert all(posted[(n, "TopicsCreated")] == 1 for n in names), posted
 
         started = time.monotonic()
         release_pipelines(kubectl, namespace, timeout=120)

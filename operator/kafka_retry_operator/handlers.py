@@ -21,6 +21,7 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -215,10 +216,13 @@ def reconcile(
         record, verdict = reconciler.reconcile(
             rt, body, parsed, _claims(kwargs), dict(status), logger
         )
-        new = _status(rt, record, kwargs, status, _pod_troubles(rt, record, kwargs))
-        patch.status.update(st.merge_patch(status, new))
+        now = time.monotonic()
+        previous = rt.status_writes.previous(key, status, now)
+        new = _status(rt, record, kwargs, previous, _pod_troubles(rt, record, kwargs))
+        patch.status.update(st.merge_patch(previous, new))
+        rt.status_writes.wrote(key, new, now)
         _announce(body, announcements.topics_changed(verdict.created, verdict.grown))
-        _announce(body, announcements.status_changed(status, new, record.topology.dlq_topic))
+        _announce(body, announcements.status_changed(previous, new, record.topology.dlq_topic))
         rt.metrics.pipeline_status(key, new)
         if verdict.retry is Retry.LATER:
             raise kopf.TemporaryError(
@@ -278,14 +282,17 @@ async def refresh_status(
     if record is None:  # not reconciled (yet), or its spec is invalid
         return
     troubles = await asyncio.to_thread(_pod_troubles, rt, record, kwargs)
-    new = _status(rt, record, kwargs, status, troubles)
-    if st.differs(status, new):
-        patch.status.update(st.merge_patch(status, new))
+    now = time.monotonic()
+    previous = rt.status_writes.previous(key, status, now)  # our last write, if not seen yet
+    new = _status(rt, record, kwargs, previous, troubles)
+    if st.differs(previous, new):
+        patch.status.update(st.merge_patch(previous, new))
+        rt.status_writes.wrote(key, new, now)
     elif st.finished_drains(record, status):
         # The stored status has dropped a finished drain: a reconcile removes its worker.
         await asyncio.to_thread(rt.kube.request_reconcile, namespace or "", name)
     rt.metrics.pipeline_status(key, new, record)
-    _announce(body, announcements.status_changed(status, new, record.topology.dlq_topic))
+    _announce(body, announcements.status_changed(previous, new, record.topology.dlq_topic))
     health = rt.sampler.health(record.cluster)
     if health is not None and health.reachable:
         retention = health.offsets_retention_s or offset_keeper.FALLBACK_RETENTION_S
@@ -332,7 +339,7 @@ def _status(
     rt: Runtime,
     record: PipelineRecord,
     kwargs: dict[str, Any],
-    status: kopf.Status,
+    status: Mapping[str, Any],
     troubles: dict[str, str],
 ) -> dict[str, Any]:
     """The status the pipeline should show now: from the last reconcile, the sampler's latest

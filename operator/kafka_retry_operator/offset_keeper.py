@@ -29,7 +29,7 @@ from confluent_kafka.admin import AdminClient
 
 from kafka_retry import depth
 from kafka_retry.model import Topology
-from kafka_retry.offset_queries import TP, commit, committed, partition_counts
+from kafka_retry.offset_queries import TP, commit, committed, topic_partitions
 from kafka_retry.replay_lease import Lease
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,8 @@ def refresh(
         return False
     done = False
     try:
-        counts = partition_counts(admin, timeout)
+        topics = [topology.dlq_topic, *(t.topic for t in topology.tiers)]
+        counts = topic_partitions(admin, topics, timeout)
         groups: dict[str, list[TP]] = {}
 
         def add(group: str, topic: str) -> None:

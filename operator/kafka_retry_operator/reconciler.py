@@ -127,7 +127,7 @@ def reconcile(
         applied = apply_children(rt, body, spec, topology, version, autoscaled, keda_auth)
         record = dataclasses.replace(record, worker_generations=applied)
         rt.fleet.put(record)
-    rt.sampler.wake()
+    rt.sampler.wake(cluster, key)
     return record, verdict
 
 
@@ -263,6 +263,7 @@ def forget(rt: Runtime, key: PipelineKey) -> None:
     rt.fleet.remove(key)
     rt.sampler.forget(key)
     rt.secret_checks.forget(key)
+    rt.status_writes.forget(key)
     rt.admins.release(owner_id(key))
 
 
@@ -283,6 +284,7 @@ def finalize(
     rt.fleet.remove(key)
     rt.sampler.forget(key)
     rt.secret_checks.forget(key)
+    rt.status_writes.forget(key)
     rt.metrics.forget(key)
     if spec is None or spec.topics.deletion_policy != "Delete":
         rt.admins.release(owner_id(key))

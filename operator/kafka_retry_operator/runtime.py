@@ -14,6 +14,7 @@ from kafka_retry_operator.metrics import OperatorMetrics
 from kafka_retry_operator.offset_keeper import OnePerCluster
 from kafka_retry_operator.sampler import Sampler
 from kafka_retry_operator.secret_rotation import SecretChecks
+from kafka_retry_operator.status_writes import StatusWrites
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Runtime:
     secret_checks: SecretChecks
     worker_defaults: WorkerDefaults
     offset_refreshes: OnePerCluster
+    status_writes: StatusWrites
 
     @classmethod
     def create(cls, config: OperatorConfig, api: Any) -> Runtime:
@@ -44,9 +46,12 @@ class Runtime:
             config.worker_log_format,
             config.worker_topology_spread,
         )
+        # Long enough for the watch to catch up with a write; short enough to heal a lost one.
+        writes = StatusWrites(ttl_s=max(30.0, 3 * config.status_interval))
         return cls(
-            config, Kube(api), admins, fleet, sampler, metrics, checks, defaults, OnePerCluster()
-        )
+            config, Kube(api), admins, fleet, sampler, metrics, checks, defaults, OnePerCluster(),
+            writes,
+        )  # fmt: skip
 
 
 def runtime_of(memo: Any) -> Runtime:

@@ -23,10 +23,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaException
+from confluent_kafka.admin import AdminClient
 
 from kafka_retry import depth
 from kafka_retry.model import DrainingStage
@@ -34,7 +35,7 @@ from kafka_retry.offset_queries import (
     TP,
     committed,
     offsets_retention_s,
-    partition_counts,
+    topic_partitions,
     watermarks,
 )
 from kafka_retry_operator.fleet import Fleet, PipelineKey, PipelineRecord
@@ -46,6 +47,7 @@ from kafka_retry_operator.kafka_admin import (
 log = logging.getLogger(__name__)
 
 PEEK_GROUP = "kafka-retry-operator.peek"  # never joined nor committed: assign() only
+OFFSETS_TOPIC = "__consumer_offsets"  # its partitions' leaders are the group coordinators
 COALESCE_S = 0.3  # a burst of reconciles (50 new pipelines) gets one pass, not fifty
 
 
@@ -145,13 +147,14 @@ class Sampler:
         for loop in loops:
             loop.join(self.timeout + 5)
 
-    def wake(self, cluster: Cluster | None = None) -> None:
-        """Measure soon (after a reconcile or a replay), not at the next interval: `cluster`'s
-        pipelines, or all with None. A cluster not sampled yet gets its thread now."""
+    def wake(self, cluster: Cluster | None = None, key: PipelineKey | None = None) -> None:
+        """Measure soon (after a reconcile or a replay), not at the next interval: pipeline
+        `key` of `cluster`, all of `cluster`'s, or every cluster's with None. A cluster not
+        sampled yet gets its thread now (whose first pass measures all its pipelines)."""
         with self._lock:
             loop = self._clusters.get(cluster) if cluster is not None else None
         if loop is not None:
-            loop.wake()
+            loop.wake(key)
         else:
             self._wake.set()
 
@@ -203,17 +206,18 @@ class Sampler:
         self,
         cluster: Cluster,
         samples: Mapping[PipelineKey, Sample],
-        stats: PassStats,
+        stats: PassStats | None,
         offsets_retention_s: float | None,
     ) -> None:
         """Store a pass's results: only for pipelines still on this cluster (one deleted or
-        moved during the pass is not brought back)."""
+        moved during the pass is not brought back). A pass over some pipelines (no `stats`)
+        leaves the cluster's health and pass statistics to the full passes."""
         current = {r.key for r in self._records(cluster)}
         with self._lock:
             for key, sample in samples.items():
                 if key in current:
                     self._samples[key] = sample
-            if cluster in self._clusters:
+            if cluster in self._clusters and stats is not None:
                 self._health[cluster] = ClusterHealth(True, "", offsets_retention_s)
                 self._passes[cluster] = stats
 
@@ -226,16 +230,26 @@ class _ClusterLoop:
         self._sampler = sampler
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._asked = threading.Lock()
+        self._pending: set[PipelineKey] | None = set()  # to measure soon; None: all
         self._peeker: Consumer | None = None
         self._peeked: dict[TP, tuple[int, int]] = {}  # (topic, partition) -> (offset, ts)
         self._retention_s: float | None = None  # read once, at the first pass that answers
         self._retention_read = False
+        # Groups whose coordinator answered (see `committed`), while the coordinators stay put.
+        self._coordinated: set[str] = set()
+        self._coordinators: object = None
         self._thread = threading.Thread(target=self._loop, name=f"sampler-{cluster}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def wake(self) -> None:
+    def wake(self, key: PipelineKey | None = None) -> None:
+        with self._asked:
+            if key is None:
+                self._pending = None
+            elif self._pending is not None:
+                self._pending.add(key)
         self._wake.set()
 
     def stop(self) -> None:
@@ -247,31 +261,50 @@ class _ClusterLoop:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
+        """A full pass every interval; in between, a pass over just the pipelines that asked
+        (a new or changed pipeline is measured within a second, not an interval: a burst of
+        1,000 new pipelines must not cost 1,000 passes over the whole cluster)."""
+        next_full = 0.0
         try:
             while not self._stop.is_set():
                 self._wake.clear()
+                with self._asked:
+                    pending, self._pending = self._pending, set()
                 try:
-                    self.run_once()
+                    if pending is None or time.monotonic() >= next_full:
+                        next_full = time.monotonic() + self._sampler.interval
+                        self.run_once()
+                    elif pending:
+                        self.run_once(pending)
                 except Exception:  # the loop must outlive any one bad pass
                     log.exception("sampling pass on %s failed", self.cluster)
-                if self._wake.wait(self._sampler.interval):
+                if self._wake.wait(max(0.0, next_full - time.monotonic())):
                     self._stop.wait(COALESCE_S)  # a burst of reconciles gets one pass
         finally:
             if self._peeker is not None:
                 self._peeker.close()
 
-    def run_once(self) -> None:
+    def run_once(self, only: Collection[PipelineKey] | None = None) -> None:
+        """A pass over all the cluster's pipelines, or `only` these (not counted as a pass in
+        the metrics, and an unreachable cluster is left to the next full pass to report)."""
         sampler, cluster, timeout = self._sampler, self.cluster, self._sampler.timeout
         admin = sampler.admins.admin(cluster)
         records = sampler._records(cluster)
+        if only is not None:
+            records = [r for r in records if r.key in only]
         if admin is None or not records:
             return
         started = time.monotonic()
         try:
-            counts = partition_counts(admin, timeout)
+            if only is None:
+                counts = self._metadata(admin, timeout)
+            else:
+                counts = topic_partitions(admin, _topics(records), timeout)
         except KafkaException as e:
-            stats = PassStats(time.monotonic() - started, 0, time.time())
-            sampler._unreachable(cluster, f"cannot reach Kafka at {cluster}: {e}", stats)
+            self._coordinated.clear()
+            if only is None:
+                stats = PassStats(time.monotonic() - started, 0, time.time())
+                sampler._unreachable(cluster, f"cannot reach Kafka at {cluster}: {e}", stats)
             return
         if not self._retention_read:
             self._retention_s = offsets_retention_s(admin, timeout)
@@ -295,7 +328,9 @@ class _ClusterLoop:
                 tps.update(parts)
                 groups.setdefault(r.topology.consumer_group, set()).update(parts)
         marks = watermarks(admin, tps, timeout)
-        offsets = committed(admin, {g: sorted(p) for g, p in groups.items() if p}, timeout)
+        asked = {g: sorted(p) for g, p in groups.items() if p}
+        offsets = committed(admin, asked, timeout, self._coordinated)
+        self._coordinated.update(offsets)
 
         now = time.time()
         tiers: dict[PipelineKey, dict[str, depth.Backlog | None]] = {}
@@ -346,8 +381,8 @@ class _ClusterLoop:
                 b.total if (b := live.get(r.key)) else None,
             )
         duration = time.monotonic() - started
-        stats = PassStats(duration, len(records), time.time())
-        sampler._measured(cluster, samples, stats, self._retention_s)
+        full = PassStats(duration, len(records), time.time()) if only is None else None
+        sampler._measured(cluster, samples, full, self._retention_s)
         log.debug(
             "sampled %d pipelines, %d partitions on %s in %.2fs",
             len(records),
@@ -355,6 +390,23 @@ class _ClusterLoop:
             cluster,
             duration,
         )
+
+    def _metadata(self, admin: AdminClient, timeout: float) -> dict[str, int]:
+        """Every topic's partition count; and whether the group coordinators may have moved
+        since the last pass (the brokers, or the leaders of `__consumer_offsets`, whose
+        partitions' leaders are the coordinators), in which case every group is described
+        again before its offsets are asked for (see `committed`)."""
+        metadata = admin.list_topics(timeout=timeout)
+        internal = metadata.topics.get(OFFSETS_TOPIC)
+        coordinators: object = None
+        if internal is not None and internal.error is None:
+            brokers = sorted((b.id, b.host, b.port) for b in metadata.brokers.values())
+            leaders = sorted((p.id, p.leader) for p in internal.partitions.values())
+            coordinators = (tuple(brokers), tuple(leaders))
+        if coordinators is None or coordinators != self._coordinators:
+            self._coordinated.clear()  # unknown (not visible to us) counts as moved
+        self._coordinators = coordinators
+        return {n: len(t.partitions) for n, t in metadata.topics.items() if t.error is None}
 
     def _oldest(self, heads: Mapping[TP, int]) -> dict[TP, int]:
         """Timestamps of the DLQ heads: cached per (partition, offset), peeked when moved."""
@@ -388,6 +440,16 @@ class _ClusterLoop:
             )
             self._peeker = Consumer(config)
         return self._peeker
+
+
+def _topics(records: Iterable[PipelineRecord]) -> set[str]:
+    """The tier, DLQ and draining topics of `records`."""
+    found: set[str] = set()
+    for r in records:
+        found.update(t.topic for t in r.topology.tiers)
+        found.add(r.topology.dlq_topic)
+        found.update(d.topic for d in r.topology.draining)
+    return found
 
 
 def _partitions(topic: str, counts: Mapping[str, int]) -> Iterable[TP]:

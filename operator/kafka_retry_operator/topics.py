@@ -25,7 +25,7 @@ from confluent_kafka.admin import (
 )
 
 from kafka_retry.model import RetryPipelineSpec, Topology
-from kafka_retry.offset_queries import partition_counts
+from kafka_retry.offset_queries import topic_partitions
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def ensure(
 ) -> TopicsVerdict:
     """Create missing topics, grow partitions, align the configs we own; report the rest."""
     try:
-        existing = partition_counts(admin, timeout)
+        existing = topic_partitions(admin, [source_topic, *(p.name for p in plans)], timeout)
     except KafkaException as e:
         return unreachable(bootstrap_servers, timeout, e)
     if source_topic not in existing:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from kafka_retry.offset_queries import TP, committed, partition_counts, watermarks
+from kafka_retry.offset_queries import TP, committed, topic_partitions, watermarks
 
 CURSOR_SUFFIX = ".cursor"
 
@@ -79,10 +79,10 @@ def backlog(
 def measure_dlq(
     admin: AdminClient, dlq_topics: Iterable[str], timeout: float = 10.0
 ) -> dict[str, Backlog]:
-    """The depth of each DLQ topic that exists, with one metadata request, two `list_offsets`
-    and one cursor query per topic (sent together)."""
+    """The depth of each DLQ topic that exists, with one metadata request (for these topics
+    only), two `list_offsets` and one cursor query per topic (sent together)."""
     topics = set(dlq_topics)
-    counts = {t: n for t, n in partition_counts(admin, timeout).items() if t in topics}
+    counts = topic_partitions(admin, topics, timeout)
     tps = [(t, p) for t, n in counts.items() for p in range(n)]
     marks = watermarks(admin, tps, timeout)
     cursors = committed(

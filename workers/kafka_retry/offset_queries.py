@@ -7,10 +7,16 @@ and leaves out what failed rather than failing the whole answer.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
-from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka import (
+    ConsumerGroupTopicPartitions,
+    KafkaError,
+    KafkaException,
+    TopicCollection,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 log = logging.getLogger(__name__)
@@ -45,7 +51,10 @@ def _offsets(admin: AdminClient, tps: Sequence[TP], spec: Any, timeout: float) -
 
 
 def committed(
-    admin: AdminClient, groups: Mapping[str, Iterable[TP]], timeout: float
+    admin: AdminClient,
+    groups: Mapping[str, Iterable[TP]],
+    timeout: float,
+    coordinated: Collection[str] = (),
 ) -> dict[str, dict[TP, int | None]]:
     """Each group's committed offset (None: none committed) for the given partitions.
 
@@ -58,8 +67,11 @@ def committed(
     offset fetch is answered "not coordinator" or "coordinator not available", as on a broker
     that is starting or moving a group's coordinator. Describing goes through the same
     coordinator lookup without that flaw, so a group whose coordinator is not ready is skipped
-    for this pass instead; what remains is a coordinator move between the two requests."""
-    ready = _coordinator_ready(admin, list(groups), timeout)
+    for this pass instead; what remains is a coordinator move between the two requests.
+    Groups in `coordinated` (answered since the coordinators last moved, as the caller knows)
+    are not described again: at a thousand groups, describing them is most of the cost."""
+    ready = set(coordinated) & groups.keys()
+    ready |= _coordinator_ready(admin, [g for g in groups if g not in ready], timeout)
     futures = {}
     for group, tps in groups.items():
         if group not in ready:
@@ -106,6 +118,30 @@ def partition_counts(admin: AdminClient, timeout: float) -> dict[str, int]:
         for name, topic in metadata.topics.items()
         if topic.error is None
     }
+
+
+# A topic described with one of these is absent, as far as we may know (no describe right).
+ABSENT = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.TOPIC_AUTHORIZATION_FAILED)
+
+
+def topic_partitions(admin: AdminClient, names: Iterable[str], timeout: float) -> dict[str, int]:
+    """The partition count of each of `names` that exists: one metadata request for those
+    topics only. Not `partition_counts`: a reconcile asks about its own few topics, and the
+    answer for every topic of a cluster grows with every pipeline on it.
+
+    Raises KafkaException when the cluster cannot be reached within `timeout`."""
+    names = sorted(set(names))
+    if not names:
+        return {}
+    futures = admin.describe_topics(TopicCollection(names), request_timeout=timeout)
+    counts: dict[str, int] = {}
+    for name, future in futures.items():
+        try:
+            counts[name] = len(future.result(timeout=timeout + 5).partitions)
+        except KafkaException as e:
+            if not (e.args and e.args[0].code() in ABSENT):
+                raise
+    return counts
 
 
 def commit(admin: AdminClient, offsets: Mapping[str, Mapping[TP, int]], timeout: float) -> set[str]:
