@@ -203,7 +203,7 @@ def reconcile(
 ) -> None:
     rt = runtime_of(memo)
     key = (namespace or "", name)
-    with rt.metrics.reconciling():
+    with rt.metrics.reconciling(), rt.status_writes.reconciling(key, time.monotonic()):
         try:
             parsed = RetryPipelineSpec.model_validate(dict(spec))
         except ValidationError as e:
@@ -283,6 +283,8 @@ async def refresh_status(
         return
     troubles = await asyncio.to_thread(_pod_troubles, rt, record, kwargs)
     now = time.monotonic()
+    if rt.status_writes.settling(key, status, now):
+        return  # the reconcile's status first (nothing awaited from here to `wrote`)
     previous = rt.status_writes.previous(key, status, now)  # our last write, if not seen yet
     new = _status(rt, record, kwargs, previous, troubles)
     if st.differs(previous, new):
