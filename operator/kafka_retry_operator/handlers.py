@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import time
 from collections.abc import Mapping
@@ -218,7 +219,8 @@ def reconcile(
         )
         now = time.monotonic()
         previous = rt.status_writes.previous(key, status, now)
-        new = _status(rt, record, kwargs, previous, _pod_troubles(rt, record, kwargs))
+        troubles = _pod_troubles(rt, record, kwargs)
+        new = _status(rt, record, kwargs, previous, troubles, drains_end=False)
         patch.status.update(st.merge_patch(previous, new))
         rt.status_writes.wrote(key, new, now)
         _announce(body, announcements.topics_changed(verdict.created, verdict.grown))
@@ -343,16 +345,19 @@ def _status(
     kwargs: dict[str, Any],
     status: Mapping[str, Any],
     troubles: dict[str, str],
+    drains_end: bool = True,
 ) -> dict[str, Any]:
     """The status the pipeline should show now: from the last reconcile, the sampler's latest
-    measurements, the tier Deployments' index and why their pods fail."""
+    measurements, the tier Deployments' index and why their pods fail. A reconcile's status
+    ends no drain (`drains_end`): one it began is shown at least once, however long the
+    reconcile took (past the settle time); the timer ends them."""
     return st.compose(
         record,
         rt.sampler.sample(record.key),
         rt.sampler.health(record.cluster),
         _workers(kwargs, record.key),
         status,
-        drain_settle_s=rt.config.drain_settle,
+        drain_settle_s=rt.config.drain_settle if drains_end else math.inf,
         troubles=troubles,
     )
 
