@@ -5,6 +5,8 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 VENV = $(shell ./hack/venv.sh)
 PY = $(VENV)/bin/python
+# Tests run on this many pytest-xdist workers: most of a test is waiting on servers, not CPU.
+PYTEST_WORKERS ?= 3
 
 .PHONY: help
 help: ## list targets
@@ -33,7 +35,7 @@ env: ## print shell exports for the local servers: eval "$$(make -s env)"
 
 .PHONY: test
 test: ## set everything up and run the whole test suite
-	@py=$(PY); $$py hack/localenv.py up && $$py -m pytest $(PYTEST_ARGS)
+	@py=$(PY); $$py hack/localenv.py up && $$py -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 .PHONY: lint
 lint: ## ruff and mypy --strict

@@ -36,13 +36,34 @@ _FIXTURE_MARKS = {
 }
 
 
+# Tests sharing something no namespace or topic name separates run on one pytest-xdist worker,
+# one after another: the local node (one per host, and test_node takes it down and up again),
+# and cluster-scoped objects (the chart's ClusterRoles and CRDs, KEDA's CRDs that
+# test_operator_autoscaling installs and deletes).
+_SERIAL_GROUPS = {
+    "test_node.py": "node",
+    "test_demo.py": "node",
+    "test_image_contents.py": "node",
+    "test_real_pods.py": "node",
+    "test_chart_": "cluster",
+    "test_crd_": "cluster",
+    "test_foundation_kube.py": "cluster",
+    "test_operator_autoscaling.py": "cluster",
+}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark tests by the servers they use, so `-m kafka` / `-m "not kube"` select truthfully."""
+    """Mark tests by the servers they use, so `-m kafka` / `-m "not kube"` select truthfully,
+    and put the ones that share a host-wide thing in one xdist group (`--dist loadgroup`)."""
     for item in items:
-        for fixture in getattr(item, "fixturenames", ()):
-            mark = _FIXTURE_MARKS.get(fixture)
-            if mark:
-                item.add_marker(getattr(pytest.mark, mark))
+        marks = {_FIXTURE_MARKS.get(f) for f in getattr(item, "fixturenames", ())} - {None}
+        for mark in marks:
+            item.add_marker(getattr(pytest.mark, str(mark)))
+        name = item.path.name
+        group = "node" if "node" in marks else None
+        group = group or next((g for p, g in _SERIAL_GROUPS.items() if name.startswith(p)), None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
