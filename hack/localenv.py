@@ -609,8 +609,12 @@ def write_kubeconfig(
         ],
         "current-context": "kro-local",
     }
-    path.write_text(json.dumps(config, indent=2))
-    path.chmod(0o600)
+    # Replaced in one step: every `make up` (and each pytest-xdist worker's session) writes it
+    # again while other processes of the run read it.
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(config, indent=2))
+    partial.chmod(0o600)
+    os.replace(partial, path)
 
 
 def etcd_command(data: Path, port: int) -> list[str]:

@@ -13,11 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "hack"))
 
 import localenv  # noqa: E402
+
+# Property tests judge behaviour, not speed: on a loaded 2-core machine (tests run on several
+# xdist workers) generating inputs is slow, which Hypothesis would otherwise report as an error.
+settings.register_profile("suite", suppress_health_check=[HealthCheck.too_slow], deadline=None)
+settings.load_profile("suite")
 
 # Fixtures that need a real server, and the marker each implies.
 _FIXTURE_MARKS = {
