@@ -80,7 +80,7 @@ class Assignment:
         committed anyway), except those the gate paused, which it resumes itself."""
         held = self.gate.paused() if self.gate is not None else set()
         self.stalled = self.partitions - held
-        consumer.pause([TopicPartition(t, p) for t, p in self.stalled])
+        consumer.pause([TopicPartition(t, p) for t, p in sorted(self.stalled)])
         return len(self.stalled)
 
     def unstall(self, consumer: Any) -> None:
@@ -88,5 +88,5 @@ class Assignment:
         gate paused meanwhile (its windows full)."""
         held = self.gate.paused() if self.gate is not None else set()
         resume = (self.stalled & self.partitions) - held
-        consumer.resume([TopicPartition(t, p) for t, p in resume])
+        consumer.resume([TopicPartition(t, p) for t, p in sorted(resume)])
         self.stalled = set()
