@@ -58,6 +58,7 @@ _SERIAL_GROUPS = {
 }
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns xdist_group marks into groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark tests by the servers they use, so `-m kafka` / `-m "not kube"` select truthfully,
     and put the ones that share a host-wide thing in one xdist group (`--dist loadgroup`)."""
