@@ -18,14 +18,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dataplane_support import produce, produce_ids
-from kafka_retry.http_handler import ATTEMPT, DUE, KEY, TIER
+from http_service_support import RecordingService, serving
 from operator_support import (
     ROOT,
     Kubectl,
@@ -47,73 +46,26 @@ pytestmark = pytest.mark.e2e
 N = 5  # events of each kind
 
 
-@dataclass(frozen=True)
-class Call:
-    key: str
-    tier: str
-    attempt: int
-    due_ms: int | None
-    at_ms: int
-    status: int
-
-
 @dataclass
-class Service:
+class Service(RecordingService):
     """Keys `ok-*` succeed; `flaky-*` answer 503 before attempt 3 (the live lane's attempt 1
     and retry-1's fail, retry-2's succeeds); `dead-*` answer 422 (non-retriable) until
     `fixed`."""
 
     fixed: bool = False
-    calls: list[Call] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    url: str = ""
 
-    def answer(self, headers: Any) -> int:
-        key, attempt = headers.get(KEY, ""), int(headers.get(ATTEMPT, "0"))
+    def status(self, key: str, attempt: int) -> int:
         if key.startswith("flaky-"):
-            status = 200 if attempt >= 3 else 503
-        elif key.startswith("dead-"):
-            status = 200 if self.fixed else 422
-        else:
-            status = 200
-        due = headers.get(DUE)
-        call = Call(key, headers.get(TIER, ""), attempt, int(due) if due else None, _now(), status)
-        with self.lock:
-            self.calls.append(call)
-        return status
-
-    def snapshot(self) -> list[Call]:
-        with self.lock:
-            return list(self.calls)
-
-    def handled(self) -> set[str]:
-        return {c.key for c in self.snapshot() if c.status == 200}
-
-
-def _now() -> int:
-    return int(time.time() * 1000)
+            return 200 if attempt >= 3 else 503
+        if key.startswith("dead-"):
+            return 200 if self.fixed else 422
+        return 200
 
 
 @pytest.fixture
 def service() -> Iterator[Service]:
-    svc = Service()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            self.send_response(svc.answer(self.headers))
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    svc.url = f"http://127.0.0.1:{server.server_address[1]}/events"
-    yield svc
-    server.shutdown()
-    server.server_close()
+    with serving(Service()) as svc:
+        yield svc
 
 
 def _status(kubectl: Kubectl, namespace: str) -> dict[str, Any]:

@@ -18,15 +18,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from dataplane_support import Running, produce_ids
+from http_service_support import RecordingService, now_ms, serving
 from kafka_retry import depth
-from kafka_retry.http_handler import ATTEMPT, DUE, KEY, TIER
 from kafka_retry.model import Topology
 from operator_support import (
     Kubectl,
@@ -48,68 +47,20 @@ WAIT_S = 12  # the waiting tier's delay: long enough to change the spec meanwhil
 
 
 @dataclass
-class Call:
-    key: str
-    tier: str
-    attempt: int
-    due_ms: int | None
-    at_ms: int
-    status: int
-
-
-@dataclass
-class Service:
+class Service(RecordingService):
     """The service's endpoint: fails retriably (503) before attempt `succeed_from`, then
     answers 200; keys starting with `dead-` fail non-retriably (422)."""
 
     succeed_from: int = 2
-    calls: list[Call] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    url: str = ""
 
-    def answer(self, headers: Any) -> int:
-        key = headers.get(KEY, "")
-        attempt = int(headers.get(ATTEMPT, "0"))
-        due = headers.get(DUE)
-        status = 422 if key.startswith("dead-") else (200 if attempt >= self.succeed_from else 503)
-        call = Call(key, headers.get(TIER, ""), attempt, int(due) if due else None, _now(), status)
-        with self.lock:
-            self.calls.append(call)
-        return status
-
-    def handled(self) -> set[str]:
-        with self.lock:
-            return {c.key for c in self.calls if c.status == 200}
-
-    def snapshot(self) -> list[Call]:
-        with self.lock:
-            return list(self.calls)
-
-
-def _now() -> int:
-    return int(time.time() * 1000)
+    def status(self, key: str, attempt: int) -> int:
+        return 422 if key.startswith("dead-") else (200 if attempt >= self.succeed_from else 503)
 
 
 @pytest.fixture
 def service() -> Iterator[Service]:
-    svc = Service()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            self.send_response(svc.answer(self.headers))
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    svc.url = f"http://127.0.0.1:{server.server_address[1]}/events"
-    yield svc
-    server.shutdown()
-    server.server_close()
+    with serving(Service()) as svc:
+        yield svc
 
 
 Spec = dict[str, Any]
@@ -298,7 +249,7 @@ def test_spec_change_with_events_waiting(
 
     def live_lane(event: Any) -> None:
         key = event.key.decode()
-        failed_at.setdefault(key, _now())
+        failed_at.setdefault(key, now_ms())
         if key.startswith("dead-"):
             raise ValueError("bad data")  # non-retriable: straight to the DLQ
         raise TimeoutError("upstream timed out")
