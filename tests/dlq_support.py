@@ -24,7 +24,6 @@ from kafka_retry import headers as h
 from kafka_retry.http_handler import ATTEMPT, REPLAY_ID, TIER
 
 BIN = Path(sys.executable).parent
-NOW_MS = int(time.time() * 1000)
 
 
 def error_class(i: int) -> str:
@@ -46,17 +45,18 @@ def fill_dlq(
     """`count` DLQ events like a tier worker forwards them after the last tier: the original
     key, value and header, then our headers. Event i has id `e<i>`, key `k<i % keys>`."""
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    now_ms = int(time.time() * 1000)
     for i in range(first, first + count):
         state = h.RetryState(
             original_topic=source_topic,
             original_partition=0,
             original_offset=i,
-            original_timestamp_ms=NOW_MS - 60_000,
+            original_timestamp_ms=now_ms - 60_000,
             pipeline=f"shop/{group}",
             consumer_group=group,
             attempt=3,
             tier="retry-2",
-            failed_at_ms=NOW_MS,
+            failed_at_ms=now_ms,
             error_class=error_class(i),
             error_message=f"order e{i} failed",
             error_stack="Traceback (most recent call last):\n  ...\nReadTimeout: slow",

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from dataplane_support import make_topology, read_topic
-from dlq_support import BIN, NOW_MS, cli, error_class, fill_dlq, replayed_records, source_of
+from dlq_support import BIN, cli, error_class, fill_dlq, replayed_records, source_of
 from kafka_retry import headers as h
 from kafka_retry.dlq import KafkaAccess, partition_states
 from kafka_retry.dlq_stats import age_bucket
@@ -29,19 +29,26 @@ COUNT = 40
 
 
 @pytest.fixture
+def now_ms() -> int:
+    """The test's start: the DLQ's newer half is written then (a time taken once per session
+    would be more than `--since 10m` ago for a test run late in a long session)."""
+    return int(time.time() * 1000)
+
+
+@pytest.fixture
 def dlq_pipeline(
-    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path
+    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path, now_ms: int
 ) -> tuple[Topology, list[str]]:
-    """A pipeline (3 partitions) with COUNT events in its DLQ, the first half an hour older."""
+    """A pipeline (3 partitions) with COUNT events in its DLQ, its first half one hour older."""
     # Named `billing`, as the commands below call it (its consumer groups stay unique).
     topo = make_topology(kafka_bootstrap, make_topic, partitions=3)
     topo = topo.model_copy(update={"pipeline": "test/billing"})
     path = tmp_path / "topology.json"
     path.write_text(topo.to_json())
-    old = NOW_MS - 3_600_000
+    old = now_ms - 3_600_000
     fill_dlq(
         kafka_bootstrap, topo.dlq_topic, COUNT, source_topic=topo.source_topic,
-        timestamp_ms=lambda i: old + i if i < COUNT // 2 else NOW_MS + i,
+        timestamp_ms=lambda i: old + i if i < COUNT // 2 else now_ms + i,
     )  # fmt: skip
     return topo, ["--topology-file", str(path)]
 
@@ -352,7 +359,7 @@ def test_replay_rate_holds_in_every_second_even_after_a_stall(
 
 
 def test_stats_counts_by_class_reason_tier_and_age(
-    dlq_pipeline: tuple[Topology, list[str]],
+    dlq_pipeline: tuple[Topology, list[str]], now_ms: int
 ) -> None:
     topo, where = dlq_pipeline
     stats = _json("dlq", "stats", "billing", *where)
@@ -366,8 +373,8 @@ def test_stats_counts_by_class_reason_tier_and_age(
         {"name": h.REASON_NON_RETRIABLE, "count": 10},
     ]
     assert stats["tiers"] == [{"name": "retry-2", "count": COUNT}]
-    # Half reached the DLQ when this module was imported, half an hour before that.
-    age_ms = int(time.time() * 1000) - NOW_MS
+    # Half reached the DLQ when this test started, an hour before that.
+    age_ms = int(time.time() * 1000) - now_ms
     halves = [age_bucket(age_ms), age_bucket(age_ms + 3_600_000)]
     assert stats["ages"] == [{"name": name, "count": 20} for name in halves]
     table = cli("dlq", "stats", "billing", *where, "--error-class", "BadOrder")
