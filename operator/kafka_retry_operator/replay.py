@@ -331,6 +331,11 @@ class ReplayJob:
         except replay_lease.PipelineNotFound as e:
             self._finish("Failed", PIPELINE_NOT_FOUND, f"{e} not found")
         if other is None:
+            # Read again now that the lease is ours: a holder writes its last checkpoint (or
+            # its end) before it lets go, and the read above may predate both. Without this,
+            # a second operator that saw Running took the released lease and replayed again
+            # from a stale checkpoint, or a finished replay from a new snapshot.
+            self._refresh()
             return True
         if other.replay == self.name:  # its previous process's lease: quiet until it expires
             log.info("dlqreplay %s: waiting for %s", self.key, replay_lease.describe(other))
