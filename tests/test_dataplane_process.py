@@ -46,8 +46,9 @@ def worker_process(
         **os.environ,
         "KAFKA_RETRY_TOPOLOGY": topo.to_json(),
         "KAFKA_RETRY_METRICS_PORT": str(port),
-        "KAFKA_CLIENT_session.timeout.ms": "3000",
-        "KAFKA_CLIENT_heartbeat.interval.ms": "500",
+        # As the operator deploys it: its client defaults, and static membership under the pod's
+        # name (a container restarted by the kubelet keeps it).
+        "KAFKA_RETRY_INSTANCE_ID": f"{tier}-worker-0",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
         "DP_RECORD_FILE": str(record_file),
     }

@@ -186,7 +186,6 @@ def test_dlq_depth_counts_events_that_failed_non_retriably(
         f"{namespace}/billing",
         fail,
         api_client=k8s_api,
-        extra_config={"session.timeout.ms": 6000, "heartbeat.interval.ms": 500},
     )
     with Running(consumer):
         produce_ids(kafka_bootstrap, source, [f"order-{i}" for i in range(5)])

@@ -287,7 +287,6 @@ def _consume_failing(kubeconfig: str, p: Pipeline, failed_at: dict[str, float]) 
         f"{p.namespace}/{p.name}",
         fail,
         api_client=kube_config.new_client_from_config(config_file=kubeconfig),
-        extra_config={"session.timeout.ms": 6000, "heartbeat.interval.ms": 500},
     )
 
 
