@@ -77,6 +77,20 @@ def _deployments(kubectl: Kubectl, namespace: str) -> dict[str, dict[str, Any]]:
     return {d["metadata"]["name"]: d for d in found["items"]}
 
 
+def _replay_after_fix(kubectl: Kubectl, namespace: str) -> None:
+    """A DLQReplay of the pipeline's whole DLQ, run to Succeeded."""
+    apply(kubectl, namespace, {
+        "apiVersion": "kafkaretry.io/v1alpha1", "kind": "DLQReplay",
+        "metadata": {"name": "after-fix"}, "spec": {"pipeline": "orders"},
+    })  # fmt: skip
+
+    def succeeded() -> bool:
+        replay = get(kubectl, namespace, "dlqreplay", "after-fix") or {}
+        return bool((replay.get("status") or {}).get("phase") == "Succeeded")
+
+    wait_for(succeeded, 60, "the replay Succeeded")
+
+
 def test_managed_live_lane_handles_retries_dead_letters_and_replays(
     operator: OperatorProcess,
     podrunner: Any,
@@ -150,23 +164,7 @@ def test_managed_live_lane_handles_retries_dead_letters_and_replays(
 
     # The service is fixed; the DLQ is replayed into the first tier and handled there.
     service.fixed = True
-    replay = {
-        "apiVersion": "kafkaretry.io/v1alpha1",
-        "kind": "DLQReplay",
-        "metadata": {"name": "after-fix"},
-        "spec": {"pipeline": "orders"},
-    }
-    apply(kubectl, namespace, replay)
-    wait_for(
-        lambda: (
-            ((get(kubectl, namespace, "dlqreplay", "after-fix") or {}).get("status") or {}).get(
-                "phase"
-            )
-            == "Succeeded"
-        ),
-        60,
-        "the replay Succeeded",
-    )
+    _replay_after_fix(kubectl, namespace)
     wait_for(lambda: service.handled() >= set(dead), 60, "the replayed events handled")
     wait_for(
         lambda: (_status(kubectl, namespace).get("dlq") or {}).get("depth") == 0,
@@ -354,20 +352,7 @@ def test_a_go_service_behind_the_managed_live_lane(
 
     # Fixed (the flag), then the DLQ replayed: the bugs go through on the first tier.
     go_service.flags.write_text(json.dumps({"couponPercentFix": True}))
-    apply(kubectl, namespace, {
-        "apiVersion": "kafkaretry.io/v1alpha1", "kind": "DLQReplay",
-        "metadata": {"name": "after-fix"}, "spec": {"pipeline": "orders"},
-    })  # fmt: skip
-    wait_for(
-        lambda: (
-            ((get(kubectl, namespace, "dlqreplay", "after-fix") or {}).get("status") or {}).get(
-                "phase"
-            )
-            == "Succeeded"
-        ),
-        60,
-        "the replay Succeeded",
-    )
+    _replay_after_fix(kubectl, namespace)
     wait_for(lambda: go_service.handled() >= set(ids), 60, "the replayed orders handled")
     wait_for(
         lambda: (_status(kubectl, namespace).get("dlq") or {}).get("depth") == 0, 30, "empty DLQ"
