@@ -198,6 +198,16 @@ def read_topic(bootstrap: str, topic: str, *, expect: int, timeout: float = 30) 
     return out
 
 
+def committed_offset(bootstrap: str, group: str, topic: str) -> int:
+    """`group`'s committed offset on partition 0 of `topic` (negative: none)."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        (tp,) = c.committed([TopicPartition(topic, 0)], timeout=10)
+        return int(tp.offset)
+    finally:
+        c.close()
+
+
 @dataclass
 class Call:
     id: str

@@ -77,6 +77,22 @@ INVALID: list[tuple[str, Mutation, list[str]]] = [
         _set("spec.handler.http.timeoutSeconds", 900),
         ["spec.handler.http.timeoutSeconds"],
     ),
+    # concurrent calls per partition: at least 1, at most 64 (a thread and a connection each)
+    (
+        "http-max-in-flight-zero",
+        _set("spec.handler.http.maxInFlight", 0),
+        ["spec.handler.http.maxInFlight"],
+    ),
+    (
+        "http-max-in-flight-over-64",
+        _set("spec.handler.http.maxInFlight", 65),
+        ["spec.handler.http.maxInFlight"],
+    ),
+    (
+        "http-ordering-unknown",
+        _set("spec.handler.http.ordering", "Partition"),
+        ["spec.handler.http.ordering", "None", "Key"],
+    ),
     ("delay-negative", _set("spec.tiers.1.delaySeconds", -5), ["spec.tiers[1].delaySeconds"]),
     (
         "delay-over-a-week",

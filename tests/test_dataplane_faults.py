@@ -20,7 +20,14 @@ from typing import Any
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
-from dataplane_support import Recorder, Running, produce_ids, read_topic, wait_for
+from dataplane_support import (
+    Recorder,
+    Running,
+    committed_offset,
+    produce_ids,
+    read_topic,
+    wait_for,
+)
 from deployed_support import TESTS, WorkerPod, deploy_pipeline, free_port, records
 from kafka_retry import headers as h
 from kafka_retry.errors import RetriableError
@@ -240,7 +247,7 @@ def test_a_forward_refused_by_its_tier_and_by_the_dlq_stalls_loudly_and_recovers
         assert _metric(metrics, "kafka_retry_stuck", d.topology.pipeline) == 1
         tries = _metric(metrics, "kafka_retry_delivery_failures_total", d.topology.pipeline)
         assert 3 <= tries <= 30, f"{tries} tries in about 12 s: a spin, or no retries"
-        assert _committed(kafka_bootstrap, d.topology.tiers[0].consumer_group, tier1) <= 0
+        assert committed_offset(kafka_bootstrap, d.topology.tiers[0].consumer_group, tier1) <= 0
         assert pod.running()
 
         _set_topic_limit(kafka_admin, d.topology.dlq_topic, dlq_limit)  # the admin fixes it
@@ -248,7 +255,9 @@ def test_a_forward_refused_by_its_tier_and_by_the_dlq_stalls_loudly_and_recovers
         assert dead.header(h.DLQ_REASON) == h.REASON_TOO_LARGE and dead.header("trace") == "e0"
         wait_for(lambda: pod.get("/readyz")[0] == 200, 30, "ready again")
         wait_for(
-            lambda: _committed(kafka_bootstrap, d.topology.tiers[0].consumer_group, tier1) == 1,
+            lambda: (
+                committed_offset(kafka_bootstrap, d.topology.tiers[0].consumer_group, tier1) == 1
+            ),
             30,
             "committed past e0",
         )
@@ -262,15 +271,6 @@ def _metric(text: str, name: str, pipeline: str) -> float:
         if line.startswith(name + "{") and f'pipeline="{pipeline}"' in line:
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"no {name} for {pipeline}")
-
-
-def _committed(bootstrap: str, group: str, topic: str) -> int:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
-    try:
-        (tp,) = c.committed([TopicPartition(topic, 0)], timeout=10)
-        return int(tp.offset)
-    finally:
-        c.close()
 
 
 # ------------------------------------------------------------------------- hostile input

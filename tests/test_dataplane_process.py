@@ -5,6 +5,7 @@ settings as KAFKA_CLIENT_*, metrics and probes on $KAFKA_RETRY_METRICS_PORT."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -20,9 +21,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from dataplane_support import make_topology, produce_ids, read_topic, wait_for
+from dataplane_support import committed_offset, make_topology, produce_ids, read_topic, wait_for
+from http_service_support import RecordingService, serving
 from kafka_retry import headers as h
-from kafka_retry.model import Topology
+from kafka_retry.model import LIVE_LANE, Handler, HttpHandler, Topology
 
 TESTS = Path(__file__).resolve().parent
 
@@ -52,9 +54,10 @@ def worker_process(
         "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
         "DP_RECORD_FILE": str(record_file),
     }
+    role = ["--live"] if tier == LIVE_LANE else ["--tier", tier]
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [*_worker_command(), "worker", "--tier", tier], env=env, stdout=out, stderr=out
+            [*_worker_command(), "worker", *role], env=env, stdout=out, stderr=out
         )
     try:
         yield proc
@@ -130,6 +133,63 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(
     # at-least-once: a kill -9 may repeat what was handled since the last commit, not more
     assert duplicates <= killed_at, f"{duplicates} duplicates"
     print(f"kill -9 after {killed_at} records: {duplicates} duplicate(s), 0 lost")
+
+
+@dataclasses.dataclass
+class HangingService(RecordingService):
+    """The first call of `k5` gets no answer until `release` is set (then a 503 that nobody
+    reads any more); every other call 200 at once."""
+
+    release: threading.Event = dataclasses.field(default_factory=threading.Event)
+    k5_calls: int = 0
+
+    def status(self, key: str, attempt: int) -> int:
+        if key == "k5":
+            with self.lock:
+                self.k5_calls += 1
+                first = self.k5_calls == 1
+            if first:
+                self.release.wait(60)
+                return 503
+        return 200
+
+
+def test_kill_9_with_calls_in_flight_loses_nothing(
+    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """The managed live lane (`worker --live`) at maxInFlight 8: k5's call hangs while the 34
+    events after it are answered. The group's committed offset reaches k5's (5) and stays
+    there, never past the unfinished call; kill -9, restart: k5 is handled, nothing is lost."""
+    log = tmp_path / "worker.log"
+    ids = [f"k{i}" for i in range(40)]
+    with serving(HangingService()) as svc:
+        topo = make_topology(kafka_bootstrap, make_topic, tiers=(("retry-1", 1),))
+        http = HttpHandler(url=svc.url, timeout_seconds=60, max_in_flight=8)
+        topo = topo.model_copy(update={"handler": Handler(http=http)})
+        group, source = topo.consumer_group, topo.source_topic
+        produce_ids(kafka_bootstrap, source, ids)
+        with worker_process(topo, LIVE_LANE, tmp_path / "unused", _free_port(), log) as proc:
+            wait_for(lambda: len(svc.handled()) == 39, 60, "every event but k5 answered")
+            wait_for(
+                lambda: committed_offset(kafka_bootstrap, group, source) == 5, 30, "commit at k5"
+            )
+            time.sleep(2.5)  # sleep-ok: two more auto-commit intervals (1 s) pass
+            assert committed_offset(kafka_bootstrap, group, source) == 5, "committed past k5"
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        assert "k5" not in svc.handled()
+        svc.release.set()  # the killed worker's call ends (503, recorded, never read)
+        with worker_process(topo, LIVE_LANE, tmp_path / "unused", _free_port(), log):
+            wait_for(lambda: "k5" in svc.handled(), 60, "k5 handled after the restart")
+            wait_for(
+                lambda: committed_offset(kafka_bootstrap, group, source) == 40, 30, "commit at 40"
+            )
+        handled = Counter(c.key for c in svc.snapshot() if c.status == 200)
+    assert set(handled) == set(ids), "an event was lost"
+    assert read_topic(kafka_bootstrap, topo.dlq_topic, expect=0, timeout=5) == []
+    # at-least-once: only what came after the unfinished call is handled again
+    assert all(handled[i] == 1 for i in ids[:5]), handled
+    print(f"kill -9 with k5 in flight: {sum(handled.values()) - 40} handled twice, 0 lost")
 
 
 def test_sigterm_drains_commits_and_exits_zero(

@@ -5,7 +5,8 @@ The body is the event's value, unchanged. Metadata travels in `X-Kafka-Retry-*` 
 headers (see docs/headers.md); the event's own Kafka headers travel as `X-Kafka-Header-<name>`
 when name and value are valid in HTTP. A non-2xx answer raises `HttpStatusError` (classified
 by status); timeouts and connection errors propagate as `TimeoutError`/`ConnectionError`
-(retriable). One keep-alive connection per handler, reopened after any error.
+(retriable). Keep-alive connections are pooled, one per call in flight, each reopened after
+any error.
 
 The service may override its status's classification with the answer header
 `X-Kafka-Retry-Error: retriable` or `non-retriable` (other values are ignored). With a shared
@@ -149,7 +150,7 @@ def _key_bytes(text: str, encoding: str | None) -> bytes:
 
 class _Watchdog:
     """Shuts a socket down when the request using it outlives its deadline, which makes the
-    blocked read return at once. One daemon thread per handler, started on first use."""
+    blocked read return at once. One daemon thread per connection, started on first use."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -186,8 +187,18 @@ class _Watchdog:
                 self._sock = None
 
 
+class _Connection:
+    """One keep-alive connection and the watchdog that bounds each request on it."""
+
+    def __init__(self, http_conn: http.client.HTTPConnection) -> None:
+        self.http = http_conn
+        self.watchdog = _Watchdog()
+
+
 class HttpEventHandler:
-    """Callable handler; one instance per consumer thread (it keeps one connection)."""
+    """Callable handler, safe to call from several threads at once: each call takes an idle
+    keep-alive connection from the pool (or opens one), so there are as many connections as
+    calls were ever in flight together (`handler.http.maxInFlight` per partition)."""
 
     def __init__(self, url: str, *, timeout_s: float = 10.0, token: str | None = None) -> None:
         parsed = urllib.parse.urlsplit(url)
@@ -198,9 +209,8 @@ class HttpEventHandler:
         self._port = parsed.port
         self._path = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
         self._timeout = timeout_s
-        self._conn: http.client.HTTPConnection | None = None
+        self._idle: list[_Connection] = []
         self._lock = threading.Lock()
-        self._watchdog = _Watchdog()
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url
 
@@ -209,59 +219,63 @@ class HttpEventHandler:
 
     def __call__(self, event: Event) -> None:
         body, headers = event.value or b"", request_headers(event) | self._auth
-        with self._lock:
-            reused = self._conn is not None
+        conn = self._checkout()
+        try:
+            reused = conn.http.sock is not None
             try:
-                status, reason, verdict, data = self._post(body, headers)
+                status, reason, verdict, data = self._post(conn, body, headers)
             except ConnectionError:
                 if not reused:
                     raise
                 # The server closed an idle keep-alive connection: that says nothing about
                 # the event, so try once more on a fresh connection.
-                status, reason, verdict, data = self._post(body, headers)
+                status, reason, verdict, data = self._post(conn, body, headers)
+        finally:
+            with self._lock:
+                self._idle.append(conn)
         if not 200 <= status < 300:
             text = data[:MAX_ERROR_BODY].decode("utf-8", errors="replace")
             raise HttpStatusError(status, reason, text, VERDICTS.get(verdict.strip().lower()))
 
     def close(self) -> None:
+        """Close the idle connections (one in use is closed by its call's end or error)."""
         with self._lock:
-            self._drop()
+            for conn in self._idle:
+                conn.http.close()
 
-    def _post(self, body: bytes, headers: dict[str, str]) -> tuple[int, str, str, bytes]:
+    def _checkout(self) -> _Connection:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        return _Connection(cls(self._host, self._port, timeout=self._timeout))
+
+    def _post(
+        self, conn: _Connection, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, str, str, bytes]:
         """(status, reason, the `X-Kafka-Retry-Error` answer header or "", body)."""
         started = time.monotonic()
-        conn = self._connection()
+        http_conn, watchdog = conn.http, conn.watchdog
         try:
-            if conn.sock is None:
-                conn.connect()  # bounded by the socket timeout
-            assert conn.sock is not None
-            self._watchdog.arm(conn.sock, self._timeout - (time.monotonic() - started))
+            if http_conn.sock is None:
+                http_conn.connect()  # bounded by the socket timeout
+            assert http_conn.sock is not None
+            watchdog.arm(http_conn.sock, self._timeout - (time.monotonic() - started))
             try:
-                conn.request("POST", self._path, body=body, headers=headers)
-                response = conn.getresponse()
+                http_conn.request("POST", self._path, body=body, headers=headers)
+                response = http_conn.getresponse()
                 data = response.read()
             finally:
-                self._watchdog.disarm()
-            if response.will_close or self._watchdog.fired:
-                self._drop()
+                watchdog.disarm()
+            if response.will_close or watchdog.fired:
+                http_conn.close()
             verdict = response.getheader(ERROR_VERDICT) or ""
             return response.status, response.reason, verdict, data
         except BaseException as e:
-            self._drop()  # a half-used connection must not serve the next event
-            if self._watchdog.fired:
+            http_conn.close()  # a half-used connection must not serve the next event
+            if watchdog.fired:
                 raise TimeoutError(f"no complete answer within {self._timeout:g} s") from e
             raise
-
-    def _connection(self) -> http.client.HTTPConnection:
-        if self._conn is None:
-            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-            self._conn = cls(self._host, self._port, timeout=self._timeout)
-        return self._conn
-
-    def _drop(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
 
 
 def _content_type(event: Event) -> str:

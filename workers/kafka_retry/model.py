@@ -39,6 +39,9 @@ MAX_DELAY_SECONDS = 7 * 24 * 3600
 # `max.poll.interval.ms` (300 s, librdkafka's default, which the workers keep) is evicted, and a
 # batch is cut short at half of it (runner.py): a deadline must fit in that with room to spare.
 MAX_HANDLER_TIMEOUT_SECONDS = 120
+# Most concurrent http calls per partition (`handler.http.maxInFlight`): one thread and one
+# keep-alive connection each.
+MAX_IN_FLIGHT = 64
 DEFAULT_PYTHON_TIMEOUT_SECONDS = 60
 
 
@@ -279,6 +282,21 @@ class HttpHandler(ApiModel):
         "that the service can refuse callers other than the pipeline's workers. Read by the "
         "worker pods from the Secret (the operator never reads it; never logged nor in "
         "status); a changed value reaches them when they restart.",
+    )
+    max_in_flight: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_IN_FLIGHT,
+        description="Most calls in flight at once per partition, on the tier workers and the "
+        "managed live lane. 1 calls one event at a time, in order. More lets a slow endpoint "
+        "serve a partition faster; offsets are still committed only up to the first event "
+        "not finished (handled, or forwarded and acknowledged).",
+    )
+    ordering: Literal["None", "Key"] = Field(
+        default="None",
+        description="With `maxInFlight` above 1: `Key` never has two events of the same key in "
+        "flight together (they are called in offset order); `None` calls any events "
+        "together. Events without a key are never held back.",
     )
 
 

@@ -4,7 +4,8 @@ One `StageRunner` consumes one stage's topic. What it does with each event is de
 `decision.py` (hold, handle or dead-letter); on a tier, events not due yet wait in their
 partition's window (`DelayGate`) and are handled as they fall due; on the live lane events are
 due on arrival. The handler runs on the
-consumer's thread; a failure is classified and forwarded (next tier or DLQ) without waiting
+consumer's thread, or with `max_in_flight` above 1 on pool threads, several calls per partition
+at once (inflight.py); a failure is classified and forwarded (next tier or DLQ) without waiting
 for the acknowledgement, so the loop moves on at once. An input offset is stored for commit
 only when everything before it is finished: handled, or forwarded and acknowledged
 (`OffsetTracker`). What is kept per partition comes and goes with the assignment
@@ -34,6 +35,7 @@ from kafka_retry.delay import DelayGate, WindowLimits
 from kafka_retry.event import Event
 from kafka_retry.forwarding import Forwarder, Redirect, Refusal, too_large
 from kafka_retry.handlers import HandlerFn
+from kafka_retry.inflight import Call, InFlight
 from kafka_retry.kafka_config import incremental_rebalance
 from kafka_retry.metrics import StageMetrics
 from kafka_retry.model import Topology
@@ -113,7 +115,11 @@ class StageRunner:
         drain_timeout_s: float = DEFAULT_DRAIN_S,
         drain_to: str | None = None,
         window_limits: WindowLimits | None = None,
+        max_in_flight: int = 1,
+        by_key: bool = False,
     ) -> None:
+        """`max_in_flight` above 1: that many handler calls at once per partition, never two
+        of the same key with `by_key` (the handler must be thread-safe)."""
         self.topology = topology
         self.stage = stage
         self._handler = handler
@@ -164,6 +170,11 @@ class StageRunner:
         self._drain_to = drain_to
         self._drain_outcome = RETRIED if stage.is_tier else DEAD_LETTERED
         self._next_topology: Topology | None = None  # from `follow`, applied between batches
+        self._in_flight = (
+            InFlight(handler, max_in_flight, by_key=by_key, on_done=self._call_done)
+            if max_in_flight > 1 and drain_to is None
+            else None
+        )
         self.stats = RunnerStats()
 
     # ------------------------------------------------------------------ control and probes
@@ -190,7 +201,10 @@ class StageRunner:
 
     def handler_started(self) -> float:
         """`time.perf_counter()` when the handler call in progress began; 0 between calls.
-        Read by a `watchdog.HandlerWatchdog` on another thread."""
+        With concurrent calls, when the oldest running one began. Read by a
+        `watchdog.HandlerWatchdog` on another thread."""
+        if self._in_flight is not None:
+            return self._in_flight.started()
         return self._handler_since
 
     def follow(self, topology: Topology) -> None:
@@ -256,6 +270,7 @@ class StageRunner:
 
     def _loop(self, consumer: Any, forwarder: Forwarder) -> None:
         gate = self._gate
+        in_flight = self._in_flight
         while not self._stopping.is_set():
             if self._next_topology is not None and self._drain_to is None:
                 topology, self._next_topology = self._next_topology, None
@@ -271,9 +286,13 @@ class StageRunner:
             # Acknowledgements are served between consume calls: wait for them, not up to the
             # cap, so offsets are stored as soon as forwards are durable.
             timeout = forwarder.wait_s(timeout, ACK_WAIT_S)
+            if in_flight is not None and in_flight.calls:  # and for calls' outcomes
+                timeout = min(timeout, ACK_WAIT_S)
             messages = self._consume(consumer, timeout)
             polled = time.monotonic()
             forwarder.poll(0)
+            if in_flight is not None:
+                in_flight.serve()
             if holding:  # waiting events now due first: they are older than what just came
                 assert gate is not None
                 due = gate.take_due(int(time.time() * 1000))
@@ -296,6 +315,8 @@ class StageRunner:
                 # while still in the CPU cache rather than all together at the next consume.
                 msg, messages[i] = messages[i], None
                 self._process(msg)
+            if in_flight is not None:
+                in_flight.serve()
             forwarder.poll(0)
             self._store(consumer)
             self._count()
@@ -382,6 +403,8 @@ class StageRunner:
             return
         if self._heads.watching:
             starts = self._heads.before_handler(tp, offset)
+            if starts is not None and self._in_flight is not None:
+                self._in_flight.settle(tp)  # a mark says all before it is finished
             if starts is not None and not self._mark_head(tp, offset, starts):
                 failure = Failure(
                     False, POISON_CLASS, f"the worker stopped {starts - 1} times while this "
@@ -405,25 +428,58 @@ class StageRunner:
             origin.offset, origin.timestamp_ms, due_ms, prior.replay_id, prior.error_class,
             prior.error_message,
         )  # fmt: skip
+        if self._in_flight is not None:
+            context = (ticket, key, value, parsed.original, origin, prior, attempt)
+            self._in_flight.submit(tp, key, event, context)
+            return
         started = self._handler_since = time.perf_counter()
         try:
             self._handler(event)
         except Exception as exc:
             self._handler_since = 0.0
             self._handler_seconds.observe(time.perf_counter() - started)
-            failure = self._classifier.classify(exc)
-            now_ms = int(time.time() * 1000)
-            route = self._router.route(failure.retriable, now_ms)
-            headers = self._router.forward_headers(
-                parsed.original, origin, prior, attempt, failure, route, now_ms
-            )
-            self._forward(key, value, ticket, headers, route, len(parsed.original))
+            self._failed(exc, ticket, key, value, parsed.original, origin, prior, attempt)
         else:
             self._handler_since = 0.0
             self._handler_seconds.observe(time.perf_counter() - started)
             OffsetTracker.finish(ticket)
             self._succeeded += 1
             self.stats.handled += 1
+
+    def _call_done(self, call: Call) -> None:
+        """A concurrent call's outcome, on the consumer's thread (`InFlight`)."""
+        ticket = call.context[0]
+        if ticket.forgotten:
+            return  # its partition was lost meanwhile: the new owner calls it again
+        self._handler_seconds.observe(call.seconds)
+        if call.error is not None:
+            assert isinstance(call.error, Exception)
+            self._failed(call.error, *call.context)
+        else:
+            OffsetTracker.finish(ticket)
+            self._succeeded += 1
+            self.stats.handled += 1
+
+    def _failed(
+        self,
+        exc: Exception,
+        ticket: Ticket,
+        key: bytes | None,
+        value: bytes | None,
+        original: tuple[tuple[str, bytes | None], ...],
+        origin: Origin,
+        prior: h.RetryState,
+        attempt: int,
+    ) -> None:
+        """The handler failed: classify, route (next tier or DLQ) and forward the consumed
+        record (never the `Event`, which the handler may have changed)."""
+        failure = self._classifier.classify(exc)
+        now_ms = int(time.time() * 1000)
+        route = self._router.route(failure.retriable, now_ms)
+        headers = self._router.forward_headers(
+            original, origin, prior, attempt, failure, route, now_ms
+        )
+        self._forward(key, value, ticket, headers, route, len(original))
 
     def _keep(self, consumer: Any, rest: list[Any]) -> None:
         """Handling took long: the rest of the batch is handled after the next poll, so a slow
@@ -571,7 +627,8 @@ class StageRunner:
         return True
 
     def _store(self, consumer: Any) -> None:
-        self._heads.settled()
+        if self._in_flight is None or not self._in_flight.calls:  # else not past them yet
+            self._heads.settled()
         advanced = self._tracker.take_advanced()
         if not advanced:
             return
@@ -617,6 +674,8 @@ class StageRunner:
             self._parts.leaving(tps)
             assert self._forwarder is not None
             # Finish what is in flight so the new owner does not repeat it.
+            if self._in_flight is not None:
+                self._in_flight.settle()
             self._forwarder.drain(self._drain_s)
             self._store(consumer)
             self._commit(consumer, tps)
@@ -649,6 +708,9 @@ class StageRunner:
         """Drain forwards, store and commit what is finished, leave the group."""
         self._stopping.set()
         try:
+            if self._in_flight is not None:
+                self._in_flight.settle()
+                self._in_flight.close()
             if not forwarder.drain(self._drain_s):
                 log.warning("%d forward(s) unacknowledged at shutdown", forwarder.in_flight)
             self._store(consumer)

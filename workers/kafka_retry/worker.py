@@ -89,7 +89,7 @@ def build_worker(
         handler if handler is not None else build_handler(topology.handler),
         consumer_config=config,
         producer_config=producer_config(topology.bootstrap_servers, extra),
-        **runner_options,
+        **(concurrency(topology) | runner_options),
     )
 
 
@@ -115,8 +115,17 @@ def build_live_lane(
         handler if handler is not None else build_handler(topology.handler),
         consumer_config=config,
         producer_config=producer_config(topology.bootstrap_servers, extra),
-        **runner_options,
+        **(concurrency(topology) | runner_options),
     )
+
+
+def concurrency(topology: Topology) -> dict[str, Any]:
+    """The runner's concurrent calls per partition: an http handler's `maxInFlight` and
+    `ordering` (a python handler's calls are one at a time)."""
+    http = topology.handler.http
+    if http is None:
+        return {}
+    return {"max_in_flight": http.max_in_flight, "by_key": http.ordering == "Key"}
 
 
 def build_drain_worker(
