@@ -38,8 +38,10 @@ test: ## set everything up and run the whole test suite
 	@py=$(PY); $$py hack/localenv.py up && $$py -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 .PHONY: lint
+# mypy: the packages, and the bench scripts typed so far (bench/peers.py and its measures).
 lint: ## ruff and mypy --strict
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy && \
+	  $(VENV)/bin/mypy bench/peers.py bench/peer_measures.py tests/test_bench_peers.py
 
 # --------------------------------------------------------------------------- shipping
 CHART = charts/kafka-retry-operator
@@ -96,5 +98,18 @@ bench-tier-stream: ## benchmark: a tier under a steady stream vs the same events
 bench-operator: ## benchmark: 50/200/500 pipelines under one operator: Ready, refresh, memory
 	$(BENCH) bench/operator_scale.py $(BENCH_ARGS)
 
+# The Spring Kafka peer: built once with Maven (its repository in the shared cache, the build in
+# bench/peers/target, git-ignored), again only when its sources change; offline first.
+M2 = $(or $(KRO_CACHE),$(HOME)/.cache/kafka-retry-operator)/m2
+PEER_JAR = bench/peers/target/spring-peer.jar
+MVN = mvn -B -q -Dmaven.repo.local=$(M2) -f bench/peers/pom.xml package
+
+$(PEER_JAR): bench/peers/pom.xml $(shell find bench/peers/src -type f)
+	$(MVN) -o || $(MVN)
+
+.PHONY: bench-peers
+bench-peers: $(PEER_JAR) ## benchmark: ours vs Spring Kafka @RetryableTopic, same broker and events
+	$(BENCH) bench/peers.py --jar $(PEER_JAR) $(BENCH_ARGS)
+
 .PHONY: bench
-bench: bench-isolation bench-tier bench-tier-stream bench-delay bench-operator ## all five benchmarks (about 6 min)
+bench: bench-isolation bench-tier bench-tier-stream bench-delay bench-operator ## all five benchmarks (about 6 min; bench-peers apart)
