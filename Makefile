@@ -94,6 +94,10 @@ bench-delay: ## benchmark: lateness of tier events against their due time, under
 bench-tier-stream: ## benchmark: a tier under a steady stream vs the same events as a due backlog
 	$(BENCH) bench/tier_stream.py $(BENCH_ARGS)
 
+.PHONY: bench-http
+bench-http: ## benchmark: the managed live lane (http, maxInFlight 1/8/32) vs the SDK, 20 ms a call
+	$(BENCH) bench/http_lane.py $(BENCH_ARGS)
+
 .PHONY: bench-operator
 bench-operator: ## benchmark: 50/200/500 pipelines under one operator: Ready, refresh, memory
 	$(BENCH) bench/operator_scale.py $(BENCH_ARGS)
@@ -112,4 +116,4 @@ bench-peers: $(PEER_JAR) ## benchmark: ours vs Spring Kafka @RetryableTopic, sam
 	$(BENCH) bench/peers.py --jar $(PEER_JAR) $(BENCH_ARGS)
 
 .PHONY: bench
-bench: bench-isolation bench-tier bench-tier-stream bench-delay bench-operator ## all five benchmarks (about 6 min; bench-peers apart)
+bench: bench-isolation bench-tier bench-tier-stream bench-delay bench-http bench-operator ## all six benchmarks (about 7 min; bench-peers apart)
