@@ -58,6 +58,7 @@ def deploy_pipeline(
     callable_path: str = "dataplane_handlers:record",
     handler: Mapping[str, Any] | None = None,
     source_topic: str | None = None,
+    delivery: str = "AtLeastOnce",
 ) -> Deployed:
     """A pipeline on fresh topics configured as the operator configures them."""
     source = source_topic or make_topic("src", partitions)
@@ -72,6 +73,7 @@ def deploy_pipeline(
             "dlq": {"topic": make_topic("dlq", partitions)},
             "topics": {"partitions": partitions},
             "handler": handler or {"python": {"image": "test", "callable": callable_path}},
+            "delivery": delivery,
         }
     )
     topology = spec.topology(NAMESPACE, name)

@@ -145,6 +145,26 @@ def test_delivery_guarantee_settings_cannot_be_overridden() -> None:
     assert "session.timeout.ms" not in kip848  # the broker's to set under KIP-848
 
 
+def test_every_consumer_reads_committed_records_only() -> None:
+    """An exactly-once pipeline's aborted forwards must stay invisible to every reader, whatever
+    the pipeline's Secret says."""
+    c = consumer_config("b:9092", "grp", {"isolation.level": "read_uncommitted"})
+    assert c["isolation.level"] == "read_committed"
+
+
+def test_exactly_once_workers_commit_offsets_only_in_transactions_under_a_stable_id() -> None:
+    exactly_once = _topology().model_copy(update={"delivery": "ExactlyOnce"})
+    pod = build_worker(exactly_once, "retry-1", handler=lambda e: None, instance_id="p-r1-0")
+    assert pod._consumer_config["enable.auto.commit"] is False
+    assert pod._producer_config["transactional.id"] == "kafka-retry.b.o.retry-1.p-r1-0"
+    assert pod._producer_config["transaction.timeout.ms"] == 10_000
+    again = build_worker(exactly_once, "retry-1", handler=lambda e: None, instance_id="p-r1-0")
+    assert again._producer_config["transactional.id"] == pod._producer_config["transactional.id"]
+    plain = build_worker(_topology(), "retry-1", handler=lambda e: None, instance_id="p-r1-0")
+    assert plain._consumer_config["enable.auto.commit"] is True
+    assert "transactional.id" not in plain._producer_config
+
+
 def test_consumers_rejoin_quickly_and_statically_when_given_an_instance_id() -> None:
     c = consumer_config("b:9092", "grp")
     assert c["session.timeout.ms"] == 10_000 and c["heartbeat.interval.ms"] == 1_000

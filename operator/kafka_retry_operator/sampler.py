@@ -436,6 +436,7 @@ class _ClusterLoop:
                     "enable.auto.commit": False,
                     "enable.auto.offset.store": False,
                     "fetch.wait.max.ms": 100,
+                    "isolation.level": "read_committed",
                 }
             )
             self._peeker = Consumer(config)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
 from kafka_retry.delay import DelayGate
 from kafka_retry.offsets import OffsetTracker, TopicPartitionKey
@@ -74,6 +74,25 @@ class Assignment:
         self.heads.forget(tps)
         self.partitions.difference_update(tps)
         self.stalled.difference_update(tps)
+
+    def rewind(self, consumer: Any) -> None:
+        """A transaction was aborted (exactly-once): nothing since the last commit counts.
+        Every assigned partition drops its waiting events and begun tickets and is read
+        again from its committed offset (the earliest, none committed yet: a new group).
+        Raises KafkaException when the committed offsets are unreadable: a restart re-reads."""
+        tps = sorted(self.partitions)
+        if self.gate is not None:
+            self.gate.forget(tps)
+        self.tracker.forget(tps)
+        if not tps:
+            return
+        committed = consumer.committed(
+            [TopicPartition(t, p) for t, p in tps], timeout=COMMITTED_TIMEOUT_S
+        )
+        for p in committed:
+            offset = p.offset if p.offset >= 0 else OFFSET_BEGINNING
+            consumer.seek(TopicPartition(p.topic, p.partition, offset))
+        log.info("rewound %d partition(s) to their committed offsets", len(tps))
 
     def stall(self, consumer: Any) -> int:
         """Pause every assigned partition (a forward is stuck: nothing after it could be

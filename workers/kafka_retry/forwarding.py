@@ -14,6 +14,13 @@ record, by the token it gave `send`, inside `poll()` or `drain()` on the caller'
 Any other failure (a timeout, an unreachable broker: librdkafka has retried already) is sent
 again with backoff, without limit: its input offset waits meanwhile. A fatal producer error
 stops the owner, whose restart re-reads from the last committed offset.
+
+Transactional (`spec.delivery: ExactlyOnce`, a producer with a `transactional.id`): records
+are sent inside a transaction that `send` begins and `commit` ends together with the input
+offsets. A record the broker fails makes the transaction abortable: it is not sent again
+(`abortable` says why); the owner calls `abort` and re-reads from its committed offsets. A
+record refused before it was sent (too large for the client) is refused to the owner as
+above and changes nothing in the transaction.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from kafka_retry.client_log import client_log
 
@@ -87,8 +94,8 @@ class _Record:
     closure cells, no tuple), as thousands are alive at once between produce and ack."""
 
     __slots__ = (
-        "attempts", "forwarder", "headers", "key", "not_before", "stuck", "token", "topic",
-        "value",
+        "attempts", "epoch", "forwarder", "headers", "key", "not_before", "stuck", "token",
+        "topic", "value",
     )  # fmt: skip
 
     def __init__(
@@ -109,9 +116,12 @@ class _Record:
         self.attempts = 0  # failed tries
         self.not_before = 0.0
         self.stuck = False
+        self.epoch = forwarder._epoch
 
     def __call__(self, err: KafkaError | None, _msg: Any) -> None:
         forwarder = self.forwarder
+        if self.epoch != forwarder._epoch:
+            return  # sent in a transaction aborted since: forgotten with it
         forwarder._awaiting -= 1
         if err is None:
             forwarder._in_flight -= 1
@@ -125,7 +135,16 @@ class _Record:
 
 
 class FatalProducerError(RuntimeError):
-    """The producer cannot continue (e.g. an idempotence sequence error); restart the worker."""
+    """The producer cannot continue (e.g. an idempotence sequence error, or fenced by a newer
+    instance with its transactional id); restart the worker."""
+
+
+class TransactionAborted(RuntimeError):
+    """The transaction could not be committed and was aborted: none of its records and
+    offsets count. The owner re-reads from its committed offsets."""
+
+
+TXN_TIMEOUT_S = 30.0  # longest wait for a transaction call (begin, offsets, commit, abort)
 
 
 class Forwarder:
@@ -151,6 +170,14 @@ class Forwarder:
         self._awaiting = 0  # produced, delivery report not served yet
         self.stuck = 0  # records refused that the owner could not redirect
         self.fatal: KafkaError | None = None
+        # Transactional: whether a transaction is open, why it must be aborted, and which one
+        # it is (a record's delivery report from an aborted one is ignored).
+        self.transactional = "transactional.id" in config
+        self.in_transaction = False
+        self.abortable: KafkaError | None = None
+        self._epoch = 0
+        if self.transactional:
+            self._txn_call(self._producer.init_transactions, TXN_TIMEOUT_S)
 
     @property
     def in_flight(self) -> int:
@@ -175,6 +202,9 @@ class Forwarder:
         headers: Sequence[tuple[str, bytes | None]],
         token: object = None,
     ) -> None:
+        if self.transactional and not self.in_transaction:
+            self._txn_call(self._producer.begin_transaction)
+            self.in_transaction = True
         self._in_flight += 1
         record = _Record(
             self, topic, key, value, headers if isinstance(headers, list) else list(headers),
@@ -205,6 +235,64 @@ class Forwarder:
 
     def close(self, timeout: float) -> bool:
         return self.drain(timeout)
+
+    def commit(self, finished: Callable[[], list[TopicPartition]], group_metadata: Any) -> None:
+        """End the open transaction with the consumer's offsets: `finished()`, asked once
+        every record sent in it is acknowledged (their acks finish their inputs). One is begun
+        if only offsets move. Raises `TransactionAborted` (aborted: nothing of it counts) or
+        `FatalProducerError`."""
+        try:
+            while self._awaiting and self.abortable is None:
+                self._producer.flush(0.1)
+                self._settle()
+            if self.abortable is not None:
+                raise TransactionAborted(f"a forward failed: {self.abortable}")
+            offsets = finished()
+            if not self.in_transaction and not offsets:
+                return
+            if not self.in_transaction:
+                self._txn_call(self._producer.begin_transaction)
+                self.in_transaction = True
+            if offsets:
+                self._txn_call(
+                    self._producer.send_offsets_to_transaction,
+                    offsets, group_metadata, TXN_TIMEOUT_S,
+                )  # fmt: skip
+            self._txn_call(self._producer.commit_transaction, TXN_TIMEOUT_S)
+            self.in_transaction = False
+        except TransactionAborted as e:
+            self.abort()
+            raise TransactionAborted(str(e)) from e
+
+    def abort(self) -> None:
+        """Abort the open transaction, if any, and forget every record sent in it or waiting
+        to be sent: the owner re-reads their inputs."""
+        self._epoch += 1
+        self._redo.clear()
+        self._refused.clear()
+        self._in_flight = self._awaiting = self.stuck = 0
+        self.abortable = None
+        if self.in_transaction:
+            self.in_transaction = False
+            self._txn_call(self._producer.abort_transaction, TXN_TIMEOUT_S)
+
+    def _txn_call(self, call: Callable[..., Any], *args: Any) -> None:
+        """A transaction API call: tried again while its error is retriable; an abortable one
+        raises `TransactionAborted`, a fatal one `FatalProducerError`."""
+        while True:
+            try:
+                call(*args)
+                return
+            except KafkaException as e:
+                err = e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
+                if err is None or err.fatal():
+                    self.fatal = err
+                    raise FatalProducerError(str(e)) from e
+                if err.txn_requires_abort():
+                    raise TransactionAborted(str(err)) from e
+                if not err.retriable():
+                    raise FatalProducerError(str(e)) from e
+                log.warning("transaction call %s: %s; trying again", call.__name__, err)
 
     def _settle(self) -> None:
         self._raise_if_fatal()
@@ -239,15 +327,23 @@ class Forwarder:
                 err = e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
                 if err is None:
                     raise
-                self._failed(record, err)
+                self._failed(record, err, sent=False)
                 return
 
-    def _failed(self, record: _Record, err: KafkaError) -> None:
-        """One failed try: fatal, refused (to the owner, after the poll), or later again."""
+    def _failed(self, record: _Record, err: KafkaError, *, sent: bool = True) -> None:
+        """One failed try: fatal, refused (to the owner, after the poll), or later again. In a
+        transaction a record that was sent and failed dooms it: `abortable`."""
         if self._on_failed_attempt is not None:
             self._on_failed_attempt(err)
         if err.fatal():
             self.fatal = err
+            return
+        if sent and self.transactional:
+            self._in_flight -= 1
+            if self.abortable is None:
+                log.warning("forward to %s failed in a transaction: aborting it: %s",
+                            record.topic, err)  # fmt: skip
+                self.abortable = err
             return
         record.attempts += 1
         code = err.code()

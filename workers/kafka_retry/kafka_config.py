@@ -44,8 +44,19 @@ _CONSUMER_DEFAULTS: dict[str, Any] = {
     "partition.assignment.strategy": "cooperative-sticky",
     "enable.partition.eof": False,
 }
-# At-least-once: offsets are stored by us, only for events whose outcome is durable.
-_CONSUMER_FORCED: dict[str, Any] = {"enable.auto.offset.store": False}
+# At-least-once: offsets are stored by us, only for events whose outcome is durable. Every
+# consumer of our topics reads committed records only: an exactly-once pipeline's aborted
+# forwards (a killed worker's) are never seen (librdkafka's default, held whatever the Secret says).
+_CONSUMER_FORCED: dict[str, Any] = {
+    "enable.auto.offset.store": False,
+    "isolation.level": "read_committed",
+}
+
+# Exactly-once (`spec.delivery: ExactlyOnce`): a transaction left open by a worker that is gone
+# for good (a deleted pod: no successor with its transactional id aborts it at start) holds up
+# every read_committed reader of the topics it wrote to until the coordinator aborts it. Kept
+# as short as the group's session timeout: a batch's transaction lasts well under a second.
+TRANSACTION_TIMEOUT_MS = 10_000
 
 # The topics decide what fits (the operator sizes tier and DLQ topics for the source's largest
 # event plus our headers); librdkafka's own default (1,000,000 bytes) is below the broker's and
@@ -123,6 +134,23 @@ def producer_config(
             config[key] = value
     config.update(_PRODUCER_FORCED)
     return config
+
+
+def exactly_once(
+    consumer: Mapping[str, Any], producer: Mapping[str, Any], transactional_id: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The consumer and producer settings of a transactional stage (KIP-447): offsets are
+    committed only inside the producer's transactions (no auto commit), and the producer's
+    `transactional.id` is stable per worker, so a restarted worker fences its predecessor and
+    aborts what it left open. A zombie with a stale group generation is fenced by the group
+    metadata sent with its offsets, whatever its id."""
+    c = {**consumer, "enable.auto.commit": False}
+    p = {
+        **producer,
+        "transactional.id": transactional_id,
+        "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
+    }
+    return c, p
 
 
 # Consumer settings that a shared extra-settings map may hold and a producer rejects or warns on.

@@ -43,6 +43,10 @@ MAX_HANDLER_TIMEOUT_SECONDS = 120
 # keep-alive connection each.
 MAX_IN_FLIGHT = 64
 DEFAULT_PYTHON_TIMEOUT_SECONDS = 60
+# How events move between the pipeline's topics (`spec.delivery`, docs/delivery.md).
+Delivery = Literal["AtLeastOnce", "ExactlyOnce"]
+AT_LEAST_ONCE: Delivery = "AtLeastOnce"
+EXACTLY_ONCE: Delivery = "ExactlyOnce"
 
 
 def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
@@ -483,6 +487,14 @@ class RetryPipelineSpec(ApiModel):
         "their tier (or, with `liveLane`, the source topic); none reach the DLQ because of the "
         "suspension.",
     )
+    delivery: Delivery = Field(
+        default=AT_LEAST_ONCE,
+        description="How a failed event moves to the next tier or the DLQ. `AtLeastOnce`: the "
+        "forward is acknowledged, then its input offset committed; a worker killed between "
+        "the two forwards the event again. `ExactlyOnce`: forwards and input offsets are "
+        "committed in one Kafka transaction per batch, so each move lands once as every "
+        "`read_committed` reader sees it. Handler side effects stay at-least-once either way.",
+    )
 
     @model_validator(mode="after")
     def _unique_tiers(self) -> RetryPipelineSpec:
@@ -550,6 +562,7 @@ class RetryPipelineSpec(ApiModel):
             classification=self.classification,
             handler=self.handler,
             suspend=self.suspend,
+            delivery=self.delivery,
         )
 
 
@@ -603,6 +616,7 @@ class Topology(ApiModel):
     classification: Classification
     handler: Handler
     suspend: bool = False
+    delivery: Delivery = AT_LEAST_ONCE
     draining: list[DrainingStage] = Field(default_factory=list)
 
     def draining_stage(self, topic: str) -> DrainingStage:

@@ -12,6 +12,7 @@ from typing import Any
 
 from confluent_kafka import (
     ConsumerGroupTopicPartitions,
+    IsolationLevel,
     KafkaError,
     KafkaException,
     TopicCollection,
@@ -40,7 +41,11 @@ def watermarks(
 
 def _offsets(admin: AdminClient, tps: Sequence[TP], spec: Any, timeout: float) -> dict[TP, int]:
     request = {TopicPartition(t, p): spec for t, p in tps}
-    futures = admin.list_offsets(request, request_timeout=timeout)
+    # The last stable offset, not the high watermark: what a read_committed reader will see
+    # (a forward in an open transaction is not waiting yet, an aborted one never is).
+    futures = admin.list_offsets(
+        request, isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=timeout
+    )
     result: dict[TP, int] = {}
     for tp, future in futures.items():
         try:

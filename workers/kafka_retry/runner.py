@@ -11,6 +11,13 @@ only when everything before it is finished: handled, or forwarded and acknowledg
 (`OffsetTracker`). What is kept per partition comes and goes with the assignment
 (`Assignment`). Every consumer call (consume, pause, seek, resume, store, commit) and every
 delivery report happen on the thread that calls `run()`.
+
+Exactly-once (`spec.delivery: ExactlyOnce`): forwards are sent in a Kafka transaction, which
+is committed every `transaction_interval_s` with the input offsets finished meanwhile
+(`send_offsets_to_transaction`, with the group's metadata: a zombie is fenced). Offsets are
+never committed any other way, and never past an event waiting in a window: a held partition
+keeps no transaction open across its delay. An aborted transaction rewinds every partition to
+its committed offset; a fatal producer error (fenced) stops the loop for a restart.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import gc
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,12 +41,19 @@ from kafka_retry.client_log import client_log
 from kafka_retry.decision import DEAD_LETTER, HOLD
 from kafka_retry.delay import DelayGate, WindowLimits
 from kafka_retry.event import Event
-from kafka_retry.forwarding import Forwarder, Redirect, Refusal, too_large
+from kafka_retry.forwarding import (
+    FatalProducerError,
+    Forwarder,
+    Redirect,
+    Refusal,
+    TransactionAborted,
+    too_large,
+)
 from kafka_retry.handlers import HandlerFn
 from kafka_retry.inflight import Call, InFlight
-from kafka_retry.kafka_config import incremental_rebalance
+from kafka_retry.kafka_config import exactly_once, incremental_rebalance
 from kafka_retry.metrics import StageMetrics
-from kafka_retry.model import Topology
+from kafka_retry.model import EXACTLY_ONCE, Topology
 from kafka_retry.offsets import OffsetTracker, Ticket, TopicPartitionKey
 from kafka_retry.poison import POISON_STARTS
 from kafka_retry.routing import (
@@ -58,6 +73,10 @@ DEFAULT_BATCH = 500
 DEFAULT_POLL_CAP_S = 0.5
 DEFAULT_DRAIN_S = 20.0
 ACK_WAIT_S = 0.005  # longest consume() wait while forwards are unacknowledged
+# Exactly-once: how often the open transaction is committed. Forwards are invisible to the
+# next stage's read_committed reader until then; each commit costs a few round trips.
+DEFAULT_TRANSACTION_INTERVAL_S = 0.1
+MAX_ABORT_BACKOFF_S = 10.0
 MALFORMED_CLASS = "kafka_retry.MalformedHeaders"
 POISON_CLASS = "kafka_retry.Poison"
 _NO_STATE = h.RetryState()  # never written to: the live lane's "no prior failure"
@@ -117,6 +136,7 @@ class StageRunner:
         window_limits: WindowLimits | None = None,
         max_in_flight: int = 1,
         by_key: bool = False,
+        transaction_interval_s: float = DEFAULT_TRANSACTION_INTERVAL_S,
     ) -> None:
         """`max_in_flight` above 1: that many handler calls at once per partition, never two
         of the same key with `by_key` (the handler must be thread-safe)."""
@@ -125,6 +145,16 @@ class StageRunner:
         self._handler = handler
         self._consumer_config = dict(consumer_config)
         self._producer_config = dict(producer_config)
+        self._exactly_once = topology.delivery == EXACTLY_ONCE
+        if self._exactly_once:
+            self._consumer_config, self._producer_config = exactly_once(
+                self._consumer_config,
+                self._producer_config,
+                _transactional_id(stage, consumer_config),
+            )
+        self._txn_interval_s = transaction_interval_s
+        self._txn_last = 0.0  # monotonic() of the last transaction commit (or abort)
+        self._aborts = 0  # in a row: the next retry waits longer
         self._classifier = classifier or Classifier(topology.classification)
         self._router = Router(topology, stage)
         self._batch = batch_size
@@ -225,6 +255,8 @@ class StageRunner:
                 return
         else:
             stage = Stage.source(topology, self.stage.consumer_group)
+        if topology.delivery != self.topology.delivery:
+            log.warning("delivery %s takes effect at the next start", topology.delivery)
         self.topology, self.stage = topology, stage
         self._router = Router(topology, stage)
         self._classifier = Classifier(topology.classification)
@@ -288,6 +320,10 @@ class StageRunner:
             timeout = forwarder.wait_s(timeout, ACK_WAIT_S)
             if in_flight is not None and in_flight.calls:  # and for calls' outcomes
                 timeout = min(timeout, ACK_WAIT_S)
+            if self._exactly_once and forwarder.in_transaction:
+                timeout = min(
+                    timeout, max(0.0, self._txn_last + self._txn_interval_s - self._last_poll)
+                )
             messages = self._consume(consumer, timeout)
             polled = time.monotonic()
             forwarder.poll(0)
@@ -318,7 +354,10 @@ class StageRunner:
             if in_flight is not None:
                 in_flight.serve()
             forwarder.poll(0)
-            self._store(consumer)
+            if self._exactly_once:
+                self._commit_due(consumer)
+            else:
+                self._store(consumer)
             self._count()
             if gate is not None:
                 if holding:
@@ -617,11 +656,15 @@ class StageRunner:
         ):
             log.warning("%s[%d]@%d not marked: forwards unacknowledged", tp[0], tp[1], offset)
             return True
+        if self._exactly_once:  # what is finished before it, committed first
+            self._commit_transaction(self._consumer, mid_batch=True)
         mark = TopicPartition(tp[0], tp[1], offset, metadata=poison.mark(offset, starts))
         try:
             # A run's first mark is sent at once but not awaited (a commit waits out a
-            # rebalance in progress: a second, measured); a careful one must be durable.
-            self._consumer.commit(offsets=[mark], asynchronous=not self._heads.careful(tp))
+            # rebalance in progress: a second, measured); a careful one must be durable, and
+            # so must every one beside transactions (a late mark would undo their offsets).
+            careful = self._heads.careful(tp) or self._exactly_once
+            self._consumer.commit(offsets=[mark], asynchronous=not careful)
         except KafkaException as e:
             log.warning("could not mark %s[%d]@%d: %s", tp[0], tp[1], offset, e)
         return True
@@ -645,6 +688,39 @@ class StageRunner:
                 except KafkaException as e2:
                     if _code(e2) != KafkaError._STATE:
                         raise
+
+    def _commit_due(self, consumer: Any) -> None:
+        """Exactly-once: commit the transaction when the interval has passed (after a backoff
+        that grows with aborts in a row)."""
+        if time.monotonic() - self._txn_last >= self._txn_interval_s:
+            self._commit_transaction(consumer)
+
+    def _commit_transaction(self, consumer: Any, *, mid_batch: bool = False) -> None:
+        """Exactly-once: the open transaction's forwards and the input offsets finished since
+        the last commit, committed together. When that fails, nothing of it counts: every
+        partition is read again from its committed offset. Mid-batch (before a poison mark)
+        the rest of the batch would be handled twice, so the process stops for a restart."""
+        assert self._forwarder is not None
+        if not mid_batch and (self._in_flight is None or not self._in_flight.calls):
+            self._heads.settled()
+        tracker = self._tracker
+
+        def finished() -> list[TopicPartition]:
+            return [TopicPartition(t, p, o) for t, p, o in tracker.take_advanced()]
+
+        try:
+            self._forwarder.commit(finished, consumer.consumer_group_metadata())
+            self._aborts = 0
+        except TransactionAborted as e:
+            if mid_batch:
+                raise FatalProducerError(f"transaction aborted mid-batch: {e}") from e
+            self._aborts += 1
+            log.warning("transaction aborted (%s): re-reading from the committed offsets", e)
+            self._parts.rewind(consumer)
+            # A forward its topic refuses would abort every retry: do not spin on it.
+            self._stopping.wait(min(MAX_ABORT_BACKOFF_S, 0.1 * 2 ** min(self._aborts, 8)))
+        finally:
+            self._txn_last = time.monotonic()
 
     def _commit(self, consumer: Any, tps: list[TopicPartitionKey]) -> None:
         offsets = [TopicPartition(t, p, o) for t, p, o in self._tracker.frontiers(tps)]
@@ -677,8 +753,11 @@ class StageRunner:
             if self._in_flight is not None:
                 self._in_flight.settle()
             self._forwarder.drain(self._drain_s)
-            self._store(consumer)
-            self._commit(consumer, tps)
+            if self._exactly_once:
+                self._commit_transaction(consumer)
+            else:
+                self._store(consumer)
+                self._commit(consumer, tps)
         except Exception:
             log.exception("revocation of %s: could not drain and commit", tps)
         finally:
@@ -697,6 +776,11 @@ class StageRunner:
             self._release(tps)
             if tps:
                 self.stats.lost += 1
+        if self._exactly_once and self._forwarder is not None:
+            # The open transaction holds forwards of the lost partitions, whose offsets can no
+            # longer be committed: it must not commit. The others are read again.
+            self._forwarder.abort()
+            self._parts.rewind(consumer)
 
     def _release(self, tps: list[TopicPartitionKey]) -> None:
         self._parts.release(tps)
@@ -713,8 +797,12 @@ class StageRunner:
                 self._in_flight.close()
             if not forwarder.drain(self._drain_s):
                 log.warning("%d forward(s) unacknowledged at shutdown", forwarder.in_flight)
-            self._store(consumer)
-            self._commit(consumer, sorted(self._assigned))
+            if self._exactly_once:
+                if forwarder.fatal is None:
+                    self._commit_transaction(consumer)
+            else:
+                self._store(consumer)
+                self._commit(consumer, sorted(self._assigned))
         except Exception:
             log.exception("drain at shutdown failed; uncommitted events will be re-read")
         finally:
@@ -725,6 +813,15 @@ class StageRunner:
                 self._running = False
                 self._metrics.paused.set(0)
                 self._metrics.assigned.set(0)
+
+
+def _transactional_id(stage: Stage, consumer_config: Mapping[str, Any]) -> str:
+    """Stable per worker: the stage's group and the pod name (`group.instance.id`), so a
+    restarted pod fences and aborts what its predecessor left open. Without one (an SDK
+    service without `instance_id`) a random one: zombies are still fenced by the group's
+    generation, and a dead process's open transaction ends at `transaction.timeout.ms`."""
+    instance = consumer_config.get("group.instance.id") or uuid.uuid4().hex
+    return f"kafka-retry.{stage.consumer_group}.{instance}"
 
 
 def _all_original(raw: Sequence[tuple[str, bytes | None]] | None) -> h.ParsedHeaders:

@@ -1,0 +1,177 @@
+"""`spec.delivery: ExactlyOnce` on real parts: tier workers exactly as the operator deploys them
+(tests/deployed_support.py), killed with SIGKILL while events stream through them. Each
+failed event must reach the next tier once as a read_committed reader sees it; the same run in
+`AtLeastOnce` shows the duplicates a kill leaves, so the count can fail."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from dataplane_support import wait_for
+from deployed_support import WorkerPod, deploy_pipeline, records
+from kafka_retry.kafka_config import TRANSACTION_TIMEOUT_MS
+
+
+def committed_copies(bootstrap: str, topic: str, ids: set[str], timeout: float) -> Counter[str]:
+    """Copies of each event on `topic` as a read_committed reader sees them: read until every id
+    in `ids` is there (or `timeout`), then 5 s more so that late duplicates are counted too."""
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"count-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    meta = c.list_topics(topic, timeout=10).topics[topic]
+    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+    copies: Counter[str] = Counter()
+    deadline = time.monotonic() + timeout
+    settle_until: float | None = None
+    try:
+        while True:
+            now = time.monotonic()
+            if settle_until is None and ids <= copies.keys():
+                settle_until = now + 5
+            if now > (settle_until or deadline):
+                break
+            for m in c.consume(500, 0.2):
+                if m.error() is None:
+                    copies[str(json.loads(m.value()).get("id"))] += 1
+    finally:
+        c.close()
+    return copies
+
+
+def stream_while_killing(
+    bootstrap: str, topic: str, pods: list[WorkerPod], seconds: float, rate: int
+) -> tuple[list[str], int]:
+    """Stream `rate` events/s to `topic` for `seconds`; every 5 s one pod (in turn) is killed
+    with SIGKILL and started again at once under its pod name (a container restart)."""
+    ids: list[str] = []
+
+    def stream() -> None:
+        producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+        started = time.monotonic()
+        while (elapsed := time.monotonic() - started) < seconds:
+            while len(ids) < elapsed * rate:
+                i = f"e{len(ids)}"
+                producer.produce(topic, key=i.encode(), value=json.dumps({"id": i}).encode())
+                ids.append(i)
+            producer.poll(0)
+            time.sleep(0.05)
+        assert producer.flush(30) == 0
+
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    kills = 0
+    while streamer.is_alive():
+        streamer.join(5)
+        if streamer.is_alive():
+            victim = pods[kills % len(pods)]
+            victim.kill9()
+            victim.start()
+            kills += 1
+    return ids, kills
+
+
+@pytest.mark.parametrize("delivery", ["ExactlyOnce", "AtLeastOnce"])
+def test_kill_9_forwards_each_failed_event_once_only_with_exactly_once(
+    delivery: str,
+    kafka_bootstrap: str,
+    kafka_admin: Any,
+    make_topic: Callable[..., str],
+    tmp_path: Path,
+) -> None:
+    """Two workers of the first tier on four partitions; every event fails retriably, so each
+    is forwarded to the second tier. One worker is killed with SIGKILL every 5 s for 40 s.
+    ExactlyOnce: every event is on the second tier exactly once. AtLeastOnce: none is lost,
+    and the kills leave duplicates (what exactly-once removes)."""
+    d = deploy_pipeline(
+        kafka_bootstrap,
+        kafka_admin,
+        make_topic,
+        tiers=(("retry-1", 1), ("retry-2", 3600)),
+        partitions=4,
+        callable_path="dataplane_handlers:fail_retriably",
+        delivery=delivery,
+    )
+    first, second = (t.topic for t in d.topology.tiers)
+    env = {"DP_RECORD_FILE": str(tmp_path / "handled.jsonl")}
+    pods = [
+        WorkerPod(d, "retry-1", f"{d.name}-retry-1-{i}", tmp_path, env).start() for i in range(2)
+    ]
+    try:
+        wait_for(lambda: all(p.ready() for p in pods), 60, "both workers ready")
+        ids, kills = stream_while_killing(kafka_bootstrap, first, pods, 40.0, 20)
+        assert kills >= 6, kills
+        copies = committed_copies(kafka_bootstrap, second, set(ids), 150)
+        for p in pods:
+            assert p.running(), p.log.read_text()[-3000:]
+    finally:
+        for p in pods:
+            p.stop()
+    lost = set(ids) - copies.keys()
+    duplicates = sum(n - 1 for n in copies.values())
+    handled = len(records(tmp_path / "handled.jsonl"))
+    print(
+        f"{delivery}: {len(ids)} events, {kills} kills, {handled} handler calls: "
+        f"{duplicates} duplicate forward(s), lost {len(lost)}"
+    )
+    assert not lost, sorted(lost)[:5]
+    assert copies.keys() == set(ids)
+    if delivery == "ExactlyOnce":
+        assert duplicates == 0, [(i, n) for i, n in copies.items() if n > 1][:10]
+    else:
+        assert duplicates > 0, "a kill between forward and commit leaves a duplicate"
+
+
+def test_a_delay_longer_than_the_transaction_timeout_keeps_no_transaction_open(
+    kafka_bootstrap: str, kafka_admin: Any, make_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """A tier whose delay is longer than `transaction.timeout.ms`: its partitions hold events
+    for longer than any transaction may stay open, while other events keep arriving. Nothing
+    is aborted or fenced (no transaction spans a delay), every event moves on once."""
+    delay_s = TRANSACTION_TIMEOUT_MS // 1000 + 5
+    d = deploy_pipeline(
+        kafka_bootstrap,
+        kafka_admin,
+        make_topic,
+        tiers=(("retry-1", delay_s), ("retry-2", 3600)),
+        partitions=2,
+        callable_path="dataplane_handlers:fail_retriably",
+        delivery="ExactlyOnce",
+    )
+    first, second = (t.topic for t in d.topology.tiers)
+    env = {"DP_RECORD_FILE": str(tmp_path / "handled.jsonl")}
+    pod = WorkerPod(d, "retry-1", f"{d.name}-retry-1-0", tmp_path, env).start()
+    try:
+        wait_for(pod.ready, 60, "the worker ready")
+        producer = Producer({"bootstrap.servers": kafka_bootstrap})
+        ids = []
+        # Events over two delays: the first ones are forwarded while later ones are held.
+        for i in range(2 * delay_s):
+            for j in range(5):
+                ids.append(f"e{i}-{j}")
+                producer.produce(first, value=json.dumps({"id": ids[-1]}).encode())
+            producer.flush(10)
+            time.sleep(1)
+        copies = committed_copies(kafka_bootstrap, second, set(ids), delay_s + 60)
+        assert pod.running(), pod.log.read_text()[-3000:]
+        assert pod.ready()
+    finally:
+        pod.stop()
+    log = pod.log.read_text()
+    assert copies == Counter(dict.fromkeys(ids, 1)), {i: n for i, n in copies.items() if n != 1}
+    for trouble in ("aborted", "fatal", "fenced"):
+        assert trouble not in log.lower(), log[-3000:]
