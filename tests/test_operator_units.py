@@ -452,6 +452,21 @@ def test_workers_ready_names_why_pods_fail() -> None:
     assert st.pod_troubles([_pod("w-4", "retry-1", state={"running": {}})]) == {}
 
 
+def test_pods_are_listed_only_where_a_stage_lacks_ready_pods() -> None:
+    """A pipeline being created (no Deployment yet, or 0 replicas wanted) costs no pods list
+    per status tick; a stage with fewer ready or up-to-date pods than it wants does."""
+    assert not st.pods_to_explain(_record(), {})  # no Deployments yet
+    assert not st.pods_to_explain(_record(), _workers(ready=2))
+    assert st.pods_to_explain(_record(), _workers(ready=1))
+    rolling = {**_workers(), "retry-2": st.TierWorkers("retry-2", 2, 2, 1, True)}
+    assert st.pods_to_explain(_record(), rolling)
+    zero = {t: st.TierWorkers(t, 0, 0, 0, True) for t in ("retry-1", "retry-2")}
+    assert not st.pods_to_explain(_record(replicas=0, suspended=True), zero)
+    assert not st.pods_to_explain(_record(replicas=0), zero)
+    keda = {**zero, "retry-1": st.TierWorkers("retry-1", 3, 1, 3, True)}  # KEDA wants 3
+    assert st.pods_to_explain(_record(replicas=None), keda)
+
+
 def test_live_lane_deployment_is_a_tier_workers_pod_on_the_source() -> None:
     spec = _spec(liveLane={}, workers={"replicas": 3, "resources": {"limits": {"cpu": "1"}}})
     topo = spec.topology("shop", "billing-orders")

@@ -1,5 +1,6 @@
 """The kopf handlers: thin, typed, and the only place that speaks kopf.
 
+- login: kopf's own credentials, on an API session bounded in requests at once (api_session).
 - startup: operator settings and the long-lived parts (shared Kafka clients, the sampler,
   the /metrics endpoint).
 - reconcile (create/update/resume): parse the spec once, then `reconciler.reconcile`.
@@ -9,6 +10,8 @@
   groups' committed offsets kept from expiring (`offset_keeper`); a rotated Kafka Secret
   noticed (`secret_rotation`) and handed to reconcile.
 - tier_workers (index): the tier Deployments' replica counts, so no handler lists them.
+- pipeline_deployments (index): every worker Deployment of each pipeline, so that a reconcile
+  finds the ones to remove without listing them.
 - pipeline_claims (index): the Kafka names every pipeline claims (`claims`), so that of two
   overlapping pipelines the younger creates nothing and deletes nothing of the older's.
 - worker_deleted: a tier Deployment deleted by hand makes its pipeline reconcile.
@@ -40,6 +43,7 @@ from kafka_retry.model import (
 from kafka_retry.replay_lease import Lease
 from kafka_retry_operator import (
     announcements,
+    api_session,
     children,
     claims,
     offset_keeper,
@@ -60,6 +64,12 @@ PLURAL = "retrypipelines"
 COMPONENT = "kafka-retry-operator"  # the source of our Events
 # Read at import: kopf takes a timer's interval when the handler is registered.
 CONFIG = OperatorConfig.from_env()
+
+
+@kopf.on.login()
+async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
+    """Async: the session is made in the operator's event loop, where kopf uses it."""
+    return api_session.login(**kwargs)
 
 
 @kopf.on.startup()
@@ -134,6 +144,27 @@ def _workers(kwargs: dict[str, Any], key: PipelineKey) -> dict[str, st.TierWorke
     the indexing function)."""
     index: kopf.Index[PipelineKey, st.TierWorkers] = kwargs[WORKER_INDEX]
     return {w.tier: w for w in index.get(key, [])}
+
+
+DEPLOYMENTS_INDEX = "pipeline_deployments"  # the name of the indexing function below
+
+
+@kopf.index("apps", "v1", "deployments", labels={children.LABEL_NAME: children.WORKER_APP})
+def pipeline_deployments(
+    name: str, namespace: str | None, labels: kopf.Labels, meta: kopf.Meta, **_: Any
+) -> dict[PipelineKey, tuple[str, str]] | None:
+    """Every worker Deployment (tiers', live lane's, drains') by pipeline: (name, controlling
+    owner's uid)."""
+    pipeline = labels.get(LABEL_PIPELINE)
+    if not (namespace and pipeline):
+        return None
+    owners = [o.get("uid", "") for o in meta.get("ownerReferences") or [] if o.get("controller")]
+    return {(namespace, pipeline): (name, owners[0] if owners else "")}
+
+
+def _deployments(kwargs: dict[str, Any], key: PipelineKey) -> dict[str, str]:
+    index: kopf.Index[PipelineKey, tuple[str, str]] = kwargs[DEPLOYMENTS_INDEX]
+    return dict(index.get(key, []))
 
 
 CLAIMS_INDEX = "pipeline_claims"  # the name of the indexing function below
@@ -215,7 +246,7 @@ def reconcile(
             rt.metrics.pipeline_status(key, invalid)
             raise kopf.PermanentError(f"invalid spec: {message}") from None
         record, verdict = reconciler.reconcile(
-            rt, body, parsed, _claims(kwargs), dict(status), logger
+            rt, body, parsed, _claims(kwargs), _deployments(kwargs, key), dict(status), logger
         )
         now = time.monotonic()
         previous = rt.status_writes.previous(key, status, now)
@@ -364,9 +395,10 @@ def _status(
 
 def _pod_troubles(rt: Runtime, record: PipelineRecord, kwargs: dict[str, Any]) -> dict[str, str]:
     """Why the pods of tiers that are not ready fail (OOMKilled, CrashLoopBackOff...): one
-    list of the pipeline's tier-worker pods, only while some tier is not ready. Without the
-    right to list pods, or the API answering an error, the status says only the counts."""
-    if st.workers_verdict(record, _workers(kwargs, record.key)).ok:
+    list of the pipeline's tier-worker pods, only while some tier has fewer ready pods than it
+    wants. Without the right to list pods, or the API answering an error, the status says only
+    the counts."""
+    if not st.pods_to_explain(record, _workers(kwargs, record.key)):
         return {}
     namespace, name = record.key
     try:

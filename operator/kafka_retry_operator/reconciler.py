@@ -34,6 +34,8 @@ TRIGGER_AUTHS = children.TRIGGER_AUTHENTICATIONS
 SUSPENDED = "Suspended"
 PIPELINE_OVERLAP = "PipelineOverlap"
 ClaimsIndex = Mapping[claims.ClaimKey, Iterable[claims.Claimant]]
+# The pipeline's Deployments as the Deployment index shows them: name -> controlling owner's uid.
+Deployments = Mapping[str, str]
 INVALID_KAFKA_SETTINGS = "InvalidKafkaSettings"
 
 
@@ -71,13 +73,16 @@ def reconcile(
     body: kopf.Body,
     spec: RetryPipelineSpec,
     claimed: ClaimsIndex,
+    deployments: Deployments,
     previous: Mapping[str, Any],
     logger: logging.Logger | Any,
 ) -> tuple[PipelineRecord, TopicsVerdict]:
     """`previous` is the pipeline's status as last written: what its topics were, so that the
-    ones this spec leaves behind drain (draining.py)."""
+    ones this spec leaves behind drain (draining.py). `deployments`: the pipeline's, from the
+    Deployment index (no list per reconcile: at 2,000 pipelines, lists by label were O(N) each)."""
     namespace, name = body.metadata.namespace or "", body.metadata.name or ""
     key = (namespace, name)
+    last = rt.fleet.get(key)
     topology = draining.follow(spec.topology(namespace, name), previous, conditions.now())
     me = claims.Claimant(str(body.metadata.get("creationTimestamp") or ""), namespace, name, True)
     overlaps = claims.older_overlaps(me, claims.claims(spec, topology), claimed)
@@ -124,8 +129,13 @@ def reconcile(
     rt.fleet.put(record)
     if verdict.usable:
         version = secret[1] if secret else None
-        applied = apply_children(rt, body, spec, topology, version, autoscaled, keda_auth)
-        record = dataclasses.replace(record, worker_generations=applied)
+        # The index may not show yet what the last reconcile applied: those are ours too.
+        uid = str(body.metadata.uid)
+        existing = {**deployments, **dict.fromkeys(last.deployments if last else (), uid)}
+        applied, names = apply_children(
+            rt, body, spec, topology, version, autoscaled, keda_auth, existing
+        )
+        record = dataclasses.replace(record, worker_generations=applied, deployments=names)
         rt.fleet.put(record)
     rt.sampler.wake(cluster, key)
     return record, verdict
@@ -172,9 +182,11 @@ def apply_children(
     secret_version: str | None,
     autoscaled: bool = False,
     keda_auth: KedaKafkaAuth | None = None,
-) -> dict[str, int]:
+    existing: Deployments | None = None,
+) -> tuple[dict[str, int], frozenset[str]]:
     """Returns each tier's (and the live lane's) Deployment generation as applied (stage ->
-    generation)."""
+    generation), and the names of the Deployments applied. Those of `existing` not wanted any
+    more are deleted."""
     namespace, name = body.metadata.namespace or "", body.metadata.name or ""
     configmap, deployments = children.desired_children(
         namespace, name, spec, topology, rt.worker_defaults, secret_version, autoscaled
@@ -188,13 +200,13 @@ def apply_children(
         if tier is not None:  # not a drain's
             applied[tier] = generation
     # Removed tiers' workers go (their topics drain: see draining.py), as do finished drains'.
-    wanted = {d["metadata"]["name"] for d in deployments}
-    for deployment_name, owner_uid in rt.kube.worker_deployments(namespace, name).items():
+    wanted = frozenset(d["metadata"]["name"] for d in deployments)
+    for deployment_name, owner_uid in (existing or {}).items():
         if deployment_name not in wanted and owner_uid == body.metadata.uid:
             rt.kube.delete_deployment(namespace, deployment_name)
     apply_disruption_budgets(rt, body, spec, topology)
     apply_scaled_objects(rt, body, spec, topology, autoscaled, keda_auth)
-    return applied
+    return applied, wanted
 
 
 def apply_scaled_objects(

@@ -82,6 +82,22 @@ def pod_troubles(pods: Iterable[Mapping[str, Any]]) -> dict[str, str]:
     return found
 
 
+def pods_to_explain(record: PipelineRecord, workers: Mapping[str, TierWorkers]) -> bool:
+    """Whether some stage has fewer ready (or up-to-date) pods than it wants: only then can a
+    list of its pods say why (`pod_troubles`). A stage without a Deployment yet, or wanting no
+    pods (scaled to 0, suspended), has no pods to explain: at scale, pipelines being created
+    must not cost a pods list each per status tick."""
+    stages = [t.name for t in record.topology.tiers] + ([LIVE_LANE] if record.live_lane else [])
+    for name in stages:
+        w = workers.get(name)
+        if w is None:
+            continue
+        want = w.desired if record.replicas is None else record.replicas
+        if want > 0 and (w.ready < want or w.updated < want):
+            return True
+    return False
+
+
 def workers_verdict(
     record: PipelineRecord,
     workers: Mapping[str, TierWorkers],
