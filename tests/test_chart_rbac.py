@@ -372,6 +372,7 @@ def test_namespaces_scope_denies_everything_else(
         ("create", "poddisruptionbudgets.policy", "-n", ns),
         ("patch", "poddisruptionbudgets.policy", "-n", ns),
         ("list", "poddisruptionbudgets.policy", "-n", ns),
+        ("watch", "poddisruptionbudgets.policy", "-n", ns),
         ("delete", "poddisruptionbudgets.policy", "-n", ns),
         ("create", "scaledobjects.keda.sh", "-n", ns),
         ("patch", "scaledobjects.keda.sh", "-n", ns),

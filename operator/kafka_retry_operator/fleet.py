@@ -41,9 +41,10 @@ class PipelineRecord:
     # tier (or LIVE_LANE) -> the generation of its Deployment as this reconcile applied it:
     # until the index shows that generation, its workers are not judged ready.
     worker_generations: Mapping[str, int] = field(default_factory=dict)
-    # The Deployments this reconcile applied (tiers', live lane's, drains'): the next reconcile
-    # removes those it no longer wants even before the Deployment index shows them.
+    # The Deployments and PodDisruptionBudgets this reconcile applied: the next reconcile
+    # removes those it no longer wants even before the indexes show them.
     deployments: frozenset[str] = frozenset()
+    budgets: frozenset[str] = frozenset()
 
 
 class Fleet:

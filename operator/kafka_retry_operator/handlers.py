@@ -10,8 +10,9 @@
   groups' committed offsets kept from expiring (`offset_keeper`); a rotated Kafka Secret
   noticed (`secret_rotation`) and handed to reconcile.
 - tier_workers (index): the tier Deployments' replica counts, so no handler lists them.
-- pipeline_deployments (index): every worker Deployment of each pipeline, so that a reconcile
-  finds the ones to remove without listing them.
+- pipeline_deployments, pipeline_budgets (indexes): every worker Deployment and
+  PodDisruptionBudget of each pipeline, so that a reconcile finds the ones to remove without
+  listing them.
 - pipeline_claims (index): the Kafka names every pipeline claims (`claims`), so that of two
   overlapping pipelines the younger creates nothing and deletes nothing of the older's.
 - worker_deleted: a tier Deployment deleted by hand makes its pipeline reconcile.
@@ -146,15 +147,34 @@ def _workers(kwargs: dict[str, Any], key: PipelineKey) -> dict[str, st.TierWorke
     return {w.tier: w for w in index.get(key, [])}
 
 
-DEPLOYMENTS_INDEX = "pipeline_deployments"  # the name of the indexing function below
+DEPLOYMENTS_INDEX = "pipeline_deployments"  # the names of the indexing functions below
+BUDGETS_INDEX = "pipeline_budgets"
+OwnedIndex = kopf.Index[PipelineKey, tuple[str, str]]
 
 
-@kopf.index("apps", "v1", "deployments", labels={children.LABEL_NAME: children.WORKER_APP})
+WORKERS = {children.LABEL_NAME: children.WORKER_APP}  # the label on everything a pipeline owns
+
+
+@kopf.index("apps", "v1", "deployments", labels=WORKERS)
 def pipeline_deployments(
     name: str, namespace: str | None, labels: kopf.Labels, meta: kopf.Meta, **_: Any
 ) -> dict[PipelineKey, tuple[str, str]] | None:
-    """Every worker Deployment (tiers', live lane's, drains') by pipeline: (name, controlling
-    owner's uid)."""
+    """Every worker Deployment (tiers', live lane's, drains') by pipeline."""
+    return _owned(name, namespace, labels, meta)
+
+
+@kopf.index("policy", "v1", "poddisruptionbudgets", labels=WORKERS)
+def pipeline_budgets(
+    name: str, namespace: str | None, labels: kopf.Labels, meta: kopf.Meta, **_: Any
+) -> dict[PipelineKey, tuple[str, str]] | None:
+    """Every tier's (and the live lane's) PodDisruptionBudget by pipeline."""
+    return _owned(name, namespace, labels, meta)
+
+
+def _owned(
+    name: str, namespace: str | None, labels: kopf.Labels, meta: kopf.Meta
+) -> dict[PipelineKey, tuple[str, str]] | None:
+    """The object under its pipeline's key: (its name, its controlling owner's uid)."""
     pipeline = labels.get(LABEL_PIPELINE)
     if not (namespace and pipeline):
         return None
@@ -162,9 +182,11 @@ def pipeline_deployments(
     return {(namespace, pipeline): (name, owners[0] if owners else "")}
 
 
-def _deployments(kwargs: dict[str, Any], key: PipelineKey) -> dict[str, str]:
-    index: kopf.Index[PipelineKey, tuple[str, str]] = kwargs[DEPLOYMENTS_INDEX]
-    return dict(index.get(key, []))
+def _children(kwargs: dict[str, Any], key: PipelineKey) -> reconciler.Children:
+    """The pipeline's Deployments and budgets as the indexes show them (name -> owner uid)."""
+    deployments: OwnedIndex = kwargs[DEPLOYMENTS_INDEX]
+    budgets: OwnedIndex = kwargs[BUDGETS_INDEX]
+    return reconciler.Children(dict(deployments.get(key, [])), dict(budgets.get(key, [])))
 
 
 CLAIMS_INDEX = "pipeline_claims"  # the name of the indexing function below
@@ -246,7 +268,7 @@ def reconcile(
             rt.metrics.pipeline_status(key, invalid)
             raise kopf.PermanentError(f"invalid spec: {message}") from None
         record, verdict = reconciler.reconcile(
-            rt, body, parsed, _claims(kwargs), _deployments(kwargs, key), dict(status), logger
+            rt, body, parsed, _claims(kwargs), _children(kwargs, key), dict(status), logger
         )
         now = time.monotonic()
         previous = rt.status_writes.previous(key, status, now)

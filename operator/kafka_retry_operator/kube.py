@@ -133,10 +133,6 @@ class Kube:
             if e.status != 404:
                 raise
 
-    def worker_pdbs(self, namespace: str, pipeline: str) -> dict[str, str]:
-        """The pipeline's tier PodDisruptionBudgets now in the cluster: name -> owner uid."""
-        return _owners(self.policy.list_namespaced_pod_disruption_budget, namespace, pipeline)
-
     def delete_pdb(self, namespace: str, name: str) -> None:
         try:
             self.policy.delete_namespaced_pod_disruption_budget(name, namespace)

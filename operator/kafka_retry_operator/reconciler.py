@@ -34,9 +34,25 @@ TRIGGER_AUTHS = children.TRIGGER_AUTHENTICATIONS
 SUSPENDED = "Suspended"
 PIPELINE_OVERLAP = "PipelineOverlap"
 ClaimsIndex = Mapping[claims.ClaimKey, Iterable[claims.Claimant]]
-# The pipeline's Deployments as the Deployment index shows them: name -> controlling owner's uid.
-Deployments = Mapping[str, str]
 INVALID_KAFKA_SETTINGS = "InvalidKafkaSettings"
+
+
+class Children(NamedTuple):
+    """The pipeline's worker Deployments and PodDisruptionBudgets in the cluster, as kopf's
+    indexes show them: name -> controlling owner's uid. No list per reconcile: at 2,000
+    pipelines, a list by label was O(N) work for the API server each."""
+
+    deployments: Mapping[str, str]
+    budgets: Mapping[str, str]
+
+    def with_applied(self, last: PipelineRecord | None, uid: str) -> Children:
+        """Also those the last reconcile applied, which the indexes may not show yet."""
+        if last is None:
+            return self
+        return Children(
+            {**self.deployments, **dict.fromkeys(last.deployments, uid)},
+            {**self.budgets, **dict.fromkeys(last.budgets, uid)},
+        )
 
 
 class Connection(NamedTuple):
@@ -73,13 +89,12 @@ def reconcile(
     body: kopf.Body,
     spec: RetryPipelineSpec,
     claimed: ClaimsIndex,
-    deployments: Deployments,
+    existing: Children,
     previous: Mapping[str, Any],
     logger: logging.Logger | Any,
 ) -> tuple[PipelineRecord, TopicsVerdict]:
     """`previous` is the pipeline's status as last written: what its topics were, so that the
-    ones this spec leaves behind drain (draining.py). `deployments`: the pipeline's, from the
-    Deployment index (no list per reconcile: at 2,000 pipelines, lists by label were O(N) each)."""
+    ones this spec leaves behind drain (draining.py)."""
     namespace, name = body.metadata.namespace or "", body.metadata.name or ""
     key = (namespace, name)
     last = rt.fleet.get(key)
@@ -129,13 +144,13 @@ def reconcile(
     rt.fleet.put(record)
     if verdict.usable:
         version = secret[1] if secret else None
-        # The index may not show yet what the last reconcile applied: those are ours too.
-        uid = str(body.metadata.uid)
-        existing = {**deployments, **dict.fromkeys(last.deployments if last else (), uid)}
-        applied, names = apply_children(
-            rt, body, spec, topology, version, autoscaled, keda_auth, existing
+        existing = existing.with_applied(last, str(body.metadata.uid))
+        applied, names, budgets = apply_children(
+            rt, body, spec, topology, existing, version, autoscaled, keda_auth
         )
-        record = dataclasses.replace(record, worker_generations=applied, deployments=names)
+        record = dataclasses.replace(
+            record, worker_generations=applied, deployments=names, budgets=budgets
+        )
         rt.fleet.put(record)
     rt.sampler.wake(cluster, key)
     return record, verdict
@@ -179,14 +194,14 @@ def apply_children(
     body: kopf.Body,
     spec: RetryPipelineSpec,
     topology: Topology,
+    existing: Children,
     secret_version: str | None,
     autoscaled: bool = False,
     keda_auth: KedaKafkaAuth | None = None,
-    existing: Deployments | None = None,
-) -> tuple[dict[str, int], frozenset[str]]:
+) -> tuple[dict[str, int], frozenset[str], frozenset[str]]:
     """Returns each tier's (and the live lane's) Deployment generation as applied (stage ->
-    generation), and the names of the Deployments applied. Those of `existing` not wanted any
-    more are deleted."""
+    generation), and the names of the Deployments and of the budgets applied. Those of
+    `existing` not wanted any more are deleted."""
     namespace, name = body.metadata.namespace or "", body.metadata.name or ""
     configmap, deployments = children.desired_children(
         namespace, name, spec, topology, rt.worker_defaults, secret_version, autoscaled
@@ -201,12 +216,12 @@ def apply_children(
             applied[tier] = generation
     # Removed tiers' workers go (their topics drain: see draining.py), as do finished drains'.
     wanted = frozenset(d["metadata"]["name"] for d in deployments)
-    for deployment_name, owner_uid in (existing or {}).items():
+    for deployment_name, owner_uid in existing.deployments.items():
         if deployment_name not in wanted and owner_uid == body.metadata.uid:
             rt.kube.delete_deployment(namespace, deployment_name)
-    apply_disruption_budgets(rt, body, spec, topology)
+    budgets = apply_disruption_budgets(rt, body, spec, topology, existing.budgets)
     apply_scaled_objects(rt, body, spec, topology, autoscaled, keda_auth)
-    return applied, wanted
+    return applied, wanted, budgets
 
 
 def apply_scaled_objects(
@@ -251,10 +266,15 @@ def apply_scaled_objects(
 
 
 def apply_disruption_budgets(
-    rt: Runtime, body: kopf.Body, spec: RetryPipelineSpec, topology: Topology
-) -> None:
+    rt: Runtime,
+    body: kopf.Body,
+    spec: RetryPipelineSpec,
+    topology: Topology,
+    existing: Mapping[str, str],
+) -> frozenset[str]:
     """A PodDisruptionBudget per tier (and the live lane) while it runs more than one worker;
-    the budgets of stages scaled down to one, suspended or removed go."""
+    those of `existing` (name -> owner uid) for stages scaled down to one, suspended or
+    removed go. Returns the names of the budgets applied."""
     namespace, name = body.metadata.namespace or "", body.metadata.name or ""
     scaling = spec.workers.autoscaling
     most = scaling.max_replicas if scaling is not None else spec.workers.replicas
@@ -264,10 +284,11 @@ def apply_disruption_budgets(
     kopf.adopt(budgets, owner=body)
     for budget in budgets:
         rt.kube.apply_pdb(budget)
-    keep = {b["metadata"]["name"] for b in budgets}
-    for pdb, owner_uid in rt.kube.worker_pdbs(namespace, name).items():
+    keep = frozenset(b["metadata"]["name"] for b in budgets)
+    for pdb, owner_uid in existing.items():
         if pdb not in keep and owner_uid == body.metadata.uid:
             rt.kube.delete_pdb(namespace, pdb)
+    return keep
 
 
 def forget(rt: Runtime, key: PipelineKey) -> None:
