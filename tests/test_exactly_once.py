@@ -6,6 +6,10 @@ failed event must reach the next tier once as a read_committed reader sees it; t
 from __future__ import annotations
 
 import json
+import os
+import random
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -17,8 +21,11 @@ from typing import Any
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from dataplane_support import wait_for
-from deployed_support import WorkerPod, deploy_pipeline, records
+from dataplane_support import make_topology, wait_for
+from deployed_support import TESTS, WorkerPod, deploy_pipeline, records
+from dlq_support import fill_dlq
+from kafka_retry import headers as h
+from kafka_retry.dlq import KafkaAccess, partition_states
 from kafka_retry.kafka_config import TRANSACTION_TIMEOUT_MS
 
 
@@ -175,3 +182,79 @@ def test_a_delay_longer_than_the_transaction_timeout_keeps_no_transaction_open(
     assert copies == Counter(dict.fromkeys(ids, 1)), {i: n for i, n in copies.items() if n != 1}
     for trouble in ("aborted", "fatal", "fenced"):
         assert trouble not in log.lower(), log[-3000:]
+
+
+@pytest.mark.parametrize("delivery", ["ExactlyOnce", "AtLeastOnce"])
+def test_a_replay_killed_again_and_again_sends_each_event_once(
+    delivery: str, kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """A replay of 600 DLQ events at 150/s in its own process, killed with SIGKILL every
+    0.5-2 s and resumed from its last checkpoint until it succeeds: each event is on the
+    target tier once as a read_committed reader sees it, and the DLQ is empty."""
+    topology = make_topology(kafka_bootstrap, make_topic, partitions=3).model_copy(
+        update={"delivery": delivery}
+    )
+    count = 600
+    fill_dlq(kafka_bootstrap, topology.dlq_topic, count)
+    topology_file = tmp_path / "topology.json"
+    topology_file.write_text(topology.to_json())
+    checkpoint = tmp_path / "checkpoint.json"
+    argv = [sys.executable, str(TESTS / "replay_process.py"), str(topology_file), "r-kill",
+            str(checkpoint), "150"]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+    rng = random.Random(16)
+    kills = 0
+    deadline = time.monotonic() + 180
+    with (tmp_path / "replay.log").open("ab") as log:
+        while True:
+            assert time.monotonic() < deadline, (tmp_path / "replay.log").read_text()[-3000:]
+            proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
+            try:
+                proc.wait(rng.uniform(0.5, 2.0) if kills < 8 else 120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+                kills += 1
+                continue
+            assert proc.returncode == 0, (tmp_path / "replay.log").read_text()[-3000:]
+            break
+    replayed = committed_replays(kafka_bootstrap, topology.tiers[0].topic, "r-kill")
+    duplicates = sum(n - 1 for n in replayed.values())
+    print(f"{delivery}: {count} events replayed with {kills} kills: {duplicates} duplicate(s)")
+    assert kills >= 4, kills
+    assert len(replayed) == count and duplicates == 0, replayed.most_common(5)
+    access = KafkaAccess(kafka_bootstrap)
+    assert sum(s.waiting for s in partition_states(access, topology.dlq_topic)) == 0
+
+
+def committed_replays(bootstrap: str, topic: str, replay_id: str) -> Counter[str]:
+    """Copies of each replayed DLQ event (by its `replay-source`) as read_committed sees them."""
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"count-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+        }
+    )
+    meta = c.list_topics(topic, timeout=10).topics[topic]
+    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+    copies: Counter[str] = Counter()
+    at_end: set[int] = set()
+    deadline = time.monotonic() + 60
+    try:
+        while len(at_end) < len(meta.partitions) and time.monotonic() < deadline:
+            for m in c.consume(500, 0.5):
+                if m.error() is not None:
+                    at_end.add(m.partition())
+                    continue
+                headers = dict(m.headers() or [])
+                if headers.get(h.REPLAY_ID) == replay_id.encode():
+                    copies[(headers.get(h.REPLAY_SOURCE) or b"").decode()] += 1
+    finally:
+        c.close()
+    return copies

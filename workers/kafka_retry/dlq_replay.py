@@ -18,6 +18,13 @@ group advances to `cursor`, so depth drops as the replay goes and counts exactly
 still waiting: a skipped (non-matching) event stops the cursor of its partition, and stays
 counted. A resumed replay first scans the target from those offsets for events carrying its
 replay id, and does not send them again: no event is replayed twice in one replay.
+
+Exactly-once pipelines (`spec.delivery: ExactlyOnce`): everything sent between two checkpoints
+is one Kafka transaction, committed together with the cursor group's offsets, so a replay
+killed at any point leaves either the checkpoint's events and cursor or neither. Its producer's
+transactional id is the replay's, so a resumed replay aborts what the killed one left open
+before it scans the target. A send that fails aborts the transaction (no in-process re-send
+that might duplicate a record the broker had written): the replay stops, resumable.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from confluent_kafka import KafkaException
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from kafka_retry import depth
 from kafka_retry import headers as h
@@ -43,8 +50,10 @@ from kafka_retry.dlq import (
     high_watermarks,
     partition_states,
 )
-from kafka_retry.forwarding import FatalProducerError, Forwarder
+from kafka_retry.forwarding import FatalProducerError, Forwarder, TransactionAborted
+from kafka_retry.kafka_config import exactly_once
 from kafka_retry.model import (
+    EXACTLY_ONCE,
     DLQReplayStatus,
     PartitionOffset,
     ReplayPartition,
@@ -259,6 +268,7 @@ class Replayer:
         self.rate = rate
         self._interval = checkpoint_interval
         self._batch = batch
+        self._cursor_member: Consumer | None = None  # exactly-once: the cursor group's
 
     def snapshot(self) -> Checkpoint:
         """The scope of a new replay: what waits in the DLQ now."""
@@ -287,6 +297,39 @@ class Replayer:
                 f"checkpoint targets {checkpoint.target_topic}, not {self.target.topic}"
             )
         cp = checkpoint.copy()
+        # Before the scan: a transactional one fences and aborts what a killed run left open.
+        forwarder = self._forwarder()
+        try:
+            return self._run(cp, forwarder, on_checkpoint, should_cancel, should_stop)
+        finally:
+            with contextlib.suppress(FatalProducerError):  # reported by the error in flight
+                forwarder.close(5.0)
+            if self._cursor_member is not None:
+                self._cursor_member.close()
+                self._cursor_member = None
+
+    def _forwarder(self) -> Forwarder:
+        config = self._access.producer_config()
+        if self.topology.delivery == EXACTLY_ONCE:
+            # The cursor group's offsets go into each transaction, sent as this (never joined)
+            # member's: the group has no members, only offsets.
+            cursor = self._access.reader_config()
+            cursor["group.id"] = depth.cursor_group(self.topology.dlq_topic)
+            cursor, config = exactly_once(cursor, config, f"kafka-retry.replay.{self.replay_id}")
+            self._cursor_member = Consumer(cursor)
+        try:
+            return Forwarder(config)
+        except (KafkaException, FatalProducerError) as e:
+            raise ReplayError(f"replay {self.replay_id} cannot start: {e}") from None
+
+    def _run(
+        self,
+        cp: Checkpoint,
+        forwarder: Forwarder,
+        on_checkpoint: Callable[[Checkpoint], None],
+        should_cancel: Callable[[], bool],
+        should_stop: Callable[[], bool],
+    ) -> ReplayResult:
         # Always: a checkpoint may be resumed before any progress was recorded in it. For a
         # fresh snapshot the scan range is empty.
         already = self._already_sent(cp)
@@ -294,7 +337,6 @@ class Replayer:
             log.info("replay %s resumes; %d sent before", self.replay_id, len(already.sent))
         self._advance_cursor(cp)  # repairs a crash between a checkpoint and its cursor commit
         ranges = {p.partition: (p.next, p.end) for p in cp.partitions if not p.done}
-        forwarder = Forwarder(self._access.producer_config())
 
         def abort() -> Outcome | None:
             if should_stop():
@@ -325,11 +367,8 @@ class Replayer:
                     p.next = max(p.next, p.end)
                 outcome = Outcome.SUCCEEDED
             self._checkpoint(cp, forwarder, already, on_checkpoint)
-        except (KafkaException, FatalProducerError) as e:
+        except (KafkaException, FatalProducerError, TransactionAborted) as e:
             raise ReplayError(f"replay {self.replay_id} stopped: {e}") from None
-        finally:
-            with contextlib.suppress(FatalProducerError):  # reported by the error in flight
-                forwarder.close(5.0)
         return ReplayResult(outcome, cp)
 
     # ------------------------------------------------------------------ steps
@@ -351,8 +390,17 @@ class Replayer:
         already: _Already,
         on_checkpoint: Callable[[Checkpoint], None],
     ) -> None:
-        """Everything sent acknowledged, then the cursor, then the caller's record of it."""
-        if not forwarder.drain(ACK_TIMEOUT_S):
+        """Everything sent acknowledged, then the cursor, then the caller's record of it.
+        Exactly-once: what was sent and the cursor, committed together in one transaction."""
+        if self._cursor_member is not None:
+            member = self._cursor_member
+            moves = self._cursor_moves(cp)
+            topic = self.topology.dlq_topic
+            forwarder.commit(
+                lambda: [TopicPartition(topic, q, o) for q, o in sorted(moves.items())],
+                member.consumer_group_metadata(),
+            )
+        elif not forwarder.drain(ACK_TIMEOUT_S):
             raise ReplayError(
                 f"Kafka did not acknowledge {forwarder.in_flight} replayed event(s) "
                 f"within {ACK_TIMEOUT_S:.0f}s"
@@ -366,28 +414,33 @@ class Replayer:
         for q, high in highs.items():
             earliest = [o for tq, o in already.sent.values() if tq == q]
             cp.target_scan_from[q] = min([high, *earliest])
-        self._advance_cursor(cp)
+        if self._cursor_member is None:
+            self._advance_cursor(cp)
         on_checkpoint(cp.copy())
 
     def _advance_cursor(self, cp: Checkpoint) -> None:
         """Move the cursor group forward (never back) to each partition's replayed prefix."""
+        moves = self._cursor_moves(cp)
+        if moves:
+            topic = self.topology.dlq_topic
+            try:
+                depth.advance_cursor(self._access.admin(), topic, moves)
+            except KafkaException as e:
+                raise ReplayError(f"cannot advance the cursor of {topic}: {e}") from None
+
+    def _cursor_moves(self, cp: Checkpoint) -> dict[int, int]:
+        """Per DLQ partition, where the cursor moves: its replayed prefix, if ahead."""
         topic = self.topology.dlq_topic
         group = depth.cursor_group(topic)
-        admin = self._access.admin()
         tps = [(topic, p.partition) for p in cp.partitions]
-        now = committed(admin, {group: tps}, self._access.timeout).get(group)
+        now = committed(self._access.admin(), {group: tps}, self._access.timeout).get(group)
         if now is None:
             raise ReplayError(f"cannot read the cursor of {topic}")
-        moves = {
+        return {
             p.partition: p.cursor
             for p in cp.partitions
             if p.cursor > p.start and p.cursor > _or(now.get((topic, p.partition)), -1)
         }
-        if moves:
-            try:
-                depth.advance_cursor(admin, topic, moves)
-            except KafkaException as e:
-                raise ReplayError(f"cannot advance the cursor of {topic}: {e}") from None
 
     def _already_sent(self, cp: Checkpoint) -> _Already:
         """Events of this replay on the target after the checkpoint's scan offsets."""
