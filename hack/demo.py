@@ -11,7 +11,12 @@ and are handled on a retry tier after its delay, some hit the service's bug and 
 DLQ. Then it fixes the bug, replays the DLQ with `kafka-retry dlq replay` (a DLQReplay the
 operator executes) and prints a summary.
 
+With `--service go` (`make demo DEMO_SERVICE=go`) the order service is the Go example
+(examples/go_order_service/, no SDK) and the pipeline has `liveLane: {}`: the operator runs the
+live lane too, and every order reaches the service as a POST.
+
     python hack/demo.py                          # live view; Ctrl-C stops what it started
+    python hack/demo.py --service go             # the Go service behind the managed live lane
     python hack/demo.py --events 60 --delays 1,2 --no-live --namespace t-1 --prefix t-1-
     python hack/demo.py down                     # stop demo processes a killed demo left
 
@@ -52,7 +57,8 @@ sys.path[:0] = [str(HACK), str(EXAMPLES)]
 from order_service.orders import order_events  # noqa: E402 - from examples/
 from order_service.payments import Charge, Payments, PaymentsServer  # noqa: E402
 
-import localenv  # noqa: E402 - from hack/, beside this file
+import go_example  # noqa: E402 - from hack/, beside this file
+import localenv  # noqa: E402
 import node  # noqa: E402
 from kafka_retry.model import RetryPipelineSpec, Topology  # noqa: E402
 
@@ -580,6 +586,8 @@ class Demo:
             spec["tiers"] = [
                 {"name": f"retry-{i + 1}", "delaySeconds": d} for i, d in enumerate(delays)
             ]
+        if self.args.service == "go":
+            spec["liveLane"] = {}  # the operator runs the live lane: the service embeds nothing
         doc["metadata"] = {"name": doc["metadata"]["name"], "namespace": self.namespace}
         name = doc["metadata"]["name"]
         return doc, RetryPipelineSpec.model_validate(spec).topology(self.namespace, name)
@@ -689,10 +697,19 @@ class Demo:
 
         endpoint = f"{self.where.host}:{_free_port(self.where.host)}"
         self.doc["spec"]["handler"]["http"]["url"] = f"http://{endpoint}/orders"
+        service_env = {
+            **env, "PAYMENTS_URL": self.payments.url, "ORDER_SERVICE_FLAGS": str(self.flags_file)
+        }  # fmt: skip
+        go = args.service == "go"
+        if go:  # listening before the pipeline's live lane calls it
+            self._start_go_service(endpoint, service_env)
         tiers = ", ".join(f"{t.name} {t.delay_seconds}s" for t in self.topology.tiers)
+        callers = "the live lane (liveLane: {}) and the tier workers POST every" if go else (
+            "the tier workers POST due"
+        )  # fmt: skip
         self.step(
             f"$ kubectl apply -f examples/demo-pipeline.yaml   # tiers: {tiers}, then DLQ; "
-            f"the workers POST due orders to http://{endpoint}/orders"
+            f"{callers} orders to http://{endpoint}/orders"
         )
         cluster.kubectl("apply", "-f", "-", input=json.dumps(self.doc))
         self.pipeline_applied = True
@@ -701,6 +718,20 @@ class Demo:
             pods = cluster.kubectl("get", "pods", "-n", self.namespace).stdout.rstrip()
             self.step(f"$ kubectl get pods -n {self.namespace}\n" + _indent(pods))
 
+        if not go:
+            self._start_python_service(endpoint, service_env)
+        self.feed = Feed(
+            localenv.kafka_bootstrap(),
+            {t: s for s, t in self._stage_topics().items() if s != "source"},
+            self.partitions,
+            {t.topic: t.delay_seconds * 1000 for t in self.topology.tiers},
+        ).start()
+        if args.no_live:
+            self.step(f"logs: {self.logs}")
+
+    def _start_python_service(self, endpoint: str, env: dict[str, str]) -> None:
+        """examples/order_service: the live-lane SDK on the source topic, and the endpoint the
+        tier workers POST due orders to."""
         port = _free_port()
         source = self.topology.source_topic
         self.step(
@@ -722,17 +753,21 @@ class Demo:
                 "--endpoint",
                 endpoint,
             ],
-            {**env, "PAYMENTS_URL": self.payments.url, "ORDER_SERVICE_FLAGS": str(self.flags_file)},
+            env,
         )
         self._wait(lambda: _http_ok(f"http://127.0.0.1:{port}/readyz"), 60, "the order service")
-        self.feed = Feed(
-            localenv.kafka_bootstrap(),
-            {t: s for s, t in self._stage_topics().items() if s != "source"},
-            self.partitions,
-            {t.topic: t.delay_seconds * 1000 for t in self.topology.tiers},
-        ).start()
-        if args.no_live:
-            self.step(f"logs: {self.logs}")
+
+    def _start_go_service(self, endpoint: str, env: dict[str, str]) -> None:
+        """examples/go_order_service: no SDK, it only answers the POSTs of the operator's live
+        lane and tier workers; it charges through the same payments upstream."""
+        self.step("order service (Go, no SDK): building examples/go_order_service (cached)")
+        try:
+            binary = go_example.binary()
+        except go_example.GoBuildError as e:
+            raise DemoError(str(e)) from None
+        self.step(f"order service: go-order-service -addr {endpoint}")
+        self._start("order-service", [str(binary), "-addr", endpoint], env)
+        self._wait(lambda: _http_ok(f"http://{endpoint}/healthz"), 30, "the Go order service")
 
     def _install_operator(self) -> None:
         """The chart's operator as a pod, from the image built from the Dockerfile (the one
@@ -1171,6 +1206,7 @@ class Demo:
         summary = {
             "demo": "summary",
             "namespace": self.namespace,
+            "service": self.args.service,
             "events": s.produced,
             "handled_first_time": t.first_try,
             "handled_after_retry": t.after_retry,
@@ -1362,7 +1398,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Defaults can also come from DEMO_EVENTS, DEMO_RATE, DEMO_DELAYS, DEMO_NAMESPACE, "
-        "DEMO_PREFIX and DEMO_NO_LIVE=1.",
+        "DEMO_PREFIX, DEMO_SERVICE and DEMO_NO_LIVE=1.",
     )
     parser.add_argument(
         "command", nargs="?", choices=["run", "down"], default="run",
@@ -1397,6 +1433,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--keep", action="store_true",
         help="after the summary, keep everything running until Ctrl-C (to explore)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--service", choices=["python", "go"], default=env("DEMO_SERVICE", "python"),
+        help="the order service: python (examples/order_service, the live-lane SDK) or go "
+        "(examples/go_order_service, no SDK, behind the operator's managed live lane)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=7, help="seed of the generated orders")
     return parser

@@ -15,14 +15,19 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import demo
 import localenv
 import node
+from kafka_retry.event import Event
+from kafka_retry.http_handler import ERROR_VERDICT, request_headers
 from test_readme import lateness_claim
 
 pytestmark = pytest.mark.e2e
@@ -294,6 +299,7 @@ def test_demo_help_and_makefile_targets() -> None:
         "--prefix",
         "--no-live",
         "--keep",
+        "--service",
     ):
         assert flag in help_text
     plan = subprocess.run(
@@ -312,3 +318,76 @@ def test_demo_help_and_makefile_targets() -> None:
         capture_output=True, text=True, check=True, cwd=ROOT,
     ).stdout  # fmt: skip
     assert "hack/demo.py --events 5" in plan
+
+
+def _post_order(url: str, order: dict[str, Any], event: Event) -> tuple[int, str]:
+    """POST `order` as the pipeline's workers would for `event`: (status, verdict header)."""
+    headers = request_headers(event)
+    request = urllib.request.Request(url, data=json.dumps(order).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return int(answer.status), ""
+    except urllib.error.HTTPError as e:
+        return int(e.code), e.headers.get(ERROR_VERDICT, "")
+
+
+def _as_delivered(order: dict[str, Any], attempt: int, replay_id: str | None = None) -> Event:
+    tier = None if attempt == 1 else f"retry-{attempt - 1}"
+    return Event(
+        key=b"customer-1", value=None, headers=(), topic="orders", partition=0, offset=1,
+        timestamp_ms=None, attempt=attempt, tier=tier, pipeline="demo/order-service",
+        consumer_group="order-service", original_topic="orders", original_partition=0,
+        original_offset=1, original_timestamp_ms=None, replay_id=replay_id,
+    )  # fmt: skip
+
+
+def test_demo_go_service_path(unique: str) -> None:
+    """`--service go` (`make demo DEMO_SERVICE=go`), the parts that differ from the Python
+    demo, without a second full demo (the Go service behind the managed live lane on the real
+    broker: test_live_lane.py): the demo's pipeline gets `liveLane: {}`; the demo builds and
+    starts examples/go_order_service, which charges through the demo's payments upstream, so
+    the demo's ledger (its summary) sees where each order was charged: a flaky bank's 500
+    becomes a retriable 503, the coupon bug a non-retriable 500 until the flag fixes it."""
+    namespace = f"demo-go-{unique}"
+    args = demo.parse_args(["--service", "go", "--no-live", "--namespace", namespace])
+    d = demo.Demo(args)
+    assert d.doc["spec"]["liveLane"] == {}
+    assert (
+        demo.Demo(demo.parse_args(["--namespace", namespace])).doc["spec"].get("liveLane") is None
+    )
+
+    payments = demo.PaymentsServer(demo.Payments()).start()  # examples/order_service's
+    d.logs.mkdir(parents=True, exist_ok=True)
+    d.flags_file.write_text(json.dumps({"couponPercentFix": False}))
+    endpoint = f"127.0.0.1:{demo._free_port()}"
+    env = {**os.environ, "PAYMENTS_URL": payments.url, "ORDER_SERVICE_FLAGS": str(d.flags_file)}
+    try:
+        d._start_go_service(endpoint, env)
+        url = f"http://{endpoint}/orders"
+        orders = {o["id"]: o for _, o in demo.order_events(20)}
+        flaky = next(o for o in orders.values() if o["bank"] == "fabrikam")  # fails 2 attempts
+        buggy = next(o for o in orders.values() if o["coupon"] == "SAVE15%")
+        healthy = next(o for o in orders.values() if o["bank"] not in ("northwind", "fabrikam")
+                       and o["coupon"] != "SAVE15%")  # fmt: skip
+
+        assert _post_order(url, healthy, _as_delivered(healthy, 1)) == (200, "")
+        assert _post_order(url, flaky, _as_delivered(flaky, 1)) == (503, "")
+        assert _post_order(url, flaky, _as_delivered(flaky, 2)) == (503, "")
+        assert _post_order(url, flaky, _as_delivered(flaky, 3)) == (200, "")
+        assert _post_order(url, buggy, _as_delivered(buggy, 1)) == (500, "non-retriable")
+        d.flags_file.write_text(json.dumps({"couponPercentFix": True}))
+        assert _post_order(url, buggy, _as_delivered(buggy, 2, "coupon-fix")) == (200, "")
+        assert _post_order(url, healthy, _as_delivered(healthy, 1)) == (200, "")  # again
+    finally:
+        for child in d.children:
+            child.stop(5)
+        demo.stop_recorded(namespace)
+        payments.close()
+    ledger = demo.Tally.of(payments.payments.charges())
+    assert {o: (c.stage, c.attempt, c.replay_id) for o, c in ledger.handled.items()} == {
+        healthy["id"]: ("source", 1, ""),
+        flaky["id"]: ("retry-2", 3, ""),
+        buggy["id"]: ("retry-1", 2, "coupon-fix"),
+    }
+    assert ledger.duplicates == 1, "the repeated delivery is charged once (idempotency key)"
+    assert payments.payments.failures == 2

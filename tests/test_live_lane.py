@@ -7,10 +7,8 @@ HTTP (no SDK anywhere)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -23,6 +21,7 @@ from typing import Any
 
 import pytest
 
+import go_example
 from dataplane_support import produce, produce_ids
 from http_service_support import RecordingService, serving
 from operator_support import (
@@ -207,27 +206,6 @@ def test_managed_live_lane_handles_retries_dead_letters_and_replays(
 
 # --------------------------------------------------------------------------- the Go example
 
-GO_EXAMPLE = ROOT / "examples" / "go_order_service"
-GO = shutil.which("go") or "/usr/local/go/bin/go"
-# Built outside the checkout, cached by the source's hash: a rebuild only when it changed.
-GO_CACHE = Path.home() / ".cache" / "kafka-retry-operator" / "go"
-
-
-def _go_binary() -> Path:
-    digest = hashlib.sha256()
-    for f in sorted(GO_EXAMPLE.iterdir()):
-        digest.update(f.name.encode() + f.read_bytes())
-    binary = GO_CACHE / f"go-order-service-{digest.hexdigest()[:12]}"
-    if not binary.exists():
-        env = {**os.environ, "GOCACHE": str(GO_CACHE / "build"), "GOTOOLCHAIN": "local",
-               "GOFLAGS": "-mod=mod", "CGO_ENABLED": "0"}  # fmt: skip
-        built = subprocess.run(
-            [GO, "build", "-o", str(binary), "."], cwd=GO_EXAMPLE, env=env,
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        assert built.returncode == 0, built.stderr
-    return binary
-
 
 @dataclass
 class GoService:
@@ -246,7 +224,7 @@ class GoService:
 
 @pytest.fixture
 def go_service(tmp_path: Path) -> Iterator[GoService]:
-    binary = _go_binary()
+    binary = go_example.binary()
     port = free_port()
     svc = GoService(
         f"http://127.0.0.1:{port}/orders", "t0ken-" + os.urandom(8).hex(),

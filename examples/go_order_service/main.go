@@ -6,6 +6,8 @@
 //   - 2xx: handled.
 //   - 503: the payments connector of a "flaky" bank failed: retried on the next tier after its
 //     delay (5xx is retriable by default). northwind fails the first attempt, fabrikam two.
+//     With $PAYMENTS_URL (the demo's fake payments upstream, examples/order_service/payments.py)
+//     the order is charged there instead, and its 5xx, 408, 429 or no answer is the 503.
 //   - 500 with `X-Kafka-Retry-Error: non-retriable`: a coupon such as `SAVE15%` hits a pricing
 //     bug that retrying cannot fix, so the service says so and the order goes to the DLQ at
 //     once, to be replayed after the fix (the `couponPercentFix` flag in the JSON file named by
@@ -20,10 +22,12 @@
 package main
 
 import (
+	"bytes"
 	"crypto/subtle"
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"log"
 	"net/http"
 	"os"
@@ -61,10 +65,12 @@ type outcome struct {
 }
 
 type service struct {
-	token string
-	flags string
-	mu    sync.Mutex
-	out   *json.Encoder
+	token    string
+	flags    string
+	payments string // the upstream's base URL; "" charges nowhere (flakyAttempts decides)
+	client   *http.Client
+	mu       sync.Mutex
+	out      *json.Encoder
 }
 
 func (s *service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -110,14 +116,49 @@ func (s *service) handle(r *http.Request, o *outcome) (int, string, string) {
 		return http.StatusBadRequest, "not an order: " + err.Error(), ""
 	}
 	o.Order = ord.ID
-	if _, err := s.price(ord); err != nil {
+	amount, err := s.price(ord)
+	if err != nil {
 		// A 500 is retriable by default, but a bug fails the same way every time.
 		return http.StatusInternalServerError, err.Error(), "non-retriable"
 	}
-	if o.Attempt <= flakyAttempts[ord.Bank] {
-		return http.StatusServiceUnavailable, "payments: " + ord.Bank + " unavailable", ""
+	status, why := s.charge(r, ord, amount, o)
+	return status, why, ""
+}
+
+// charge charges the order: through the payments upstream when there is one, by the order id
+// as idempotency key (the pipeline is at-least-once), with the X-Demo-* headers that feed the
+// demo's ledger; otherwise a flaky bank fails its first attempts.
+func (s *service) charge(r *http.Request, ord order, amount int, o *outcome) (int, string) {
+	if s.payments == "" {
+		if o.Attempt <= flakyAttempts[ord.Bank] {
+			return http.StatusServiceUnavailable, "payments: " + ord.Bank + " unavailable"
+		}
+		return http.StatusOK, ""
 	}
-	return http.StatusOK, "", "" // charged
+	body, _ := json.Marshal(map[string]any{"order": ord.ID, "bank": ord.Bank, "amountCents": amount})
+	req, err := http.NewRequest(http.MethodPost, s.payments+"/charges", bytes.NewReader(body))
+	if err != nil {
+		return http.StatusInternalServerError, "payments URL: " + err.Error()
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Idempotency-Key", ord.ID)
+	req.Header.Set("X-Demo-Stage", o.Tier)
+	req.Header.Set("X-Demo-Attempt", strconv.Itoa(o.Attempt))
+	req.Header.Set("X-Demo-Replay-Id", r.Header.Get("X-Kafka-Retry-Replay-Id"))
+	resp, err := s.client.Do(req)
+	if err != nil {
+		return http.StatusServiceUnavailable, "payments unreachable: " + err.Error()
+	}
+	defer resp.Body.Close()
+	_, _ = io.Copy(io.Discard, resp.Body)
+	switch code := resp.StatusCode; {
+	case code < 300:
+		return http.StatusOK, ""
+	case code >= 500 || code == http.StatusRequestTimeout || code == http.StatusTooManyRequests:
+		return http.StatusServiceUnavailable, "payments answered " + resp.Status
+	default:
+		return http.StatusUnprocessableEntity, "payments refused the charge: " + resp.Status
+	}
 }
 
 // price has the demo's bug: a percent sign in a coupon code breaks it, unless the
@@ -162,9 +203,11 @@ func main() {
 	addr := flag.String("addr", "127.0.0.1:8090", "listen address")
 	flag.Parse()
 	svc := &service{
-		token: os.Getenv("ORDER_SERVICE_TOKEN"),
-		flags: os.Getenv("ORDER_SERVICE_FLAGS"),
-		out:   json.NewEncoder(os.Stdout),
+		token:    os.Getenv("ORDER_SERVICE_TOKEN"),
+		flags:    os.Getenv("ORDER_SERVICE_FLAGS"),
+		payments: strings.TrimSuffix(os.Getenv("PAYMENTS_URL"), "/"),
+		client:   &http.Client{Timeout: 5 * time.Second},
+		out:      json.NewEncoder(os.Stdout),
 	}
 	server := &http.Server{Addr: *addr, Handler: svc, ReadHeaderTimeout: 10 * time.Second}
 	log.SetOutput(os.Stderr)
