@@ -94,6 +94,10 @@ bench-delay: ## benchmark: lateness of tier events against their due time, under
 bench-tier-stream: ## benchmark: a tier under a steady stream vs the same events as a due backlog
 	$(BENCH) bench/tier_stream.py $(BENCH_ARGS)
 
+.PHONY: bench-eos
+bench-eos: ## benchmark: a tier's forward rate and p99 lateness, ExactlyOnce vs AtLeastOnce
+	$(BENCH) bench/exactly_once.py $(BENCH_ARGS)
+
 .PHONY: bench-http
 bench-http: ## benchmark: the managed live lane (http, maxInFlight 1/8/32) vs the SDK, 20 ms a call
 	$(BENCH) bench/http_lane.py $(BENCH_ARGS)

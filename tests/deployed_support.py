@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kafka_retry.model import RetryPipelineSpec, Topology
+from kafka_retry.model import LIVE_LANE, RetryPipelineSpec, Topology
 from kafka_retry_operator import children, topics
 
 TESTS = Path(__file__).resolve().parent
@@ -89,15 +89,15 @@ def deploy_pipeline(
 
 
 def deployed_command(d: Deployed, tier: str) -> tuple[list[str], list[dict[str, Any]]]:
-    """The container's argv (command mapped to this venv's console script) and env list."""
-    deployment = children.tier_deployment(
-        NAMESPACE,
-        d.name,
-        d.spec,
-        d.topology.tier(tier),
-        d.topology,
-        children.WorkerDefaults("test", {}),
-    )
+    """The container's argv (command mapped to this venv's console script) and env list;
+    `tier` `live-lane`: the managed live lane's."""
+    defaults = children.WorkerDefaults("test", {})
+    if tier == LIVE_LANE:
+        deployment = children.live_lane_deployment(NAMESPACE, d.name, d.spec, d.topology, defaults)
+    else:
+        deployment = children.tier_deployment(
+            NAMESPACE, d.name, d.spec, d.topology.tier(tier), d.topology, defaults
+        )
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     command = list(container["command"])
     script = Path(sys.executable).parent / command[0]

@@ -27,6 +27,7 @@ from dlq_support import fill_dlq
 from kafka_retry import headers as h
 from kafka_retry.dlq import KafkaAccess, partition_states
 from kafka_retry.kafka_config import TRANSACTION_TIMEOUT_MS
+from kafka_retry.model import LIVE_LANE
 
 
 def committed_copies(bootstrap: str, topic: str, ids: set[str], timeout: float) -> Counter[str]:
@@ -93,17 +94,20 @@ def stream_while_killing(
 
 
 @pytest.mark.parametrize("delivery", ["ExactlyOnce", "AtLeastOnce"])
+@pytest.mark.parametrize("stage", ["retry-1", LIVE_LANE])
 def test_kill_9_forwards_each_failed_event_once_only_with_exactly_once(
+    stage: str,
     delivery: str,
     kafka_bootstrap: str,
     kafka_admin: Any,
     make_topic: Callable[..., str],
     tmp_path: Path,
 ) -> None:
-    """Two workers of the first tier on four partitions; every event fails retriably, so each
-    is forwarded to the second tier. One worker is killed with SIGKILL every 5 s for 40 s.
-    ExactlyOnce: every event is on the second tier exactly once. AtLeastOnce: none is lost,
-    and the kills leave duplicates (what exactly-once removes)."""
+    """Two workers of a stage (the first tier, or the managed live lane: the SDK's loop) on
+    four partitions; every event fails retriably, so each is forwarded to the next tier. One
+    worker is killed with SIGKILL every 5 s for 40 s. ExactlyOnce: every event is on the next
+    tier exactly once. AtLeastOnce: none is lost, and the kills leave duplicates (what
+    exactly-once removes)."""
     d = deploy_pipeline(
         kafka_bootstrap,
         kafka_admin,
@@ -113,16 +117,15 @@ def test_kill_9_forwards_each_failed_event_once_only_with_exactly_once(
         callable_path="dataplane_handlers:fail_retriably",
         delivery=delivery,
     )
-    first, second = (t.topic for t in d.topology.tiers)
+    topics = [d.topology.source_topic, *(t.topic for t in d.topology.tiers)]
+    read, forwarded_to = topics[1:3] if stage == "retry-1" else topics[0:2]
     env = {"DP_RECORD_FILE": str(tmp_path / "handled.jsonl")}
-    pods = [
-        WorkerPod(d, "retry-1", f"{d.name}-retry-1-{i}", tmp_path, env).start() for i in range(2)
-    ]
+    pods = [WorkerPod(d, stage, f"{d.name}-{stage}-{i}", tmp_path, env).start() for i in range(2)]
     try:
         wait_for(lambda: all(p.ready() for p in pods), 60, "both workers ready")
-        ids, kills = stream_while_killing(kafka_bootstrap, first, pods, 40.0, 20)
+        ids, kills = stream_while_killing(kafka_bootstrap, read, pods, 40.0, 20)
         assert kills >= 6, kills
-        copies = committed_copies(kafka_bootstrap, second, set(ids), 150)
+        copies = committed_copies(kafka_bootstrap, forwarded_to, set(ids), 150)
         for p in pods:
             assert p.running(), p.log.read_text()[-3000:]
     finally:
@@ -132,7 +135,7 @@ def test_kill_9_forwards_each_failed_event_once_only_with_exactly_once(
     duplicates = sum(n - 1 for n in copies.values())
     handled = len(records(tmp_path / "handled.jsonl"))
     print(
-        f"{delivery}: {len(ids)} events, {kills} kills, {handled} handler calls: "
+        f"{stage} {delivery}: {len(ids)} events, {kills} kills, {handled} handler calls: "
         f"{duplicates} duplicate forward(s), lost {len(lost)}"
     )
     assert not lost, sorted(lost)[:5]
