@@ -39,7 +39,8 @@ KUBE_VERSION = "v1.34.4"
 HELM_VERSION = "v3.19.5"
 # Prometheus's Go module versions are v0.<major*100+minor>.<patch>: v0.316.0 is 3.16.0.
 PROMTOOL_VERSION = "v0.316.0"
-# KEDA's CRDs (its Go module's config/crd/bases), to validate the ScaledObjects we generate.
+# KEDA (its Go module): its CRDs validate the ScaledObjects we generate, and its operator, built
+# from source, scales a tier on its lag in a test.
 KEDA_VERSION = "v2.18.1"
 
 HACK = Path(__file__).resolve().parent
@@ -66,6 +67,7 @@ KUBE_BIN = CACHE / f"kube-{KUBE_VERSION}-{BUILD_REVISION}" / "bin"
 HELM_BIN = CACHE / f"helm-{HELM_VERSION}" / "bin" / "helm"
 PROMTOOL_BIN = CACHE / f"promtool-{PROMTOOL_VERSION}" / "bin" / "promtool"
 KEDA_CRDS = CACHE / f"keda-crds-{KEDA_VERSION}"
+KEDA_OPERATOR_BIN = CACHE / f"keda-operator-{KEDA_VERSION}" / "bin" / "keda-operator"
 
 KAFKA_POM = f"""<project xmlns="http://maven.apache.org/POM/4.0.0"><modelVersion>4.0.0</modelVersion>
 <groupId>local</groupId><artifactId>kafka-broker</artifactId><version>1</version>
@@ -250,6 +252,7 @@ def ensure_all() -> None:
         ensure_helm()
         ensure_promtool()
         ensure_keda_crds()
+        _ensure_go_build(KEDA_OPERATOR_BIN, "build-keda.sh", KEDA_VERSION)
 
 
 # --------------------------------------------------------------------------- processes
@@ -800,6 +803,7 @@ def env_vars() -> dict[str, str]:
         "KRO_HELM": str(HELM_BIN),
         "KRO_PROMTOOL": str(PROMTOOL_BIN),
         "KRO_KEDA_CRDS": str(KEDA_CRDS),
+        "KRO_KEDA_OPERATOR": str(KEDA_OPERATOR_BIN),
         "KRO_UNPRIVILEGED_KUBECONFIG": str(RUN / "kubeconfig-nobody"),
         "KRO_RUN": str(RUN),
     }
