@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
@@ -164,19 +165,26 @@ def _produce_big(bootstrap: str, topic: str, event_id: str, size: int) -> bytes:
     return value
 
 
+@pytest.mark.parametrize("delivery", ["AtLeastOnce", "ExactlyOnce"])
 def test_a_forward_of_an_event_at_the_source_size_limit_fits_or_reaches_the_dlq(
-    kafka_bootstrap: str, kafka_admin: Any, make_topic: Callable[..., str], tmp_path: Path
+    delivery: str,
+    kafka_bootstrap: str,
+    kafka_admin: Any,
+    make_topic: Callable[..., str],
+    tmp_path: Path,
 ) -> None:
     """An event as large as the source topic accepts, plus our headers, fits the next tier
     (the operator sizes tier and DLQ topics for it, our producers do not refuse it). Where an
     admin made a tier smaller, the event reaches the DLQ whole with `dlq-reason: too-large`,
-    and the worker goes on."""
+    and the worker goes on. ExactlyOnce: the refused forward aborts its transaction; the
+    event, read again, goes to the DLQ once."""
     d = deploy_pipeline(
         kafka_bootstrap,
         kafka_admin,
         make_topic,
         tiers=(("retry-1", 1), ("retry-2", 1)),
         callable_path="dataplane_handlers:fail_retriably",
+        delivery=delivery,
     )
     tier1, tier2 = (t.topic for t in d.topology.tiers)
     size = _topic_limit(kafka_admin, d.topology.source_topic) - 1000  # fits the source

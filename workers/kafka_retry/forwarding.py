@@ -20,7 +20,8 @@ are sent inside a transaction that `send` begins and `commit` ends together with
 offsets. A record the broker fails makes the transaction abortable: it is not sent again
 (`abortable` says why); the owner calls `abort` and re-reads from its committed offsets. A
 record refused before it was sent (too large for the client) is refused to the owner as
-above and changes nothing in the transaction.
+above and changes nothing in the transaction. One the broker refused as too large is kept in
+`refused_in_transaction` for the owner, to send elsewhere when its input is read again.
 """
 
 from __future__ import annotations
@@ -175,6 +176,8 @@ class Forwarder:
         self.transactional = "transactional.id" in config
         self.in_transaction = False
         self.abortable: KafkaError | None = None
+        # (token, topic, headers, error) of records refused as too large in the transaction.
+        self.refused_in_transaction: list[tuple[Any, str, HeaderList, KafkaError]] = []
         self._epoch = 0
         if self.transactional:
             self._txn_call(self._producer.init_transactions, TXN_TIMEOUT_S)
@@ -340,6 +343,10 @@ class Forwarder:
             return
         if sent and self.transactional:
             self._in_flight -= 1
+            if err.code() in _TOO_LARGE:
+                self.refused_in_transaction.append(
+                    (record.token, record.topic, record.headers, err)
+                )
             if self.abortable is None:
                 log.warning("forward to %s failed in a transaction: aborting it: %s",
                             record.topic, err)  # fmt: skip

@@ -32,9 +32,10 @@ class Ticket:
 
 
 class _Partition:
-    __slots__ = ("advanced", "forgotten", "frontier", "pending")
+    __slots__ = ("advanced", "forgotten", "frontier", "pending", "tp")
 
-    def __init__(self) -> None:
+    def __init__(self, tp: TopicPartitionKey) -> None:
+        self.tp = tp
         self.pending: deque[Ticket] = deque()
         self.frontier: int | None = None  # next offset to consume, i.e. the one to commit
         self.advanced = False
@@ -50,7 +51,7 @@ class OffsetTracker:
     def begin(self, tp: TopicPartitionKey, offset: int) -> Ticket:
         state = self._partitions.get(tp)
         if state is None:
-            state = self._partitions[tp] = _Partition()
+            state = self._partitions[tp] = _Partition(tp)
         ticket = Ticket(state, offset)
         state.pending.append(ticket)
         return ticket

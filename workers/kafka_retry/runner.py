@@ -77,6 +77,7 @@ ACK_WAIT_S = 0.005  # longest consume() wait while forwards are unacknowledged
 # next stage's read_committed reader until then; each commit costs a few round trips.
 DEFAULT_TRANSACTION_INTERVAL_S = 0.1
 MAX_ABORT_BACKOFF_S = 10.0
+STUCK_ABORTS = 3  # transactions aborted in a row: stuck, as a refused forward is
 MALFORMED_CLASS = "kafka_retry.MalformedHeaders"
 POISON_CLASS = "kafka_retry.Poison"
 _NO_STATE = h.RetryState()  # never written to: the live lane's "no prior failure"
@@ -155,6 +156,9 @@ class StageRunner:
         self._txn_interval_s = transaction_interval_s
         self._txn_last = 0.0  # monotonic() of the last transaction commit (or abort)
         self._aborts = 0  # in a row: the next retry waits longer
+        # Exactly-once: forwards the broker refused as too large in an aborted transaction,
+        # by (input partition, offset, topic): where they go when the input is read again.
+        self._detours: dict[tuple[TopicPartitionKey, int, str], tuple[str, h.HeaderList, str]] = {}
         self._classifier = classifier or Classifier(topology.classification)
         self._router = Router(topology, stage)
         self._batch = batch_size
@@ -227,6 +231,7 @@ class StageRunner:
             and self.alive()
             and not self._stopping.is_set()
             and not (self._forwarder is not None and self._forwarder.stuck)
+            and self._aborts < STUCK_ABORTS
         )
 
     def handler_started(self) -> float:
@@ -588,6 +593,12 @@ class StageRunner:
     ) -> None:
         """Send; `n_original` headers come first, ours after them (`_on_forward_refused`)."""
         assert self._forwarder is not None
+        if self._detours:
+            detour = self._detours.pop((ticket.partition.tp, ticket.offset, route.topic), None)
+            if detour is not None:  # refused there in an aborted transaction
+                topic, headers, outcome = detour
+                self._forwarder.send(topic, key, value, headers, (ticket, outcome, n_original))
+                return
         token = (ticket, route.outcome, n_original)
         self._forwarder.send(route.topic, key, value, headers, token)
 
@@ -710,17 +721,36 @@ class StageRunner:
 
         try:
             self._forwarder.commit(finished, consumer.consumer_group_metadata())
+            if self._aborts >= STUCK_ABORTS:
+                self._metrics.stuck.set(0)
+                log.info("a transaction committed: no longer stuck")
             self._aborts = 0
         except TransactionAborted as e:
+            self._take_detours()
             if mid_batch:
                 raise FatalProducerError(f"transaction aborted mid-batch: {e}") from e
             self._aborts += 1
+            if self._aborts == STUCK_ABORTS:
+                self._metrics.stuck.set(1)
+                log.error("%d transactions aborted in a row: stuck", self._aborts)
             log.warning("transaction aborted (%s): re-reading from the committed offsets", e)
             self._parts.rewind(consumer)
             # A forward its topic refuses would abort every retry: do not spin on it.
             self._stopping.wait(min(MAX_ABORT_BACKOFF_S, 0.1 * 2 ** min(self._aborts, 8)))
         finally:
             self._txn_last = time.monotonic()
+
+    def _take_detours(self) -> None:
+        """Forwards refused as too large in the aborted transaction: where each goes instead
+        (`_on_forward_refused`, as without transactions) once its input is handled again."""
+        assert self._forwarder is not None
+        refused, self._forwarder.refused_in_transaction = self._forwarder.refused_in_transaction, []
+        for token, topic, headers, err in refused:
+            where = self._on_forward_refused(token, topic, headers, err)
+            if isinstance(where, Redirect):
+                ticket = token[0]
+                key = (ticket.partition.tp, ticket.offset, topic)
+                self._detours[key] = (where.topic, where.headers, where.token[1])
 
     def _commit(self, consumer: Any, tps: list[TopicPartitionKey]) -> None:
         offsets = [TopicPartition(t, p, o) for t, p, o in self._tracker.frontiers(tps)]
