@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +207,21 @@ def pipeline(
     spec["workers"] = {"replicas": 1}
     spec.update(spec_overrides)
     return doc
+
+
+def shown(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str, values: Iterable[str]
+) -> list[str]:
+    """Which of `values` (secrets) show in the operator's log, the pipelines, the Events or the
+    Deployments of `namespace`: none should."""
+    texts = [
+        operator.log(),
+        *(
+            kubectl("get", kind, "-n", namespace, "-o", "yaml").stdout
+            for kind in ("retrypipelines", "events", "deployments")
+        ),
+    ]
+    return [value for value in values if any(value in text for text in texts)]
 
 
 def apply(kubectl: Kubectl, namespace: str, doc: dict[str, Any]) -> None:

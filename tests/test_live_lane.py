@@ -24,6 +24,7 @@ import pytest
 import go_example
 from dataplane_support import produce, produce_ids
 from http_service_support import RecordingService, serving
+from kafka_retry.http_handler import KEY
 from operator_support import (
     ROOT,
     Kubectl,
@@ -36,6 +37,7 @@ from operator_support import (
     operator,
     pipeline,
     podrunner,
+    shown,
     wait_condition,
     wait_for,
 )
@@ -341,3 +343,95 @@ def test_a_go_service_behind_the_managed_live_lane(
     } == {("retry-1", 200)}
     # Lost 0, each order charged once.
     assert sorted(a["order"] for a in answers if a["status"] == 200) == sorted(ids)
+
+
+# --------------------------------------------------------------------------- a rotated token
+
+
+@dataclass
+class TokenService(RecordingService):
+    """Answers 200 to callers presenting one of `tokens`, 401 to others; records the token
+    each call presented (a service mid-rotation accepts the old and the new)."""
+
+    tokens: tuple[str, ...] = ()
+    presented: list[tuple[str, str]] = field(default_factory=list)  # (key, token)
+
+    def status(self, key: str, attempt: int) -> int:
+        return 200
+
+    def answer(self, headers: Any) -> int:
+        token = (headers.get("Authorization") or "").removeprefix("Bearer ")
+        with self.lock:
+            self.presented.append((headers.get(KEY, ""), token))
+        return super().answer(headers) if token in self.tokens else 401
+
+
+def test_a_rotated_http_secret_rolls_the_workers(
+    operator: OperatorProcess,
+    podrunner: Any,
+    kubectl: Kubectl,
+    namespace: str,
+    kafka_bootstrap: str,
+    make_topic: Any,
+    unique: str,
+    cleanup_topics: list[str],
+) -> None:
+    """`handler.http.secretRef`'s Secret changes: the operator notices it (its metadata, with
+    only `get`), writes the new version into the live lane's and the tiers' pod templates, so
+    they roll and call with the new token. It never shows the token anywhere."""
+    old, new = f"old-{os.urandom(6).hex()}", f"new-{os.urandom(6).hex()}"
+    source = make_topic("orders")
+    group = f"tok-{unique}"
+    cleanup_topics.extend(f"{group}.{source}.{t}" for t in ("retry-1", "retry-2", "dlq"))
+    secret = {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "svc-token"},
+        "stringData": {"token": old},
+    }  # fmt: skip
+    apply(kubectl, namespace, secret)
+    with serving(TokenService(tokens=(old, new))) as svc:
+        doc = pipeline(
+            "orders", kafka_bootstrap, source, group, liveLane={},
+            handler={"http": {"url": svc.url, "timeoutSeconds": 5,
+                              "secretRef": {"name": "svc-token", "key": "token"}}},
+        )  # fmt: skip
+        apply(kubectl, namespace, doc)
+        wait_condition(kubectl, namespace, "orders", timeout=120)
+        produce_ids(kafka_bootstrap, source, ["before"])
+        wait_for(lambda: "before" in svc.handled(), 60, "the first event handled")
+        assert ("before", old) in svc.presented
+
+        apply(kubectl, namespace, {**secret, "stringData": {"token": new}})
+        version = (get(kubectl, namespace, "secret", "svc-token") or {})["metadata"][
+            "resourceVersion"
+        ]
+
+        def rolled() -> bool:
+            deployments = _deployments(kubectl, namespace)
+            stamped = all(
+                d["spec"]["template"]["metadata"]["annotations"].get(
+                    "kafkaretry.io/http-secret-version"
+                )
+                == version
+                for d in deployments.values()
+            )
+            pods = [p for p in podrunner.pods(namespace, "orders-live-lane") if p.pids]
+            return stamped and len(pods) == 1 and _has_env(pods[0].pids[0], new)
+
+        wait_for(rolled, 90, "the workers rolled with the new token", every=1)
+        wait_condition(kubectl, namespace, "orders", timeout=60)
+        produce_ids(kafka_bootstrap, source, ["after"])
+        wait_for(lambda: "after" in svc.handled(), 60, "an event after the rotation handled")
+    assert [t for k, t in svc.presented if k == "after"] == [new]
+    rp = get(kubectl, namespace, "retrypipeline", "orders") or {}
+    assert rp["metadata"]["annotations"]["operator.kafkaretry.io/http-secret-version"] == version
+    events = kubectl("get", "events", "-n", namespace, "-o", "json").stdout
+    assert "HttpSecretRotated" in events
+    assert shown(operator, kubectl, namespace, [old, new]) == []
+
+
+def _has_env(pid: int, token: str) -> bool:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return f"KAFKA_RETRY_HTTP_TOKEN={token}".encode() in environ

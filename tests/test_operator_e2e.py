@@ -29,6 +29,7 @@ from operator_support import (
     operator,
     pipeline,
     podrunner,
+    shown,
     topic_partitions,
     wait_condition,
     wait_for,
@@ -497,11 +498,4 @@ def test_kafka_secret_is_used_rotated_and_never_shown(
     events = kubectl("get", "events", "-n", namespace, "-o", "json").stdout
     assert "KafkaSecretRotated" in events
 
-    shown = [
-        operator.log(),
-        kubectl("get", "rp", "orders", "-n", namespace, "-o", "yaml").stdout,
-        kubectl("get", "events", "-n", namespace, "-o", "yaml").stdout,
-        kubectl("get", "deployments", "-n", namespace, "-o", "yaml").stdout,
-    ]
-    for value in (secret_value, rotated_value):
-        assert not any(value in text for text in shown)
+    assert shown(operator, kubectl, namespace, [secret_value, rotated_value]) == []

@@ -15,7 +15,7 @@ import yaml
 from kubernetes.client.exceptions import ApiException
 
 from kafka_retry import depth
-from kafka_retry.kafka_secret import KafkaSecret, SecretNotFound
+from kafka_retry.kafka_secret import SecretNotFound
 from kafka_retry.model import RetryPipelineSpec, Topology
 from kafka_retry_operator import announcements, children, offset_keeper, secret_rotation, topics
 from kafka_retry_operator import conditions as c
@@ -702,15 +702,15 @@ def test_secret_checks_read_each_pipeline_once_per_interval() -> None:
 
 
 class _SecretReads:
-    """`Kube.kafka_secret` answering a fixed outcome: a version, or an exception."""
+    """`Kube.secret_version` answering a fixed outcome: a version, or an exception."""
 
     def __init__(self, outcome: str | Exception) -> None:
         self.outcome = outcome
 
-    def kafka_secret(self, namespace: str, name: str) -> KafkaSecret:
+    def secret_version(self, namespace: str, name: str) -> str:
         if isinstance(self.outcome, Exception):
             raise self.outcome
-        return KafkaSecret({"sasl.password": "never shown"}, self.outcome)
+        return self.outcome
 
 
 @pytest.mark.parametrize(

@@ -66,8 +66,18 @@ MANAGER = "kafka-retry-operator"
 KEDA_GROUP, KEDA_VERSION, SCALED_OBJECTS = "keda.sh", "v1alpha1", "scaledobjects"
 TRIGGER_AUTHENTICATIONS = "triggerauthentications"
 TOPOLOGY_HASH_ANNOTATION = "kafkaretry.io/topology-hash"
-# On a pod template: the version of the Kafka Secret its pods were started with.
+# On a pod template: the versions of the Secrets its pods were started with (Kafka settings,
+# the http handler's shared secret): a new version rolls them.
 SECRET_VERSION_ANNOTATION = "kafkaretry.io/kafka-secret-version"
+HTTP_SECRET_VERSION_ANNOTATION = "kafkaretry.io/http-secret-version"
+
+
+def secret_annotations(
+    kafka: tuple[str, str] | None, http: tuple[str, str] | None
+) -> dict[str, str]:
+    """The pod-template annotations for the (name, version) of each Secret read."""
+    named = {SECRET_VERSION_ANNOTATION: kafka, HTTP_SECRET_VERSION_ANNOTATION: http}
+    return {annotation: s[1] for annotation, s in named.items() if s is not None and s[1]}
 
 
 def deployment_name(pipeline: str, tier: str) -> str:
@@ -176,17 +186,17 @@ def tier_deployment(
     tier: ResolvedTier,
     topology: Topology,
     defaults: WorkerDefaults,
-    secret_version: str | None = None,
+    secrets: Mapping[str, str] | None = None,
     autoscaled: bool = False,
 ) -> dict[str, Any]:
-    """The Deployment of one tier's workers. The Kafka Secret's version is written into the
-    pod template, so that a rotated Secret rolls the pods (its values reach them only as
-    environment variables, read at start)."""
+    """The Deployment of one tier's workers. The Secrets' versions (`secret_annotations`) are
+    written into the pod template, so that a rotated Secret rolls the pods (its values reach
+    them only as environment variables, read at start)."""
     return _worker_deployment(
         namespace, pipeline, spec, deployment_name(pipeline, tier.name),
         {LABEL_COMPONENT: TIER_WORKER, LABEL_TIER: tier.name},
         selector_labels(pipeline, tier.name), ["--tier", tier.name],
-        topology_hash(topology), defaults, secret_version, desired_replicas(spec, autoscaled),
+        topology_hash(topology), defaults, secrets, desired_replicas(spec, autoscaled),
     )  # fmt: skip
 
 
@@ -196,7 +206,7 @@ def live_lane_deployment(
     spec: RetryPipelineSpec,
     topology: Topology,
     defaults: WorkerDefaults,
-    secret_version: str | None = None,
+    secrets: Mapping[str, str] | None = None,
     autoscaled: bool = False,
 ) -> dict[str, Any]:
     """The managed live lane (`spec.liveLane`): `kafka-retry worker --live`, a tier worker's
@@ -206,7 +216,7 @@ def live_lane_deployment(
         namespace, pipeline, spec, deployment_name(pipeline, LIVE_LANE),
         {LABEL_COMPONENT: LIVE_LANE, LABEL_TIER: LIVE_LANE},
         selector_labels(pipeline, LIVE_LANE), ["--live"],
-        topology_hash(topology), defaults, secret_version, desired_replicas(spec, autoscaled),
+        topology_hash(topology), defaults, secrets, desired_replicas(spec, autoscaled),
     )  # fmt: skip
 
 
@@ -216,7 +226,7 @@ def drain_deployment(
     spec: RetryPipelineSpec,
     drain: DrainingStage,
     defaults: WorkerDefaults,
-    secret_version: str | None = None,
+    secrets: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The Deployment that empties a topic a spec change left behind (see draining.py). Its
     pods roll only when their own drain changes (its target), not with the topology."""
@@ -226,7 +236,7 @@ def drain_deployment(
     return _worker_deployment(
         namespace, pipeline, spec, deployment_name(pipeline, suffix),
         {LABEL_COMPONENT: "drain-worker", LABEL_DRAIN: suffix}, selector,
-        ["--drain", drain.topic], digest, defaults, secret_version,
+        ["--drain", drain.topic], digest, defaults, secrets,
         desired_replicas(spec, autoscaled=False),
     )  # fmt: skip
 
@@ -241,7 +251,7 @@ def _worker_deployment(
     args: list[str],
     template_hash: str,
     defaults: WorkerDefaults,
-    secret_version: str | None,
+    secrets: Mapping[str, str] | None,
     replicas: int | None,
 ) -> dict[str, Any]:
     labels = {**pipeline_labels(pipeline), **role_labels}
@@ -306,7 +316,7 @@ def _worker_deployment(
                     # A new topology (delay, handler, classification...) rolls the pods.
                     "annotations": {
                         TOPOLOGY_HASH_ANNOTATION: template_hash,
-                        **({SECRET_VERSION_ANNOTATION: secret_version} if secret_version else {}),
+                        **(secrets or {}),
                     },
                 },
                 "spec": {
@@ -469,30 +479,26 @@ def desired_children(
     spec: RetryPipelineSpec,
     topology: Topology,
     defaults: WorkerDefaults,
-    secret_version: str | None = None,
+    secrets: Mapping[str, str] | None = None,
     autoscaled: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The ConfigMap and the Deployments: the tiers' in tier order, the live lane's, then the
     drains'."""
     live = (
-        [
-            live_lane_deployment(
-                namespace, pipeline, spec, topology, defaults, secret_version, autoscaled
-            )
-        ]
+        [live_lane_deployment(namespace, pipeline, spec, topology, defaults, secrets, autoscaled)]
         if spec.live_lane is not None
         else []
     )
     deployments = (
         [
             tier_deployment(
-                namespace, pipeline, spec, tier, topology, defaults, secret_version, autoscaled
+                namespace, pipeline, spec, tier, topology, defaults, secrets, autoscaled
             )
             for tier in topology.tiers
         ]
         + live
         + [
-            drain_deployment(namespace, pipeline, spec, drain, defaults, secret_version)
+            drain_deployment(namespace, pipeline, spec, drain, defaults, secrets)
             for drain in topology.draining
         ]
     )

@@ -36,6 +36,9 @@ class PipelineRecord:
     topics: Verdict  # the TopicsReady verdict of the last reconcile
     # (name, resourceVersion) of spec.kafka.secretRef's Secret as last read; None: none read.
     secret: tuple[str, str] | None = None
+    # The same of handler.http.secretRef's Secret (its metadata only: the operator never reads
+    # the shared secret).
+    http_secret: tuple[str, str] | None = None
     autoscaling: Verdict | None = None  # with spec.workers.autoscaling: KEDA or why not
     live_lane: bool = False  # spec.liveLane: the operator runs the live lane's Deployment
     # tier (or LIVE_LANE) -> the generation of its Deployment as this reconcile applied it:

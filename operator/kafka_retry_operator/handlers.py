@@ -7,8 +7,8 @@
 - finalize (delete): topics per `deletionPolicy`; children go by owner references.
 - refresh_status (timer): status from memory (the sampler's batched measurements and the
   Deployment index), written only when it changed; Events on transitions; the idle
-  groups' committed offsets kept from expiring (`offset_keeper`); a rotated Kafka Secret
-  noticed (`secret_rotation`) and handed to reconcile.
+  groups' committed offsets kept from expiring (`offset_keeper`); a rotated Kafka or http
+  handler Secret noticed (`secret_rotation`) and handed to reconcile.
 - tier_workers (index): the tier Deployments' replica counts, so no handler lists them.
 - pipeline_deployments, pipeline_budgets (indexes): every worker Deployment and
   PodDisruptionBudget of each pipeline, so that a reconcile finds the ones to remove without
@@ -55,7 +55,7 @@ from kafka_retry_operator import replay as replay  # registers the DLQReplay han
 from kafka_retry_operator import status as st
 from kafka_retry_operator.config import ENV_METRICS_PORT, OperatorConfig
 from kafka_retry_operator.fleet import PipelineKey, PipelineRecord
-from kafka_retry_operator.kube import SECRET_VERSION_SEEN, api_client
+from kafka_retry_operator.kube import HTTP_SECRET_VERSION_SEEN, SECRET_VERSION_SEEN, api_client
 from kafka_retry_operator.runtime import Runtime, runtime_of
 from kafka_retry_operator.topics import Retry
 
@@ -355,19 +355,27 @@ async def refresh_status(
         retention = health.offsets_retention_s or offset_keeper.FALLBACK_RETENTION_S
         if offset_keeper.due(status, retention):
             await asyncio.to_thread(_keep_offsets, rt, record)
-    if record.secret and rt.secret_checks.due(key, time.monotonic()):
-        rotated = await asyncio.to_thread(
-            secret_rotation.rotated_version, rt.kube, namespace or "", *record.secret
+    secrets = [
+        (secret, seen, reason)
+        for secret, seen, reason in (
+            (record.secret, SECRET_VERSION_SEEN, "KafkaSecretRotated"),
+            (record.http_secret, HTTP_SECRET_VERSION_SEEN, "HttpSecretRotated"),
         )
-        marked = body.metadata.annotations.get(SECRET_VERSION_SEEN)
-        if rotated is not None and rotated != marked:
-            patch.metadata.annotations[SECRET_VERSION_SEEN] = rotated
-            kopf.event(
-                body,
-                type="Normal",
-                reason="KafkaSecretRotated",
-                message=f"Secret {record.secret[0]} changed: reconciling, tier workers roll",
+        if secret is not None
+    ]
+    if secrets and rt.secret_checks.due(key, time.monotonic()):
+        for secret, seen, reason in secrets:
+            rotated = await asyncio.to_thread(
+                secret_rotation.rotated_version, rt.kube, namespace or "", *secret
             )
+            if rotated is not None and rotated != body.metadata.annotations.get(seen):
+                patch.metadata.annotations[seen] = rotated
+                kopf.event(
+                    body,
+                    type="Normal",
+                    reason=reason,
+                    message=f"Secret {secret[0]} changed: reconciling, its workers roll",
+                )
 
 
 def _keep_offsets(rt: Runtime, record: PipelineRecord) -> None:

@@ -7,6 +7,7 @@ written at all, so reconciling again (or after a restart) never duplicates or ch
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -31,9 +32,12 @@ MERGE = "application/merge-patch+json"
 # Not under `kafkaretry.io/`: kopf leaves its own storage prefix out of what it diffs.
 RECONCILE_REQUESTED = f"operator.{GROUP}/reconcile-requested"
 KEDA_CHECK_S = 10.0  # how long a look at whether KEDA is installed stays true
-# On a RetryPipeline: a new version of its Kafka Secret, seen by the status timer; setting it
-# is what makes the pipeline reconcile (see secret_rotation).
+# On a RetryPipeline: a new version of its Kafka Secret (or of its http handler's), seen by the
+# status timer; setting it is what makes the pipeline reconcile (see secret_rotation).
 SECRET_VERSION_SEEN = f"operator.{GROUP}/kafka-secret-version"
+HTTP_SECRET_VERSION_SEEN = f"operator.{GROUP}/http-secret-version"
+# A Secret's metadata without its data (the API server's PartialObjectMetadata).
+_METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 
 
 def api_client(pool_size: int = 16) -> client.ApiClient:
@@ -64,6 +68,20 @@ class Kube:
     def kafka_secret(self, namespace: str, name: str) -> kafka_secret.KafkaSecret:
         """Settings and version of a pipeline's Secret, in one read. Never log the settings."""
         return kafka_secret.read_kafka_secret(self.core.api_client, namespace, name)
+
+    def secret_version(self, namespace: str, name: str) -> str:
+        """A Secret's resourceVersion, read as metadata only: its values never reach the
+        operator (`get`, like `kafka_secret`). Raises `SecretNotFound`."""
+        try:
+            answer: Any = self.core.read_namespaced_secret(  # the raw answer, not a V1Secret
+                name, namespace, _headers={"Accept": _METADATA_ONLY}, _preload_content=False
+            )
+        except ApiException as e:
+            if e.status == 404:
+                raise kafka_secret.SecretNotFound(f"Secret {namespace}/{name} not found") from None
+            raise
+        meta = json.loads(answer.data)
+        return str((meta.get("metadata") or {}).get("resourceVersion") or "")
 
     def apply_configmap(self, body: dict[str, Any]) -> None:
         _apply(self.core.patch_namespaced_config_map, body)

@@ -84,6 +84,21 @@ def connect(rt: Runtime, key: PipelineKey, spec: RetryPipelineSpec) -> Connectio
         return Connection(None, verdict, secret, settings)
 
 
+def http_secret_version(
+    rt: Runtime, key: PipelineKey, spec: RetryPipelineSpec
+) -> tuple[str, str] | None:
+    """(name, resourceVersion) of `handler.http.secretRef`'s Secret, from its metadata only:
+    the operator never reads the shared secret. None when there is none, or not yet (the pods
+    wait for it: their container cannot start without it)."""
+    ref = spec.handler.http.secret_ref if spec.handler.http is not None else None
+    if ref is None:
+        return None
+    try:
+        return ref.name, rt.kube.secret_version(key[0], ref.name)
+    except SecretNotFound:
+        return None
+
+
 def reconcile(
     rt: Runtime,
     body: kopf.Body,
@@ -109,8 +124,9 @@ def reconcile(
     else:
         connection = connect(rt, key, spec)
     cluster, verdict, secret = connection.cluster, connection.verdict, connection.secret
-    if secret is not None:
-        rt.secret_checks.read(key, time.monotonic())  # the status timer need not read it again
+    http_secret = http_secret_version(rt, key, spec)
+    if secret is not None or http_secret is not None:
+        rt.secret_checks.read(key, time.monotonic())  # the status timer need not read them again
     if cluster is not None:
         admin = rt.admins.admin(cluster)
         assert admin is not None  # just bound
@@ -136,6 +152,7 @@ def reconcile(
             conditions.TOPICS_READY, verdict.ready, verdict.reason, verdict.message
         ),
         secret=secret,
+        http_secret=http_secret,
         autoscaling=autoscaling,
         live_lane=spec.live_lane is not None,
     )
@@ -143,10 +160,10 @@ def reconcile(
     # already unknown when its deletion is seen (see handlers.worker_deleted).
     rt.fleet.put(record)
     if verdict.usable:
-        version = secret[1] if secret else None
+        versions = children.secret_annotations(secret, http_secret)
         existing = existing.with_applied(last, str(body.metadata.uid))
         applied, names, budgets = apply_children(
-            rt, body, spec, topology, existing, version, autoscaled, keda_auth
+            rt, body, spec, topology, existing, versions, autoscaled, keda_auth
         )
         record = dataclasses.replace(
             record, worker_generations=applied, deployments=names, budgets=budgets
@@ -195,7 +212,7 @@ def apply_children(
     spec: RetryPipelineSpec,
     topology: Topology,
     existing: Children,
-    secret_version: str | None,
+    secrets: Mapping[str, str],
     autoscaled: bool = False,
     keda_auth: KedaKafkaAuth | None = None,
 ) -> tuple[dict[str, int], frozenset[str], frozenset[str]]:
@@ -204,7 +221,7 @@ def apply_children(
     `existing` not wanted any more are deleted."""
     namespace, name = body.metadata.namespace or "", body.metadata.name or ""
     configmap, deployments = children.desired_children(
-        namespace, name, spec, topology, rt.worker_defaults, secret_version, autoscaled
+        namespace, name, spec, topology, rt.worker_defaults, secrets, autoscaled
     )
     kopf.adopt([configmap, *deployments], owner=body)
     rt.kube.apply_configmap(configmap)

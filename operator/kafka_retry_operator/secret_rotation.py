@@ -1,13 +1,15 @@
-"""Noticing a rotated Kafka Secret with nothing more than `get` on Secrets.
+"""Noticing a rotated Secret with nothing more than `get` on Secrets.
 
-A pipeline's credentials reach its tier workers as environment variables, read when a pod
-starts, and the operator's own AdminClient when a reconcile binds it. Watching Secrets would
-take `list` and `watch` on every Secret of the watched namespaces, and a copy of them all in
-the operator's memory; instead the status timer reads each pipeline's Secret again every
-`interval` seconds. When its version is not the one the last reconcile used, the timer marks
-the pipeline with the new version (an annotation change, which kopf hands to the update
-handler): that reconcile reads the Secret, rebinds the AdminClient and writes the version
-into the tier workers' pod template, which rolls them.
+A pipeline's Kafka credentials reach its workers as environment variables, read when a pod
+starts, and the operator's own AdminClient when a reconcile binds it; the http handler's
+shared secret (`handler.http.secretRef`) reaches only the workers, the same way. Watching
+Secrets would take `list` and `watch` on every Secret of the watched namespaces, and a copy of
+them all in the operator's memory; instead the status timer reads each pipeline's Secrets'
+metadata again every `interval` seconds (never their values). When a version is not the one
+the last reconcile used, the timer marks the pipeline with the new version (an annotation
+change, which kopf hands to the update handler): that reconcile reads the Secret (the Kafka
+one: it rebinds the AdminClient) and writes the version into the workers' pod template, which
+rolls them.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def rotated_version(kube: Kube, namespace: str, secret: str, seen: str) -> str |
     is left to the next reconcile to report (a condition), and a failed read to the next
     check: only a changed Secret is news here, and the status refresh goes on regardless."""
     try:
-        version = kube.kafka_secret(namespace, secret).version
+        version = kube.secret_version(namespace, secret)
     except SecretNotFound:
         return None
     except (ApiException, OSError) as e:

@@ -284,8 +284,8 @@ class HttpHandler(ApiModel):
         default=None,
         description="A shared secret the workers send as `Authorization: Bearer <secret>`, so "
         "that the service can refuse callers other than the pipeline's workers. Read by the "
-        "worker pods from the Secret (the operator never reads it; never logged nor in "
-        "status); a changed value reaches them when they restart.",
+        "worker pods from the Secret (the operator reads only its metadata; never logged nor "
+        "in status); a changed Secret rolls them.",
     )
     max_in_flight: int = Field(
         default=1,
