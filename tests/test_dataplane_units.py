@@ -3,7 +3,10 @@ decoding, handler loading, routing, topology sources (and the ConfigMap on the r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from kafka_retry.delay import DelayGate, WindowLimits
 from kafka_retry.errors import NonRetriableError, PayloadDecodeError
 from kafka_retry.event import Event
 from kafka_retry.handlers import HandlerLoadError, load_callable
+from kafka_retry.inflight import Call, InFlight
 from kafka_retry.kafka_config import (
     client_settings_from_env,
     consumer_config,
@@ -474,3 +478,51 @@ def test_a_stall_leaves_the_gates_pauses_to_the_gate_and_a_release_forgets_every
     parts.release([a, b])
     assert not parts.partitions and not parts.stalled and len(parts.gate) == 0
     assert parts.tracker.in_flight() == 0
+
+
+# --------------------------------------------------------------------------- concurrent calls
+
+
+def test_in_flight_bounds_calls_per_partition_and_by_key() -> None:
+    """`InFlight` starts a call only when its partition has a free slot and (by key) its key
+    none in flight; `started()` (the deadline watchdog's view) is the oldest running call's
+    start, 0 when none runs; outcomes come back on the caller's thread, failures included."""
+    gates = {n: threading.Event() for n in range(4)}
+    running: list[int] = []
+
+    def handler(event: Event) -> None:
+        running.append(event.offset)
+        gates[event.offset].wait(10)
+        if event.offset == 2:
+            raise ValueError("bad data")
+
+    done: list[tuple[int, str | None]] = []
+    caller = threading.get_ident()
+
+    def on_done(call: Call) -> None:
+        assert threading.get_ident() == caller
+        done.append((call.event.offset, type(call.error).__name__ if call.error else None))
+
+    calls = InFlight(handler, 2, by_key=True, on_done=on_done)
+    tp = ("t", 0)
+    ev = {n: dataclasses.replace(_event(None), offset=n) for n in range(4)}
+    assert calls.started() == 0.0
+    calls.submit(tp, b"a", ev[0], None)
+    calls.submit(tp, b"b", ev[1], None)
+    deadline = time.monotonic() + 10
+    while len(running) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(running) == [0, 1]
+    assert calls.started() > 0
+    gates[1].set()
+    calls.submit(tp, b"c", ev[2], None)  # the partition was full: waits for offset 1's outcome
+    assert done == [(1, None)]
+    gates[2].set()
+    gates[0].set()
+    calls.submit(tp, b"a", ev[3], None)  # key a: waits for offset 0's outcome
+    assert (0, None) in done
+    gates[3].set()
+    calls.settle()
+    assert sorted(done) == [(0, None), (1, None), (2, "ValueError"), (3, None)]
+    assert calls.calls == 0 and calls.started() == 0.0
+    calls.close()
