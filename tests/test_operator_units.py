@@ -878,3 +878,51 @@ def test_draining_plans_what_a_spec_change_leaves_behind() -> None:
     assert draining.finished(later.draining, lag, True, 5, at) == {"old-dlq"}
     assert draining.finished(later.draining, lag, True, 65, at) == set()
     assert draining.finished(later.draining, lag, False, 5, at) == set()
+
+
+class _KedaObjects:
+    """The API server's ScaledObjects of one namespace, for Kube.keda_objects: pure bookkeeping
+    of which lists it asks for (the real API is exercised by test_operator_autoscaling)."""
+
+    def __init__(self) -> None:
+        self.objects: list[tuple[str, dict[str, Any]]] = []  # (plural, object)
+        self.lists: list[str] = []
+
+    def list_namespaced_custom_object(
+        self, group: str, version: str, namespace: str, plural: str, label_selector: str, **kw: Any
+    ) -> Any:
+        self.lists.append(label_selector)
+        key, _, value = label_selector.partition("=")
+        found = [
+            o for kind, o in self.objects
+            if kind == plural and value in ("", o["metadata"]["labels"].get(key))
+        ]  # fmt: skip
+        return {"items": found[: kw.get("limit") or None]}
+
+    def patch_namespaced_custom_object(self, *args: Any, **kw: Any) -> None:
+        self.objects.append((args[3], args[5]))
+
+
+def test_keda_objects_are_not_listed_per_reconcile_where_none_exist() -> None:
+    """KEDA installed, no pipeline of the namespace autoscaling: one list of at most one
+    object finds that, and later reconciles ask nothing; once one is applied there, each
+    pipeline's are listed again (so that one no longer wanted is found and deleted)."""
+    from kubernetes import client
+
+    from kafka_retry.model import LABEL_PIPELINE
+    from kafka_retry_operator.kube import Kube
+
+    kube = Kube(client.ApiClient(client.Configuration()))
+    api = _KedaObjects()
+    kube.custom = api  # type: ignore[assignment]
+    assert kube.keda_objects("scaledobjects", "shop", "orders") == {}
+    assert kube.keda_objects("scaledobjects", "shop", "billing") == {}
+    assert api.lists == [LABEL_PIPELINE]
+    owner = {"uid": "u1", "controller": True}
+    labels = {LABEL_PIPELINE: "orders"}
+    meta = {"name": "orders-retry-1", "namespace": "shop", "labels": labels}
+    so = {"metadata": {**meta, "ownerReferences": [owner]}}
+    kube.apply_keda("scaledobjects", so)
+    assert kube.keda_objects("scaledobjects", "shop", "orders") == {"orders-retry-1": "u1"}
+    assert api.lists[-1] == f"{LABEL_PIPELINE}=orders"
+    assert kube.keda_objects("triggerauthentications", "shop", "orders") == {}  # its own kind

@@ -336,7 +336,9 @@ async def refresh_status(
     record = rt.fleet.get(key)
     if record is None:  # not reconciled (yet), or its spec is invalid
         return
-    troubles = await asyncio.to_thread(_pod_troubles, rt, record, kwargs)
+    troubles: dict[str, str] = {}
+    if st.pods_to_explain(record, _workers(kwargs, key)):  # no thread hop per tick otherwise
+        troubles = await asyncio.to_thread(_pod_troubles, rt, record, kwargs)
     now = time.monotonic()
     if rt.status_writes.settling(key, status, now):
         return  # the reconcile's status first (nothing awaited from here to `wrote`)
