@@ -329,8 +329,11 @@ class _ClusterLoop:
                 groups.setdefault(r.topology.consumer_group, set()).update(parts)
         marks = watermarks(admin, tps, timeout)
         asked = {g: sorted(p) for g, p in groups.items() if p}
-        offsets = committed(admin, asked, timeout, self._coordinated)
+        absent = _absent(admin, asked, timeout)
+        present = {g: p for g, p in asked.items() if g not in absent}
+        offsets = committed(admin, present, timeout, self._coordinated)
         self._coordinated.update(offsets)
+        offsets.update({g: dict.fromkeys(asked[g]) for g in absent})  # none committed
 
         now = time.time()
         tiers: dict[PipelineKey, dict[str, depth.Backlog | None]] = {}
@@ -441,6 +444,25 @@ class _ClusterLoop:
             )
             self._peeker = Consumer(config)
         return self._peeker
+
+
+def _absent(admin: AdminClient, groups: Collection[str], timeout: float) -> set[str]:
+    """Of `groups`, those the cluster does not know (never committed to, or expired): nothing
+    committed, so nothing to ask. One ListGroups request per broker instead of one offset
+    fetch per group: a DLQ's cursor group exists only once its DLQ was purged or replayed, a
+    tier's only once its workers ran (at 1,000 pipelines, 2,000 fetches a pass). A group
+    that commits just after the list is read at the next pass. When any broker does not
+    answer, no group is taken for absent."""
+    if not groups:
+        return set()
+    try:
+        listed = admin.list_consumer_groups(request_timeout=timeout).result(timeout=timeout)
+    except Exception as e:
+        log.debug("list_consumer_groups: %s", e)
+        return set()
+    if listed.errors:
+        return set()
+    return set(groups) - {g.group_id for g in listed.valid}
 
 
 def _topics(records: Iterable[PipelineRecord]) -> set[str]:
