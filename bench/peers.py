@@ -7,8 +7,7 @@ process on fresh topics and groups:
 - spring: the Spring Boot 3.5 service in bench/peers/ (one `@RetryableTopic` listener: the
   main topic, one retry topic, the DLT, all in one JVM), at Spring's and Boot's defaults;
 - spring-tuned: the same jar with the Boot properties in `TUNED` (what Spring's docs say delay
-  precision depends on: the poll timeout; the fetch wait as on our tier consumers; the ack mode
-  they recommend for retry topics).
+  precision depends on: the poll timeout; and the fetch wait, as on our tier consumers).
 
 Workloads (one retry after `--delay` seconds, then the DLQ/DLT):
 - retry: `--rate` events/s for `--seconds`, each failing on the live lane and succeeding on its
@@ -59,13 +58,13 @@ from peer_measures import (
 )
 
 SIDES = ("ours", "spring", "spring-tuned")
-# Spring's docs: precision "relies on waking up the consumer from polling and having full
-# pollTimeouts" (default 5 s); the fetch wait is Kafka's 500 ms default, ours is 100 ms on tier
-# consumers; RECORD is the ack mode they suggest for retry topics (Boot's default: BATCH).
+# What Spring's docs say delay precision depends on: the container's poll timeout ("we rely on
+# waking up the consumer from polling and having full pollTimeouts"; default 5 s); and the fetch
+# wait (Kafka's default 500 ms) as on our tier consumers. Not the RECORD ack mode the docs suggest
+# for retry topics: a synchronous commit per record cut the live rate to a third in a trial.
 TUNED = (
     "--spring.kafka.listener.poll-timeout=100ms",
     "--spring.kafka.consumer.fetch-max-wait=100ms",
-    "--spring.kafka.listener.ack-mode=record",
 )
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
@@ -161,6 +160,7 @@ class Side:
         self.name = name
         self.source = source
         self.calls: list[Call] = []
+        self.log_lines: list[str] = []  # anything else the processes printed (JVM logs)
         self._ready = threading.Semaphore(0)
         self.procs = [
             subprocess.Popen(
@@ -178,9 +178,16 @@ class Side:
             call = parse(line)
             if call is not None:
                 self.calls.append(call)  # list.append is atomic: no lock for one writer each
-            elif line.strip() == "READY" and not ready:
-                ready = True
-                self._ready.release()
+            elif line.strip() == "READY":
+                if not ready:
+                    ready = True
+                    self._ready.release()
+            else:
+                self.log_lines.append(line.rstrip())
+
+    def log_summary(self) -> dict[str, Any]:
+        """How much the side logged besides its calls (logging costs CPU too), and a sample."""
+        return {"log_lines": len(self.log_lines), "log_sample": self.log_lines[:5]}
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -319,6 +326,7 @@ def run_retry(
             "cpu_us_per_retried": round(cpu / max(1, n) * 1e6, 1),
             "lateness": asdict(late),
             "load_average": [load0, benchlib.load_average()],
+            **s.log_summary(),
         }
     finally:
         s.stop()
@@ -348,6 +356,7 @@ def run_idle(
             "window_s": round(seconds, 2),
             "cpu_ms_per_s": round(cpu / seconds * 1000, 2),
             "load_average": [load0, benchlib.load_average()],
+            **s.log_summary(),
         }
     finally:
         s.stop()
@@ -372,6 +381,7 @@ def run_isolation(
             "live_calls": len(live),
             "complete": done,
             "live_rate": None if (r := live_rate(live)) is None else round(r, 1),
+            **s.log_summary(),
         }
     finally:
         s.stop()
