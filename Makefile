@@ -76,7 +76,8 @@ docs: ## regenerate docs/api.md (the RetryPipeline and DLQReplay reference) from
 # --------------------------------------------------------------------------- benchmarks
 # Ratios measured side by side in one run, never pass/fail; JSON in bench/results/ (git-ignored).
 # Pass options with BENCH_ARGS, e.g. `make bench-operator BENCH_ARGS="--sizes 50"`.
-BENCH = @py=$(PY); $$py hack/localenv.py up >/dev/null && $$py
+# The servers of this checkout's environment (KRO_* ports), not the default ones.
+BENCH = @py=$(PY); $$py hack/localenv.py up >/dev/null && eval "$$($$py hack/localenv.py env)" && $$py
 
 .PHONY: bench-isolation
 bench-isolation: ## benchmark: live-lane throughput and latency with failures vs in-place retries

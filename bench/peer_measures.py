@@ -50,9 +50,11 @@ def cpu_ticks(stat: str) -> int:
     return int(fields[_UTIME]) + int(fields[_STIME])
 
 
-def lateness_ms(calls: Iterable[Call], delay_s: float) -> list[float]:
-    """Per event retried once: its retry's start minus (its failure + the delay), in ms.
-    Negative is early. Events whose retry did not happen (yet) are left out."""
+def lateness_ms(calls: Iterable[Call], delay_s: float, until_us: int | None = None) -> list[float]:
+    """Per event failed on the live lane: its retry's start minus (its failure + the delay), in
+    ms; negative is early. An event not retried by `until_us` counts at its lateness then, a
+    lower bound (leaving it out would flatter a side that falls behind); without `until_us`,
+    or if it was not due yet then, it is left out."""
     failed_at: dict[int, int] = {}
     retried_at: dict[int, int] = {}
     for c in calls:
@@ -61,7 +63,19 @@ def lateness_ms(calls: Iterable[Call], delay_s: float) -> list[float]:
         elif c.stage == 1:
             retried_at.setdefault(c.event_id, c.at_us)
     delay_us = delay_s * 1e6
-    return [(retried_at[i] - failed_at[i] - delay_us) / 1000 for i in failed_at if i in retried_at]
+    out = []
+    for i, failed in failed_at.items():
+        if i in retried_at:
+            out.append((retried_at[i] - failed - delay_us) / 1000)
+        elif until_us is not None and until_us > failed + delay_us:
+            out.append((until_us - failed - delay_us) / 1000)
+    return out
+
+
+def unretried(calls: Sequence[Call]) -> int:
+    """Events failed on the live lane and not (yet) retried."""
+    failed = {c.event_id for c in calls if c.stage == 0 and c.failed}
+    return len(failed - {c.event_id for c in calls if c.stage == 1})
 
 
 def retried(calls: Iterable[Call], first_id: int = 0) -> int:
@@ -85,9 +99,11 @@ class Lateness:
     p50_ms: float | None
     p99_ms: float | None
     max_ms: float | None
+    min_ms: float | None  # below 0: the earliest retry, how early
+    censored: int = 0  # not retried by the end: counted at their lateness then, a lower bound
 
     @classmethod
-    def of(cls, values: Sequence[float]) -> Lateness:
+    def of(cls, values: Sequence[float], censored: int = 0) -> Lateness:
         def r(x: float | None) -> float | None:
             return None if x is None else round(x, 1)
 
@@ -97,6 +113,8 @@ class Lateness:
             r(benchlib.percentile(values, 50)),
             r(benchlib.percentile(values, 99)),
             r(max(values) if values else None),
+            r(min(values) if values else None),
+            censored,
         )
 
 

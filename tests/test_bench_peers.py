@@ -19,6 +19,7 @@ from peer_measures import (
     parse,
     ratio_rows,
     retried,
+    unretried,
 )
 
 
@@ -47,9 +48,24 @@ def test_lateness_is_retry_start_minus_failure_plus_delay() -> None:
     ]
     assert sorted(lateness_ms(calls, 2)) == [-1.0, 50.0]
     late = Lateness.of(lateness_ms(calls, 2))
-    assert (late.count, late.early, late.max_ms) == (2, 1, 50.0)
+    assert (late.count, late.early, late.max_ms, late.min_ms) == (2, 1, 50.0, -1.0)
     assert retried(calls) == 3
     assert retried(calls, first_id=2) == 2
+    assert unretried(calls) == 1
+
+
+def test_an_event_not_retried_by_the_end_counts_at_its_lateness_then() -> None:
+    """A side that falls behind must not look punctual: its missing retries are at least as
+    late as the end of the run."""
+    calls = [
+        Call(True, 1, 0, 1_000_000),
+        Call(False, 1, 1, 3_010_000),  # 10 ms late
+        Call(True, 2, 0, 1_000_000),  # never retried
+        Call(True, 3, 0, 9_500_000),  # not due by the end: left out
+    ]
+    assert sorted(lateness_ms(calls, 2, until_us=10_000_000)) == [10.0, 7000.0]
+    late = Lateness.of(lateness_ms(calls, 2, until_us=10_000_000), unretried(calls))
+    assert (late.max_ms, late.censored) == (7000.0, 2)
 
 
 def test_live_rate_counts_live_lane_calls_over_their_span() -> None:
