@@ -79,8 +79,14 @@ def unretried(calls: Sequence[Call]) -> int:
 
 
 def retried(calls: Iterable[Call], first_id: int = 0) -> int:
-    """Retry-stage calls of events from `first_id` on (one retry per event here: attempts 2)."""
-    return sum(1 for c in calls if c.stage == 1 and c.event_id >= first_id)
+    """Events from `first_id` on that were handled (or failed) on the retry stage."""
+    return len({c.event_id for c in calls if c.stage == 1 and c.event_id >= first_id})
+
+
+def repeated(calls: Sequence[Call]) -> int:
+    """Calls for an event on a stage that had already called the handler for it: a consumer
+    that delivers a record again (after a seek, say) makes the handler do its work twice."""
+    return len(calls) - len({(c.event_id, c.stage) for c in calls})
 
 
 def live_rate(calls: Sequence[Call]) -> float | None:

@@ -54,6 +54,7 @@ from peer_measures import (
     live_rate,
     parse,
     ratio_rows,
+    repeated,
     retried,
     unretried,
 )
@@ -327,6 +328,7 @@ def run_retry(
             "cpu_s": round(cpu, 3),
             "cpu_us_per_retried": round(cpu / max(1, n) * 1e6, 1),
             "lateness": asdict(late),
+            "repeated_calls": repeated(measured),
             "load_average": [load0, benchlib.load_average()],
             **s.log_summary(),
         }
@@ -344,7 +346,7 @@ def run_idle(
         produce(args.bootstrap, s.source, w.events, None)
         failed = s.wait_for(
             lambda calls: sum(1 for c in calls if c.stage == 0) >= w.events,
-            time.time() + args.settle,
+            time.time() + args.idle_wait,
         )
         time.sleep(args.idle_settle)  # the forwards' acknowledgements, commits, JIT: not idle
         load0, cpu0, t0 = benchlib.load_average(), s.cpu_s(), time.monotonic()
@@ -356,7 +358,9 @@ def run_idle(
             "all_failed_first": failed,
             "waiting": waiting,
             "window_s": round(seconds, 2),
-            "cpu_ms_per_s": round(cpu / seconds * 1000, 2),
+            # still failing first attempts: busy, not idle
+            "cpu_ms_per_s": round(cpu / seconds * 1000, 2) if failed else None,
+            "busy_cpu_ms_per_s": None if failed else round(cpu / seconds * 1000, 2),
             "load_average": [load0, benchlib.load_average()],
             **s.log_summary(),
         }
@@ -383,6 +387,7 @@ def run_isolation(
             "live_calls": len(live),
             "complete": done,
             "live_rate": None if (r := live_rate(live)) is None else round(r, 1),
+            "repeated_calls": repeated(live),
             **s.log_summary(),
         }
     finally:
@@ -403,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay", type=int, default=2, help="retry and isolation: delay, s")
     parser.add_argument("--warmup", type=float, default=5.0, help="retry: warm-up time, s")
     parser.add_argument("--settle", type=float, default=30.0, help="wait after the last is due")
-    parser.add_argument("--idle-events", type=int, default=1000)
+    parser.add_argument("--idle-events", type=int, default=200)
+    parser.add_argument("--idle-wait", type=float, default=180.0, help="idle: for the failures")
     parser.add_argument("--idle-delay", type=int, default=120, help="idle: the delay, s")
     parser.add_argument("--idle-settle", type=float, default=5.0)
     parser.add_argument("--idle-window", type=float, default=15.0)
@@ -412,10 +418,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capacity-window", type=float, default=60.0, help="isolation: at most")
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument("--start-timeout", type=float, default=120.0)
+    parser.add_argument("--report", help="print the tables of a saved run's JSON, run nothing")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child(json.loads(args.child))
+    if args.report:
+        report(json.loads(Path(args.report).read_text()))
+        return 0
     args.bootstrap = benchlib.bootstrap()
     sides = args.sides.split(",")
     workloads = args.workloads.split(",")
@@ -435,14 +445,22 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "peers",
         "environment": benchlib.environment(),
         "load_average": {"before": load_before, "after": benchlib.load_average()},
-        "parameters": {k: v for k, v in vars(args).items() if k not in ("child",)},
+        "parameters": {k: v for k, v in vars(args).items() if k not in ("child", "report")},
         "spring_tuned_properties": list(TUNED),
         "results": results,
     }
     path = benchlib.write_result("peers", result)
-    print(
-        f"\nOurs vs Spring Kafka @RetryableTopic (load {load_before} -> {benchlib.load_average()})"
-    )
+    report(result)
+    print(f"\nresults: {path.relative_to(benchlib.ROOT)}")
+    return 0
+
+
+def report(result: dict[str, Any]) -> None:
+    """The tables of a run (`--report bench/results/peers.json` prints a saved one again)."""
+    results = result["results"]
+    sides = list(results)
+    load = result["load_average"]
+    print(f"\nOurs vs Spring Kafka @RetryableTopic (load {load['before']} -> {load['after']})")
     print(benchlib.table(["measure", *sides], _measure_rows(results, sides)))
     if "ours" in sides and len(sides) > 1:
         peers = [s for s in sides if s != "ours"]
@@ -454,8 +472,6 @@ def main(argv: list[str] | None = None) -> int:
                 ratio_rows(flat["ours"], {p: flat[p] for p in peers}, list(flat["ours"])),
             )
         )
-    print(f"\nresults: {path.relative_to(benchlib.ROOT)}")
-    return 0
 
 
 Runner = Callable[[argparse.Namespace, benchlib.Topics, str, str], dict[str, Any]]
@@ -519,6 +535,10 @@ def _measure_rows(results: dict[str, dict[str, Any]], sides: Sequence[str]) -> l
             [f"not retried by the end, {at}", *(r and r["lateness"]["censored"] for r in runs)]
         )
         rows.append([f"early retries, {at}", *(r and r["lateness"]["early"] for r in runs)])
+        rows.append(
+            [f"retried / events, {at}", *(r and f"{r['retried']}/{r['events']}" for r in runs)]
+        )
+        rows.append([f"repeated handler calls, {at}", *(r and r["repeated_calls"] for r in runs)])
     for key in ("isolation-0", "isolation-20"):
         rows.append(
             [f"live rate ev/s, {key.split('-')[1]}% failing"]

@@ -18,6 +18,7 @@ from peer_measures import (
     live_rate,
     parse,
     ratio_rows,
+    repeated,
     retried,
     unretried,
 )
@@ -66,6 +67,18 @@ def test_an_event_not_retried_by_the_end_counts_at_its_lateness_then() -> None:
     assert sorted(lateness_ms(calls, 2, until_us=10_000_000)) == [10.0, 7000.0]
     late = Lateness.of(lateness_ms(calls, 2, until_us=10_000_000), unretried(calls))
     assert (late.max_ms, late.censored) == (7000.0, 2)
+
+
+def test_repeated_calls_are_a_second_call_for_an_event_on_the_same_stage() -> None:
+    calls = [
+        Call(True, 1, 0, 1),
+        Call(True, 1, 0, 2),  # the live lane called the handler again for event 1
+        Call(False, 1, 1, 3),  # its retry: another stage, not a repeat
+        Call(False, 1, 1, 4),  # and the retry again
+        Call(False, 2, 0, 5),
+    ]
+    assert repeated(calls) == 2
+    assert retried(calls) == 1  # events, not calls
 
 
 def test_live_rate_counts_live_lane_calls_over_their_span() -> None:
