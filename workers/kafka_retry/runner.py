@@ -387,7 +387,9 @@ class StageRunner:
         attributes set once, the success counter is tallied and flushed per batch."""
         err = msg.error()
         if err is not None:
-            if err.fatal():
+            # A fatal error reaches the consumer as an event coded _FATAL (e.g. a static
+            # member fenced after a broker restart): the consumer is done, and so is the run.
+            if err.fatal() or err.code() == KafkaError._FATAL:
                 raise KafkaException(err)
             log.warning("consumer error on %s: %s", self.stage.topic, err)
             return
