@@ -25,19 +25,12 @@ from typing import Any
 from confluent_kafka import Producer
 
 import benchlib
+from isolation import FAST_GROUP, topology
 from kafka_retry.event import Event
-from kafka_retry.model import (
-    Classification,
-    Handler,
-    HttpHandler,
-    PythonHandler,
-    ResolvedTier,
-    Topology,
-)
+from kafka_retry.model import Handler, HttpHandler, PythonHandler
 from kafka_retry.sdk import RetryingConsumer
 from kafka_retry.worker import build_live_lane
 
-FAST_GROUP = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
 IN_FLIGHT = (1, 8, 32)
 
 
@@ -62,25 +55,6 @@ def serve(cost_s: float) -> int:
     print(server.server_address[1], flush=True)
     server.serve_forever()
     return 0
-
-
-def topology(
-    bootstrap: str, tag: str, source: str, tier: str, dlq: str, handler: Handler
-) -> Topology:
-    return Topology(
-        pipeline=f"bench/{tag}",
-        bootstrap_servers=bootstrap,
-        source_topic=source,
-        consumer_group=f"svc-{tag}",
-        tiers=[
-            ResolvedTier(
-                name="retry-1", topic=tier, delay_seconds=30, consumer_group=f"svc-{tag}.retry-1"
-            )
-        ],
-        dlq_topic=dlq,
-        classification=Classification(),
-        handler=handler,
-    )
 
 
 def timed(runner: Any, events: int, limit_s: float) -> float:

@@ -50,7 +50,11 @@ def fails(event_id: int, share: int) -> bool:
     return (event_id * 2654435761) % 100 < share
 
 
-def topology(bootstrap: str, tag: str, source: str, tier: str, dlq: str) -> Topology:
+def topology(
+    bootstrap: str, tag: str, source: str, tier: str, dlq: str, handler: Handler | None = None
+) -> Topology:
+    """A live lane on `source` with one 30 s tier; the handler is named, not called (the
+    benchmarks pass their handler functions in)."""
     return Topology(
         pipeline=f"bench/{tag}",
         bootstrap_servers=bootstrap,
@@ -63,7 +67,7 @@ def topology(bootstrap: str, tag: str, source: str, tier: str, dlq: str) -> Topo
         ],
         dlq_topic=dlq,
         classification=Classification(),
-        handler=Handler(python=PythonHandler(image="bench", callable="bench:handle")),
+        handler=handler or Handler(python=PythonHandler(image="bench", callable="bench:handle")),
     )
 
 

@@ -199,3 +199,20 @@ def records(path: Path) -> list[dict[str, Any]]:
         with contextlib.suppress(ValueError):
             out.append(json.loads(line))
     return out
+
+
+def stream_ids(bootstrap: str, topic: str, ids: list[str], seconds: float, rate: int) -> None:
+    """`rate` events/s for `seconds`, each `{"id": "e<n>"}` keyed by its id and appended to
+    `ids` as it is sent (a thread target: the caller reads `ids` as it grows)."""
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    started = time.monotonic()
+    while (elapsed := time.monotonic() - started) < seconds:
+        while len(ids) < elapsed * rate:
+            i = f"e{len(ids)}"
+            producer.produce(topic, key=i.encode(), value=json.dumps({"id": i}).encode())
+            ids.append(i)
+        producer.poll(0)
+        time.sleep(0.05)
+    assert producer.flush(120) == 0

@@ -29,7 +29,7 @@ from dataplane_support import (
     read_topic,
     wait_for,
 )
-from deployed_support import TESTS, WorkerPod, deploy_pipeline, free_port, records
+from deployed_support import TESTS, WorkerPod, deploy_pipeline, free_port, records, stream_ids
 from kafka_retry import headers as h
 from kafka_retry.errors import RetriableError
 from kafka_retry.sdk import RetryingConsumer
@@ -63,19 +63,9 @@ def test_kill_9_every_5s_for_60s_loses_nothing_and_drains_within_delay_plus_15s(
         ids: list[str] = []
         stream_s, rate = 60.0, 20
 
-        def stream() -> None:
-            producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 5})
-            started = time.monotonic()
-            while (elapsed := time.monotonic() - started) < stream_s:
-                while len(ids) < elapsed * rate:
-                    i = f"e{len(ids)}"
-                    producer.produce(topic, key=i.encode(), value=json.dumps({"id": i}).encode())
-                    ids.append(i)
-                producer.poll(0)
-                time.sleep(0.05)
-            assert producer.flush(30) == 0
-
-        producer = threading.Thread(target=stream)
+        producer = threading.Thread(
+            target=stream_ids, args=(kafka_bootstrap, topic, ids, stream_s, rate)
+        )
         producer.start()
         kills = 0
         while producer.is_alive():

@@ -526,3 +526,29 @@ def test_in_flight_bounds_calls_per_partition_and_by_key() -> None:
     assert sorted(done) == [(0, None), (1, None), (2, "ValueError"), (3, None)]
     assert calls.calls == 0 and calls.started() == 0.0
     calls.close()
+
+
+def test_a_transaction_call_timing_out_again_and_again_is_given_up_for_a_restart() -> None:
+    """An abort whose retriable timeouts never end (seen after a broker restart) must not hold
+    the worker forever: after its budget it is fatal, so the process restarts and the new
+    producer's init_transactions fences this one."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    from kafka_retry.forwarding import FatalProducerError, Forwarder
+
+    class Stuck:
+        calls = 0
+
+        def init_transactions(self, timeout: float) -> None:
+            pass
+
+        def abort_transaction(self, timeout: float) -> None:
+            Stuck.calls += 1
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "timed out", retriable=True))
+
+    forwarder = Forwarder({"transactional.id": "t"}, producer=Stuck())
+    forwarder.in_transaction = True
+    with pytest.raises(FatalProducerError, match="did not complete"):
+        forwarder._txn_call(Stuck().abort_transaction, 0.01, give_up_s=0.05)
+    assert Stuck.calls >= 2, "retried before giving up"
+    assert forwarder.fatal is not None, "shutdown must not try the transaction again"

@@ -146,6 +146,12 @@ class TransactionAborted(RuntimeError):
 
 
 TXN_TIMEOUT_S = 30.0  # longest wait for a transaction call (begin, offsets, commit, abort)
+# How long a commit, offsets or abort call keeps being tried on retriable timeouts before the
+# producer is given up for a restart: a new producer's init_transactions fences this one and
+# aborts what it left open (after a broker restart, an abort was seen timing out for minutes
+# with its request stuck in the coordinator connection's queue). init_transactions itself is
+# tried for as long as it takes: a broker down at start is waited for, not a crash loop.
+TXN_GIVE_UP_S = 2 * TXN_TIMEOUT_S
 
 
 class Forwarder:
@@ -180,7 +186,7 @@ class Forwarder:
         self.refused_in_transaction: list[tuple[Any, str, HeaderList, KafkaError]] = []
         self._epoch = 0
         if self.transactional:
-            self._txn_call(self._producer.init_transactions, TXN_TIMEOUT_S)
+            self._txn_call(self._producer.init_transactions, TXN_TIMEOUT_S, give_up_s=None)
 
     @property
     def in_flight(self) -> int:
@@ -279,9 +285,13 @@ class Forwarder:
             self.in_transaction = False
             self._txn_call(self._producer.abort_transaction, TXN_TIMEOUT_S)
 
-    def _txn_call(self, call: Callable[..., Any], *args: Any) -> None:
-        """A transaction API call: tried again while its error is retriable; an abortable one
-        raises `TransactionAborted`, a fatal one `FatalProducerError`."""
+    def _txn_call(
+        self, call: Callable[..., Any], *args: Any, give_up_s: float | None = TXN_GIVE_UP_S
+    ) -> None:
+        """A transaction API call: tried again while its error is retriable, for `give_up_s`
+        at most; an abortable error raises `TransactionAborted`, a fatal one or too long a
+        retry `FatalProducerError`."""
+        started = time.monotonic()
         while True:
             try:
                 call(*args)
@@ -295,6 +305,11 @@ class Forwarder:
                     raise TransactionAborted(str(err)) from e
                 if not err.retriable():
                     raise FatalProducerError(str(e)) from e
+                if give_up_s is not None and time.monotonic() - started >= give_up_s:
+                    self.fatal = err
+                    raise FatalProducerError(
+                        f"{call.__name__} did not complete in {give_up_s:.0f} s: {err}"
+                    ) from e
                 log.warning("transaction call %s: %s; trying again", call.__name__, err)
 
     def _settle(self) -> None:
