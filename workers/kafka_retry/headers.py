@@ -549,7 +549,8 @@ def _digits(value: bytes) -> int | None:
     if value.isdigit():  # the common case: what we wrote ourselves
         return int(value)
     try:
-        text = value.decode("ascii").strip()
+        # ASCII whitespace only: str.strip() would also take control bytes such as \x1c.
+        text = value.strip().decode("ascii")
     except UnicodeDecodeError:
         return None
     if not text or not (text.isdigit() or (text[0] in "+-" and text[1:].isdigit())):
