@@ -682,9 +682,14 @@ class StageRunner:
             log.warning("could not mark %s[%d]@%d: %s", tp[0], tp[1], offset, e)
         return True
 
-    def _store(self, consumer: Any) -> None:
-        if self._in_flight is None or not self._in_flight.calls:  # else not past them yet
+    def _settle_heads(self) -> None:
+        """The batch's heads are past their poison watch, unless calls on them are still in
+        flight."""
+        if self._in_flight is None or not self._in_flight.calls:
             self._heads.settled()
+
+    def _store(self, consumer: Any) -> None:
+        self._settle_heads()
         advanced = self._tracker.take_advanced()
         if not advanced:
             return
@@ -714,8 +719,8 @@ class StageRunner:
         partition is read again from its committed offset. Mid-batch (before a poison mark)
         the rest of the batch would be handled twice, so the process stops for a restart."""
         assert self._forwarder is not None
-        if not mid_batch and (self._in_flight is None or not self._in_flight.calls):
-            self._heads.settled()
+        if not mid_batch:
+            self._settle_heads()
         tracker = self._tracker
 
         def finished() -> list[TopicPartition]:
