@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import tracemalloc
+from pathlib import Path
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -282,3 +283,18 @@ def test_hostile_layouts_cost_a_bounded_amount_of_memory() -> None:
     finally:
         tracemalloc.stop()
     assert kept < 4 * 2**20, f"{kept / 2**20:.1f} MiB kept after 40 hostile layouts"
+
+
+def test_the_header_table_is_the_contract_docs_and_retry_state_follow() -> None:
+    """`HEADERS` is the one source: docs/headers.md lists its rows in order with the records
+    that carry them, and `RetryState` has a field per row that has one, in the same order."""
+    docs = (Path(__file__).parents[1] / "docs" / "headers.md").read_text()
+    rows = [
+        line.strip("| ").split(" | ")
+        for line in docs.splitlines()
+        if line.startswith("| `kafka-retry.")
+    ]
+    listed = [(cells[0].strip("`"), cells[-1]) for cells in rows]
+    assert listed == [(row.name, row.written_on) for row in h.HEADERS]
+    fields = [f.name for f in dataclasses.fields(h.RetryState)]
+    assert fields == [row.field for row in h.HEADERS if row.field is not None]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kafka_retry import headers as h
 from kafka_retry.classification import Failure
@@ -73,7 +73,9 @@ class Router:
         self._next_topic, is_dlq = topology.next_topic(stage.index)
         self._exhausted = Route(dlq, DEAD_LETTERED, None, h.REASON_EXHAUSTED) if is_dlq else None
         self._next_delay_ms = 0 if is_dlq else topology.tiers[stage.index + 1].delay_seconds * 1000
-        self._encoder = h.StageEncoder(topology.pipeline, self._stage_group(), stage.name)
+        self._encoder = h.StageEncoder()
+        self._pipeline = topology.pipeline
+        self._group = self._stage_group()
 
     def route(self, retriable: bool, now_ms: int) -> Route:
         if not retriable:
@@ -119,24 +121,7 @@ class Router:
         now_ms: int,
     ) -> h.RetryState:
         """Our headers for the forward; `attempt` is the attempt that just failed."""
-        return h.RetryState(
-            original_topic=origin.topic,
-            original_partition=origin.partition,
-            original_offset=origin.offset,
-            original_timestamp_ms=origin.timestamp_ms,
-            pipeline=self._topology.pipeline,
-            consumer_group=self._stage_group(),
-            attempt=attempt,
-            due_ms=route.due_ms,
-            tier=self._stage.name,
-            failed_at_ms=now_ms,
-            error_class=failure.error_class,
-            error_message=failure.message,
-            error_stack=failure.stack,
-            retriable=failure.retriable,
-            dlq_reason=route.dlq_reason,
-            replay_id=prior.replay_id,
-        )
+        return h.RetryState(*self._values(origin, prior, attempt, failure, route, now_ms))
 
     def forward_headers(
         self,
@@ -149,11 +134,25 @@ class Router:
         now_ms: int,
     ) -> h.HeaderList:
         """`build_headers(original, forward_state(...))`, the way the per-event path wants it:
-        no intermediate `RetryState`, this stage's constant headers encoded once."""
-        return self._encoder.forward(
-            original, origin.topic, origin.partition, origin.offset, origin.timestamp_ms,
-            attempt, route.due_ms, now_ms, failure.error_class, failure.message, failure.stack,
-            failure.retriable, route.dlq_reason, prior.replay_id,
+        no intermediate `RetryState`, repeated texts encoded once (`StageEncoder`)."""
+        values = self._values(origin, prior, attempt, failure, route, now_ms)
+        return self._encoder.forward(original, values)
+
+    def _values(
+        self,
+        origin: Origin,
+        prior: h.RetryState,
+        attempt: int,
+        failure: Failure,
+        route: Route,
+        now_ms: int,
+    ) -> tuple[Any, ...]:
+        """The forward's `RetryState`, as the values of its fields in order."""
+        return (
+            origin.topic, origin.partition, origin.offset, origin.timestamp_ms,
+            self._pipeline, self._group, attempt, route.due_ms, self._stage.name, now_ms,
+            failure.error_class, failure.message, failure.stack, failure.retriable,
+            route.dlq_reason, prior.replay_id,
         )  # fmt: skip
 
     def _stage_group(self) -> str:

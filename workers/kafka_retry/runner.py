@@ -82,12 +82,6 @@ MALFORMED_CLASS = "kafka_retry.MalformedHeaders"
 POISON_CLASS = "kafka_retry.Poison"
 _NO_STATE = h.RetryState()  # never written to: the live lane's "no prior failure"
 _headers = record_headers.headers
-# What a tier reads of an event's retry state: due time and attempt (the only fields that can
-# make it malformed), where it came from, and what the handler and the next forward carry on.
-_TIER_FIELDS = (
-    "attempt", "due_ms", "original_topic", "original_partition", "original_offset",
-    "original_timestamp_ms", "replay_id", "error_class", "error_message",
-)  # fmt: skip
 
 
 # Young-generation threshold of the cyclic garbage collector in a worker process (default 700).
@@ -178,7 +172,7 @@ class StageRunner:
         # Our headers on a tier: only what steers the event or reaches its handler is read. On
         # the live lane every header is the event's own, `kafka-retry.*` ones too (those of an
         # upstream pipeline): kept byte for byte, never trusted.
-        self._read_headers = h.HeaderReader(_TIER_FIELDS).parse if stage.is_tier else _all_original
+        self._read_headers = h.HeaderReader(h.TIER_FIELDS).parse if stage.is_tier else _all_original
         self._lateness = self._metrics.lateness
         self._handler_seconds = self._metrics.handler_seconds
         self._outcome = self._metrics.outcome
