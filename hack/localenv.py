@@ -433,9 +433,7 @@ def _start_broker(
         + "\n"
     )
     (data / "log4j2.xml").write_text(LOG4J2_XML)
-    cp = str(KAFKA_DIR / "libs" / "*")
-    java = ["java", "-Xms128m", "-Xmx512m", "-XX:+UseSerialGC", "-cp", cp]
-    java.append(f"-Dlog4j2.configurationFile={data / 'log4j2.xml'}")
+    java = _broker_java(data)
     # StorageTool wants a base64 (22 chars) cluster id, not a dashed UUID; one in 64 starts
     # with "-", which argparse would read as an option unless joined with "=".
     cluster_id = _kafka_uuid()
@@ -451,6 +449,27 @@ def _start_broker(
         RUN / "logs" / f"{server.name}-format.log",
     )
     server.start([*java, "kafka.Kafka", str(props)])
+
+
+def _broker_java(data: Path) -> list[str]:
+    cp = str(KAFKA_DIR / "libs" / "*")
+    java = ["java", "-Xms128m", "-Xmx512m", "-XX:+UseSerialGC", "-cp", cp]
+    return [*java, f"-Dlog4j2.configurationFile={data / 'log4j2.xml'}"]
+
+
+def restart_extra_kafka(name: str, timeout: float = 180) -> None:
+    """Restart a broker of `extra_kafka` on its data and ports, as a rolling restart does
+    (SIGTERM: a clean shutdown), and wait until it serves again."""
+    server = Server(name)
+    data = RUN / name
+    props = data / "server.properties"
+    port = int(props.read_text().split("PLAINTEXT://127.0.0.1:", 1)[1].split(",", 1)[0])
+    server.stop()
+    server.bring_up(
+        lambda: server.start([*_broker_java(data), "kafka.Kafka", str(props)]),
+        lambda: _broker_ready(f"127.0.0.1:{port}"),
+        timeout,
+    )
 
 
 @contextlib.contextmanager

@@ -552,3 +552,40 @@ def test_a_transaction_call_timing_out_again_and_again_is_given_up_for_a_restart
         forwarder._txn_call(Stuck().abort_transaction, 0.01, give_up_s=0.05)
     assert Stuck.calls >= 2, "retried before giving up"
     assert forwarder.fatal is not None, "shutdown must not try the transaction again"
+
+
+_STUCK_CALL = """
+import sys, threading, time
+from kafka_retry.forwarding import Forwarder
+from kafka_retry.watchdog import EXIT_TRANSACTION_STUCK, Watch, Watchdog
+
+class Producer:  # librdkafka#5456: send_offsets_to_transaction can block past its timeout
+    def init_transactions(self, timeout): pass
+    def send_offsets_to_transaction(self, offsets, metadata, timeout):
+        if sys.argv[1] == "stuck":
+            threading.Event().wait()
+
+forwarder = Forwarder({"transactional.id": "t"}, producer=Producer())
+Watchdog([Watch("a transaction call", 0.5, lambda: forwarder.call_started,
+                EXIT_TRANSACTION_STUCK, "for a restart")]).start()
+forwarder._txn_call(Producer().send_offsets_to_transaction, [], None, 0.1)
+time.sleep(1.5)  # returned: the watchdog must not fire between calls
+"""
+
+
+@pytest.mark.parametrize("call", ["stuck", "returns"])
+def test_a_transaction_call_blocked_past_its_deadline_stops_the_process(call: str) -> None:
+    """A transaction call that never returns (inside librdkafka, past its own timeout) stops
+    the worker's process for a restart, whose producer fences the stuck one; one that returns
+    is not watched any more."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _STUCK_CALL, call], capture_output=True, text=True, timeout=60
+    )
+    if call == "stuck":
+        assert done.returncode == 5, done.stderr
+        assert "a transaction call overran its deadline of 0.5s" in done.stderr
+    else:
+        assert done.returncode == 0, done.stderr

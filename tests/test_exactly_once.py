@@ -20,7 +20,9 @@ from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 
+import localenv
 from dataplane_support import make_topology, wait_for
 from deployed_support import TESTS, WorkerPod, deploy_pipeline, records, stream_ids
 from dlq_support import fill_dlq
@@ -248,3 +250,64 @@ def committed_replays(bootstrap: str, topic: str, replay_id: str) -> Counter[str
     finally:
         c.close()
     return copies
+
+
+@pytest.mark.timeout(600)
+def test_a_broker_restart_mid_transaction_loses_and_repeats_nothing(
+    localenv_up: dict[str, str], tmp_path: Path
+) -> None:
+    """An ExactlyOnce tier worker forwarding a stream on a broker of its own, which restarts
+    (a clean shutdown and start, as in a rolling restart) while transactions are open: each
+    event reaches the next tier once. A worker that exits meanwhile is restarted, as the
+    kubelet would."""
+    with localenv.extra_kafka("kafka-eos-restart", {}) as bootstrap:
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        tag = uuid.uuid4().hex[:8]
+        made: list[str] = []
+
+        def make_topic(base: str = "t", partitions: int = 1, config: Any = None) -> str:
+            name = f"{base}-{tag}-{len(made)}"
+            new = NewTopic(name, num_partitions=partitions, replication_factor=1)
+            admin.create_topics([new])[name].result(timeout=30)
+            made.append(name)
+            return name
+
+        d = deploy_pipeline(
+            bootstrap,
+            admin,
+            make_topic,
+            tiers=(("retry-1", 1), ("retry-2", 3600)),
+            partitions=2,
+            callable_path="dataplane_handlers:fail_retriably",
+            delivery="ExactlyOnce",
+        )
+        first, second = (t.topic for t in d.topology.tiers)
+        env = {"DP_RECORD_FILE": str(tmp_path / "handled.jsonl")}
+        pod = WorkerPod(d, "retry-1", f"{d.name}-retry-1-0", tmp_path, env).start()
+        done = threading.Event()
+
+        def kubelet() -> None:
+            while not done.wait(1):
+                if not pod.running():
+                    pod.start()
+
+        restarter = threading.Thread(target=kubelet)
+        restarter.start()
+        try:
+            wait_for(pod.ready, 60, "the worker ready")
+            ids: list[str] = []
+            streamer = threading.Thread(target=stream_ids, args=(bootstrap, first, ids, 30.0, 20))
+            streamer.start()
+            time.sleep(10)
+            localenv.restart_extra_kafka("kafka-eos-restart")
+            streamer.join()
+            copies = committed_copies(bootstrap, second, set(ids), 180)
+        finally:
+            done.set()
+            restarter.join()
+            pod.stop()
+    duplicates = {i: n for i, n in copies.items() if n > 1}
+    print(f"{len(ids)} events, broker restarted, worker started {pod.starts}x: "
+          f"{len(duplicates)} duplicated, {len(set(ids) - copies.keys())} lost")  # fmt: skip
+    assert copies.keys() == set(ids), sorted(set(ids) - copies.keys())[:5]
+    assert not duplicates, list(duplicates.items())[:10]

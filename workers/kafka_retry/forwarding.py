@@ -152,6 +152,9 @@ TXN_TIMEOUT_S = 30.0  # longest wait for a transaction call (begin, offsets, com
 # with its request stuck in the coordinator connection's queue). init_transactions itself is
 # tried for as long as it takes: a broker down at start is waited for, not a crash loop.
 TXN_GIVE_UP_S = 2 * TXN_TIMEOUT_S
+# One transaction call blocked this long is stuck inside librdkafka past its own timeout
+# (watchdog.py): only a process restart gets the worker going again.
+TXN_CALL_DEADLINE_S = TXN_GIVE_UP_S
 
 
 class Forwarder:
@@ -185,6 +188,8 @@ class Forwarder:
         # (token, topic, headers, error) of records refused as too large in the transaction.
         self.refused_in_transaction: list[tuple[Any, str, HeaderList, KafkaError]] = []
         self._epoch = 0
+        # time.perf_counter() when the transaction call in progress began; 0 between calls.
+        self.call_started = 0.0
         if self.transactional:
             self._txn_call(self._producer.init_transactions, TXN_TIMEOUT_S, give_up_s=None)
 
@@ -293,6 +298,7 @@ class Forwarder:
         retry `FatalProducerError`."""
         started = time.monotonic()
         while True:
+            self.call_started = time.perf_counter()
             try:
                 call(*args)
                 return
@@ -311,6 +317,8 @@ class Forwarder:
                         f"{call.__name__} did not complete in {give_up_s:.0f} s: {err}"
                     ) from e
                 log.warning("transaction call %s: %s; trying again", call.__name__, err)
+            finally:
+                self.call_started = 0.0
 
     def _settle(self) -> None:
         self._raise_if_fatal()

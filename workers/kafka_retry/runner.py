@@ -231,10 +231,16 @@ class StageRunner:
     def handler_started(self) -> float:
         """`time.perf_counter()` when the handler call in progress began; 0 between calls.
         With concurrent calls, when the oldest running one began. Read by a
-        `watchdog.HandlerWatchdog` on another thread."""
+        `watchdog.Watchdog` on another thread."""
         if self._in_flight is not None:
             return self._in_flight.started()
         return self._handler_since
+
+    def transaction_call_started(self) -> float:
+        """`time.perf_counter()` when the transaction call in progress began (ExactlyOnce);
+        0 between calls. Read by a `watchdog.Watchdog` on another thread."""
+        forwarder = self._forwarder
+        return forwarder.call_started if forwarder is not None else 0.0
 
     def follow(self, topology: Topology) -> None:
         """A new topology of this pipeline (safe from any thread): routing, next delays and

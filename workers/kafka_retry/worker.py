@@ -21,7 +21,7 @@ anyway; idling keeps a pod that starts meanwhile from crash-looping.
 
 Exit codes: 0 after SIGTERM/SIGINT (drained and committed), 1 on a fatal Kafka error,
 2 for a bad topology or tier name, 3 when the handler cannot be loaded, 4 when a handler call
-overran its deadline (watchdog.py).
+overran its deadline, 5 when a transaction call blocked past its own (watchdog.py).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Any
 from confluent_kafka import KafkaException
 
 from kafka_retry import logformat
-from kafka_retry.forwarding import FatalProducerError
+from kafka_retry.forwarding import TXN_CALL_DEADLINE_S, FatalProducerError
 from kafka_retry.handlers import HTTP_TOKEN_ENV, HandlerFn, HandlerLoadError, build_handler
 from kafka_retry.kafka_config import (
     client_settings_from_env,
@@ -51,7 +51,7 @@ from kafka_retry.routing import Stage
 from kafka_retry.runner import StageRunner, tune_gc_for_worker
 from kafka_retry.topology_follow import TopologyFollower
 from kafka_retry.topology_source import TOPOLOGY_ENV, load_topology, topology_from_file
-from kafka_retry.watchdog import HandlerWatchdog
+from kafka_retry.watchdog import EXIT_DEADLINE, EXIT_TRANSACTION_STUCK, Watch, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -234,9 +234,15 @@ def run_worker(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
     log.info("metrics and probes on port %d", server.port)
     _on_signals(runner.stop)
     # Room for the handler's own timeout (an http handler answers TimeoutError at its deadline).
-    HandlerWatchdog(
-        topology.handler.timeout_seconds + DEADLINE_GRACE_S, runner.handler_started
-    ).start()
+    handler_deadline_s = topology.handler.timeout_seconds + DEADLINE_GRACE_S
+    Watchdog([
+        Watch("the handler", handler_deadline_s, runner.handler_started, EXIT_DEADLINE,
+              "so that the event is read again after the restart (dead-lettered as poison if "
+              "it keeps doing this)"),
+        Watch("a transaction call", TXN_CALL_DEADLINE_S, runner.transaction_call_started,
+              EXIT_TRANSACTION_STUCK, "so that a new producer fences this one and the "
+              "transaction it left open is aborted"),
+    ]).start()  # fmt: skip
     follower = None
     if args.topology_file and not args.drain:  # a mounted ConfigMap: follow it, no restart
         path = args.topology_file
