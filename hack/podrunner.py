@@ -20,8 +20,14 @@ it, and the probes use it.
   updatedReplicas, observedGeneration, an Available condition) is patched when it changes.
 - logs: each pod's output goes to `<log-dir>/<namespace>_<pod>.log`.
 
-Not emulated: init containers, volumes (containers share this machine's file system), exec
-probes (treated as passing), resource limits, security contexts.
+- ConfigMap volumes: the keys (or the `items` asked for) are written as files in a directory of
+  the pod's, and arguments and variables that name a path under the mount are rewritten to it.
+  Like the kubelet, the files are rewritten when the ConfigMap changes, each atomically (a
+  reader sees the old file or the new), at most `configmap_sync_s` later (the kubelet's is a
+  minute or more: a test that needs that slowness sets it).
+
+Not emulated: init containers, other volumes (containers share this machine's file system),
+exec probes (treated as passing), resource limits, security contexts.
 
 As a library (tests):
 
@@ -214,6 +220,43 @@ class Container:
 
 
 @dataclass
+class ConfigVolume:
+    """A ConfigMap volume: its files in `directory`, as last written."""
+
+    namespace: str
+    configmap: str
+    items: list[Mapping[str, str]]  # key -> path; empty: every key, under its own name
+    optional: bool
+    directory: Path
+    written: dict[str, str] = field(default_factory=dict)  # path -> content
+
+    def files(self, data: Mapping[str, str]) -> dict[str, str]:
+        if not self.items:
+            return dict(data)
+        missing = [i["key"] for i in self.items if i["key"] not in data]
+        if missing and not self.optional:
+            raise PodConfigError(f"keys {missing} not found in {self.configmap}")
+        return {i["path"]: data[i["key"]] for i in self.items if i["key"] in data}
+
+    def write(self, data: Mapping[str, str]) -> bool:
+        """The files for `data`, each replaced atomically; True when any changed."""
+        files = self.files(data)
+        if files == self.written:
+            return False
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for path, content in files.items():
+            target = self.directory / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staged = target.with_name(f".{target.name}.tmp")
+            staged.write_text(content)
+            os.replace(staged, target)
+        for path in self.written.keys() - files.keys():
+            (self.directory / path).unlink(missing_ok=True)
+        self.written = files
+        return True
+
+
+@dataclass
 class Pod:
     namespace: str
     name: str
@@ -222,6 +265,7 @@ class Pod:
     grace: float
     ports: dict[int, int] = field(default_factory=dict)  # containerPort -> local port
     terminating: bool = False
+    volumes: list[ConfigVolume] = field(default_factory=list)
 
     @property
     def ready(self) -> bool:
@@ -267,6 +311,7 @@ class PodRunner:
         tick: float = 0.25,
         probe_interval: float = 0.5,
         grace_cap: float = 10.0,
+        configmap_sync_s: float = 2.0,
     ) -> None:
         from kubernetes import client
         from kubernetes import config as kube_config
@@ -286,6 +331,8 @@ class PodRunner:
         self.tick = tick
         self.probe_interval = probe_interval
         self.grace_cap = grace_cap
+        self.configmap_sync_s = configmap_sync_s
+        self._next_configmap_sync = 0.0
         self._lock = threading.RLock()
         self._deployments: dict[tuple[str, str], dict[str, Any]] = {}
         self._pods: dict[tuple[str, str], list[Pod]] = {}
@@ -459,6 +506,26 @@ class PodRunner:
         # Written by several threads, as the deployment controller's workers do: one at a
         # time, 2,000 Deployments' statuses would take minutes on a busy API server.
         list(self._reporters.map(lambda change: self._report(*change), changed))
+        if now >= self._next_configmap_sync:
+            self._next_configmap_sync = now + self.configmap_sync_s
+            self.sync_volumes()
+
+    def sync_volumes(self) -> None:
+        """Rewrite ConfigMap volumes whose ConfigMap changed (every `configmap_sync_s`, or now):
+        one list per namespace in use."""
+        with self._lock:
+            volumes = [v for ps in self._pods.values() for p in ps for v in p.volumes]
+        for namespace in {v.namespace for v in volumes}:
+            listed = self._core.list_namespaced_config_map(namespace).items
+            data = {cm.metadata.name: dict(cm.data or {}) for cm in listed if cm.metadata}
+            for v in volumes:
+                if v.namespace != namespace or (v.configmap not in data and not v.optional):
+                    continue
+                try:
+                    if v.write(data.get(v.configmap, {})):
+                        log.info("volume of %s rewritten in %s", v.configmap, v.directory)
+                except PodConfigError as e:
+                    log.warning("cannot update %s: %s", v.directory, e)
 
     def _converge(self, key: tuple[str, str], d: dict[str, Any], now: float) -> None:
         want = _replicas(d)
@@ -564,12 +631,22 @@ class PodRunner:
         spec = template.get("spec", {})
         grace = min(float(spec.get("terminationGracePeriodSeconds", 30)), self.grace_cap)
         pod = Pod(namespace, name, thash, [], grace)
+        volumes = self._config_volumes(namespace, name, spec)
+        pod.volumes = list(volumes.values())
         for c in spec.get("containers", []):
             declared = [int(p["containerPort"]) for p in c.get("ports", []) if "containerPort" in p]
             ports = {port: free_port() for port in declared}
             pod.ports.update(ports)
-            env = self._container_env(namespace, name, c, ports)
-            argv = self._argv(c, env)
+            mounts = {
+                m["mountPath"].rstrip("/"): volumes[m["name"]].directory
+                for m in c.get("volumeMounts", [])
+                if m.get("name") in volumes
+            }
+            env = {
+                k: _remount(v, mounts)
+                for k, v in self._container_env(namespace, name, c, ports).items()
+            }
+            argv = [_remount(a, mounts) for a in self._argv(c, env)]
             pod.containers.append(
                 Container(
                     name=f"{namespace}/{name}/{c['name']}",
@@ -582,6 +659,24 @@ class PodRunner:
                 )
             )
         return pod
+
+    def _config_volumes(
+        self, namespace: str, pod_name: str, spec: Mapping[str, Any]
+    ) -> dict[str, ConfigVolume]:
+        """The pod's ConfigMap volumes by name, their files written."""
+        found = {}
+        for v in spec.get("volumes", []):
+            source = v.get("configMap")
+            if source is None:
+                continue
+            optional = bool(source.get("optional", False))
+            volume = ConfigVolume(
+                namespace, source["name"], list(source.get("items") or []), optional,
+                self.log_dir / "pods" / f"{namespace}_{pod_name}" / "volumes" / v["name"],
+            )  # fmt: skip
+            volume.write(self._configmap(namespace, source["name"], optional))
+            found[v["name"]] = volume
+        return found
 
     def _argv(self, container: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:
         command = list(container.get("command") or [])
@@ -717,6 +812,14 @@ def _available(d: Mapping[str, Any]) -> str | None:
         if c.get("type") == "Available":
             return str(c.get("status"))
     return None
+
+
+def _remount(text: str, mounts: Mapping[str, Path]) -> str:
+    """A path under a volume's mount path -> the same path in the volume's local directory."""
+    for mount, local in mounts.items():
+        if text == mount or text.startswith(mount + "/"):
+            return str(local) + text[len(mount) :]
+    return text
 
 
 def _expand(text: str, env: Mapping[str, str]) -> str:

@@ -5,10 +5,10 @@ at the deployed settings. Not a test module (no `test_` prefix).
 - Its topics get the operator's configuration (`topics.plan` + `topics.ensure` aligns the
   settings it owns onto the test's fresh topics, which `make_topic` deletes afterwards).
 - A worker's command, args and environment come from the operator's Deployment
-  (`children.tier_deployment`), with `valueFrom` resolved as the kubelet does (the topology
-  ConfigMap key, the downward API's pod name). No client setting is added: what runs is what
-  the operator deploys. Only test plumbing is added (PYTHONPATH for the handler module, the
-  record file, a free metrics port).
+  (`children.tier_deployment`), with `valueFrom` resolved and the topology ConfigMap's volume
+  written as the kubelet does (the ConfigMap key as a file, the downward API's pod name). No
+  client setting is added: what runs is what the operator deploys. Only test plumbing is
+  added (PYTHONPATH for the handler module, the record file, a free metrics port).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kafka_retry.model import LIVE_LANE, RetryPipelineSpec, Topology
+from kafka_retry.topology_source import CONFIGMAP_KEY
 from kafka_retry_operator import children, topics
 
 TESTS = Path(__file__).resolve().parent
@@ -88,9 +89,12 @@ def deploy_pipeline(
     return Deployed(name, spec, topology)
 
 
-def deployed_command(d: Deployed, tier: str) -> tuple[list[str], list[dict[str, Any]]]:
+def deployed_command(
+    d: Deployed, tier: str, volumes: Path
+) -> tuple[list[str], list[dict[str, Any]]]:
     """The container's argv (command mapped to this venv's console script) and env list;
-    `tier` `live-lane`: the managed live lane's."""
+    `tier` `live-lane`: the managed live lane's. The topology ConfigMap's volume is written
+    under `volumes` (its `topology.json`), where the argv's mounted path points."""
     defaults = children.WorkerDefaults("test", {})
     if tier == LIVE_LANE:
         deployment = children.live_lane_deployment(NAMESPACE, d.name, d.spec, d.topology, defaults)
@@ -102,7 +106,13 @@ def deployed_command(d: Deployed, tier: str) -> tuple[list[str], list[dict[str, 
     command = list(container["command"])
     script = Path(sys.executable).parent / command[0]
     command[0] = str(script) if script.exists() else command[0]
-    return [*command, *container["args"]], list(container["env"])
+    volumes.mkdir(parents=True, exist_ok=True)
+    (volumes / CONFIGMAP_KEY).write_text(d.topology.to_json())  # the ConfigMap's topology.json
+    mounted = f"{children.TOPOLOGY_DIR}/"
+    args = [
+        str(volumes / a[len(mounted) :]) if a.startswith(mounted) else a for a in container["args"]
+    ]
+    return [*command, *args], list(container["env"])
 
 
 def deployed_env(d: Deployed, env_list: Sequence[Mapping[str, Any]], pod: str) -> dict[str, str]:
@@ -135,7 +145,7 @@ class WorkerPod:
         log_dir: Path,
         extra_env: Mapping[str, str] | None = None,
     ) -> None:
-        argv, env_list = deployed_command(d, tier)
+        argv, env_list = deployed_command(d, tier, log_dir / f"{pod}-volume")
         self.argv = argv
         self.port = free_port()
         self.pod = pod

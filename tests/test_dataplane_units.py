@@ -15,7 +15,7 @@ from confluent_kafka import TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kafka_retry import decision, poison
+from kafka_retry import decision, poison, topology_tag
 from kafka_retry import headers as h
 from kafka_retry.assignment import Assignment
 from kafka_retry.classification import Failure
@@ -364,6 +364,11 @@ def test_poison_marks_count_the_starts_of_the_event_that_stops_the_worker() -> N
     watch.assigned(tp, 5, poison.mark(2, 3))
     assert watch.before_handler(tp, 5) == 1
     assert poison.starts_at("other metadata", 5) == 0
+    # A mark also names the topology run (topology_tag.py): both read back.
+    tagged = topology_tag.with_tag(poison.mark(2, 2), "abc")
+    assert poison.starts_at(tagged, 2) == 2 and topology_tag.tag_of(tagged) == "abc"
+    assert topology_tag.with_tag(tagged, "def") == f"{poison.mark(2, 2)} topology=def"
+    assert topology_tag.tag_of(poison.mark(2, 2)) is None
 
 
 # ---------------------------------------------------------------- decision and holding

@@ -123,8 +123,10 @@ def test_managed_live_lane_handles_retries_dead_letters_and_replays(
     tier = deployments["orders-retry-1"]
     assert live["metadata"]["ownerReferences"][0]["uid"] == rp["metadata"]["uid"]
     live_pod, tier_pod = live["spec"]["template"]["spec"], tier["spec"]["template"]["spec"]
-    assert live_pod["containers"][0]["args"] == ["--live"]
-    for key in ("securityContext", "resources", "image", "command"):
+    assert live_pod["containers"][0]["args"] == [
+        "--live", "--topology-file", "/etc/kafka-retry/topology.json"
+    ]  # fmt: skip
+    for key in ("securityContext", "resources", "image", "command", "volumeMounts"):
         assert live_pod["containers"][0][key] == tier_pod["containers"][0][key], key
     assert live_pod["securityContext"] == tier_pod["securityContext"]
     assert live["spec"]["replicas"] == tier["spec"]["replicas"] == 1

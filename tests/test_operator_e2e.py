@@ -254,6 +254,7 @@ def test_spec_updates_reconcile_and_partitions_never_shrink(
     before = _deployments(kubectl, namespace, "orders")
     hash_key = "kafkaretry.io/topology-hash"
     old_hash = before["retry-1"]["spec"]["template"]["metadata"]["annotations"][hash_key]
+    pods_before = [(p.name, p.pids) for p in podrunner.wait_ready(namespace, "orders-retry-1")]
 
     # Add a tier, change a delay, raise partitions.
     doc["spec"]["tiers"] = [
@@ -270,7 +271,10 @@ def test_spec_updates_reconcile_and_partitions_never_shrink(
     after = _deployments(kubectl, namespace, "orders")
     assert sorted(after) == ["retry-1", "retry-2", "retry-3"]
     assert after["retry-1"]["metadata"]["uid"] == before["retry-1"]["metadata"]["uid"]
-    assert after["retry-1"]["spec"]["template"]["metadata"]["annotations"][hash_key] != old_hash
+    # A tier added and a delay changed: the workers follow the ConfigMap, nothing rolls.
+    assert after["retry-1"]["spec"]["template"]["metadata"]["annotations"][hash_key] == old_hash
+    assert after["retry-1"]["metadata"]["generation"] == before["retry-1"]["metadata"]["generation"]
+    assert [(p.name, p.pids) for p in podrunner.pods(namespace, "orders-retry-1")] == pods_before
     cm = get(kubectl, namespace, "configmap", "orders-topology")
     assert cm is not None
     topology = Topology.from_json(cm["data"]["topology.json"])

@@ -17,7 +17,15 @@ from kubernetes.client.exceptions import ApiException
 from kafka_retry import depth
 from kafka_retry.kafka_secret import SecretNotFound
 from kafka_retry.model import RetryPipelineSpec, Topology
-from kafka_retry_operator import announcements, children, offset_keeper, secret_rotation, topics
+from kafka_retry.topology_tag import topology_hash
+from kafka_retry_operator import (
+    announcements,
+    children,
+    draining,
+    offset_keeper,
+    secret_rotation,
+    topics,
+)
 from kafka_retry_operator import conditions as c
 from kafka_retry_operator import status as st
 from kafka_retry_operator.config import ConfigError, OperatorConfig
@@ -68,13 +76,22 @@ def test_deployment_follows_the_worker_contract() -> None:
     pod = d["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["command"] == ["kafka-retry", "worker"]
-    assert container["args"] == ["--tier", "retry-1"]
+    # The topology: the ConfigMap's key as a file in a read-only volume, followed live.
+    assert container["args"] == ["--tier", "retry-1", "--topology-file", children.TOPOLOGY_FILE]
     assert container["image"] == "billing:1.4"  # python handler: the service's image
     env = {e["name"]: e for e in container["env"]}
-    assert env["KAFKA_RETRY_TOPOLOGY"]["valueFrom"]["configMapKeyRef"] == {
-        "name": "billing-orders-topology",
-        "key": "topology.json",
-    }
+    assert "KAFKA_RETRY_TOPOLOGY" not in env
+    assert {"name": "topology", "mountPath": "/etc/kafka-retry", "readOnly": True} in container[
+        "volumeMounts"
+    ]
+    assert children.TOPOLOGY_FILE == "/etc/kafka-retry/topology.json"
+    assert {
+        "name": "topology",
+        "configMap": {
+            "name": "billing-orders-topology",
+            "items": [{"key": "topology.json", "path": "topology.json"}],
+        },
+    } in pod["volumes"]
     assert env["KAFKA_RETRY_METRICS_PORT"]["value"] == "9400"
     # static group membership under the pod name: a restarted container rejoins at once
     assert env["KAFKA_RETRY_INSTANCE_ID"]["valueFrom"] == {
@@ -248,13 +265,31 @@ def test_suspend_scales_to_zero() -> None:
     assert _deployment(_spec(suspend=True))["spec"]["replicas"] == 0
 
 
-def test_a_topology_change_changes_the_pod_template() -> None:
+def test_only_what_a_worker_reads_at_start_changes_the_pod_template() -> None:
+    """Tier workers follow routing, delays, classification and the DLQ live (a mounted
+    ConfigMap): such a change must not roll (restart) them. What they read only at start (the
+    handler, the delivery guarantee, their own topic) rolls them."""
     a = _deployment(_spec())
-    b = _deployment(_spec(tiers=[{"name": "retry-1", "delaySeconds": 31}]))
-    key = children.TOPOLOGY_HASH_ANNOTATION
-    a_hash = a["spec"]["template"]["metadata"]["annotations"][key]
-    assert a_hash != b["spec"]["template"]["metadata"]["annotations"][key]
     assert a == _deployment(_spec()), "builders are deterministic"
+    followed = [
+        _spec(tiers=[{"name": "retry-1", "delaySeconds": 31}, SPEC["tiers"][1]]),
+        _spec(tiers=[SPEC["tiers"][0], {"name": "later", "delaySeconds": 300}]),
+        _spec(tiers=SPEC["tiers"][:1]),
+        _spec(dlq={"retentionHours": 48, "topic": "elsewhere"}),
+        _spec(classification={"nonRetriable": ["ValueError"]}),
+    ]
+    for spec in followed:
+        assert _deployment(spec)["spec"]["template"] == a["spec"]["template"], spec
+    read_at_start = [
+        _spec(handler={"python": {"image": "billing:1.5", "callable": "billing.h:handle"}}),
+        _spec(handler={"python": {"image": "billing:1.4", "callable": "billing.h:other"}}),
+        _spec(delivery="ExactlyOnce"),
+        _spec(tiers=[{"name": "retry-1", "delaySeconds": 30, "topic": "t1"}, SPEC["tiers"][1]]),
+    ]
+    key = children.TOPOLOGY_HASH_ANNOTATION
+    for spec in read_at_start:
+        b = _deployment(spec)["spec"]["template"]["metadata"]["annotations"][key]
+        assert b != a["spec"]["template"]["metadata"]["annotations"][key], spec
 
 
 def test_configmap_holds_the_topology() -> None:
@@ -476,11 +511,19 @@ def test_live_lane_deployment_is_a_tier_workers_pod_on_the_source() -> None:
     assert names == ["billing-orders-retry-1", "billing-orders-retry-2", "billing-orders-live-lane"]
     live, tier = deployments[2], deployments[0]
     container = live["spec"]["template"]["spec"]["containers"][0]
-    assert container["args"] == ["--live"]
+    assert container["args"] == ["--live", "--topology-file", children.TOPOLOGY_FILE]
     assert live["spec"]["replicas"] == 3
     assert live["spec"]["selector"]["matchLabels"]["kafkaretry.io/tier"] == "live-lane"
     tier_container = tier["spec"]["template"]["spec"]["containers"][0]
-    for key in ("image", "resources", "securityContext", "env", "envFrom", "command"):
+    for key in (
+        "image",
+        "resources",
+        "securityContext",
+        "env",
+        "envFrom",
+        "command",
+        "volumeMounts",
+    ):
         assert container[key] == tier_container[key], key
     # Without liveLane, nothing changes: the tiers' Deployments only.
     _, plain = children.desired_children("shop", "billing-orders", _spec(), topo, defaults)
@@ -783,11 +826,13 @@ def test_json_logs_and_spread_reach_the_worker_deployment() -> None:
     topo = spec.topology("shop", "billing-orders")
     d = children.tier_deployment("shop", "billing-orders", spec, topo.tiers[0], topo, defaults)
     pod = d["spec"]["template"]["spec"]
-    assert pod["containers"][0]["args"] == ["--tier", "retry-1", "--log-format=json"]
+    assert pod["containers"][0]["args"][-1] == "--log-format=json"
     assert pod["topologySpreadConstraints"] == [{**spread, "labelSelector": d["spec"]["selector"]}]
     # The defaults change nothing of existing Deployments: no extra args, no spread.
     plain = _deployment(spec)["spec"]["template"]["spec"]
-    assert plain["containers"][0]["args"] == ["--tier", "retry-1"]
+    assert plain["containers"][0]["args"] == [
+        "--tier", "retry-1", "--topology-file", children.TOPOLOGY_FILE
+    ]  # fmt: skip
     assert "topologySpreadConstraints" not in plain
 
 
@@ -878,6 +923,52 @@ def test_draining_plans_what_a_spec_change_leaves_behind() -> None:
     assert draining.finished(later.draining, lag, True, 5, at) == {"old-dlq"}
     assert draining.finished(later.draining, lag, True, 65, at) == set()
     assert draining.finished(later.draining, lag, False, 5, at) == set()
+
+
+def test_the_drain_gate_waits_for_every_partition_to_carry_the_current_topology() -> None:
+    """A drain ends only when every tier worker runs the current topology (no worker could
+    still forward to the drained topic): each partition of each tier group committed with the
+    current hash, or the group empty. Unknown counts as behind."""
+    F = draining.Following
+    current = "c0ffee"
+    assert draining.behind({"r1": F(2, {0: current, 1: current})}, current) == []
+    assert draining.behind({"r1": F(0, {0: "old", 1: None})}, current) == []  # no workers
+    assert draining.behind({"r1": F(1, {})}, current) == []  # no partitions (yet)
+    assert draining.behind(
+        {"r1": F(1, {0: current, 1: "old", 2: None}), "r2": F(1, {0: current})}, current
+    ) == ["r1: partitions 1,2 of 3 not yet"]
+    assert draining.behind({"r1": None}, current) == ["r1: not measured yet"]
+
+    # In status: the Draining condition says whom it waits for, and the drain does not end.
+    spec = _spec(tiers=[{"name": "retry-1", "delaySeconds": 30}])
+    previous = st.compose(
+        _record(topology=_spec().topology("shop", "p")),
+        None,
+        None,
+        {},
+        {},
+        at="2026-01-01T00:00:00Z",
+    )
+    topology = draining.follow(spec.topology("shop", "p"), previous, "2026-01-01T00:00:00Z")
+    (drain,) = topology.draining
+    record = _record(topology=topology)
+    workers = {"retry-1": st.TierWorkers("retry-1", 2, 2, 2, True)}
+    now = "2026-01-01T00:10:00Z"
+
+    def compose(tags: dict[int, str | None]) -> dict[str, Any]:
+        sample = Sample(0.0, drain_lag={drain.topic: 0}, following={"retry-1": F(2, tags)})
+        return st.compose(record, sample, None, workers, previous, at=now, drain_settle_s=60)
+
+    hashed = topology_hash(topology)
+    stale = compose({0: hashed, 1: hashed, 2: "0123456789abcdef"})
+    assert [d["topic"] for d in stale["draining"]] == [drain.topic]
+    (cond,) = [x for x in stale["conditions"] if x["type"] == "Draining"]
+    assert cond["status"] == "True"
+    assert (
+        "waiting for workers to follow the new topology: retry-1: partitions 2 of 3"
+        in (cond["message"])
+    )
+    assert compose({0: hashed, 1: hashed, 2: hashed})["draining"] == []
 
 
 class _KedaObjects:

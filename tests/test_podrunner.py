@@ -234,3 +234,72 @@ def test_entry_points_map_to_this_checkouts_console_scripts(kubeconfig: str) -> 
     else:
         raise AssertionError("a container without a command needs a mapped image")
     time.sleep(0)
+
+
+VOLUME_STUB = r"""
+import sys, time
+while True:  # the mounted file's content, as a worker following it would read it
+    time.sleep(0.1)
+"""
+
+
+def test_a_configmap_volume_is_a_file_rewritten_when_the_configmap_changes(
+    k8s_api: Any, kubeconfig: str, namespace: str, tmp_path: Path
+) -> None:
+    """As the kubelet does for a ConfigMap volume: the key as a file under the mount path
+    (arguments naming it point at the pod's copy), rewritten atomically when the ConfigMap
+    changes, with the process left running (no restart, no roll)."""
+    from kubernetes import client
+
+    core, apps = client.CoreV1Api(k8s_api), client.AppsV1Api(k8s_api)
+    script = tmp_path / "stub.py"
+    script.write_text(VOLUME_STUB)
+    core.create_namespaced_config_map(
+        namespace, {"metadata": {"name": "cm"}, "data": {"topology.json": "one", "other": "x"}}
+    )
+    labels = {"app": "vol"}
+    container = {
+        "name": "stub",
+        "image": "stub:1",
+        "command": ["python3"],
+        "args": [str(script), "--topology-file", "/etc/kafka-retry/topology.json"],
+        "volumeMounts": [{"name": "topology", "mountPath": "/etc/kafka-retry", "readOnly": True}],
+    }
+    volume = {
+        "name": "topology",
+        "configMap": {"name": "cm", "items": [{"key": "topology.json", "path": "topology.json"}]},
+    }
+    apps.create_namespaced_deployment(
+        namespace,
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "vol", "labels": labels},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {"containers": [container], "volumes": [volume]},
+                },
+            },
+        },
+    )
+    with pr.running(
+        kubeconfig=kubeconfig,
+        namespace=namespace,
+        log_dir=tmp_path / "logs",
+        grace_cap=5.0,
+        configmap_sync_s=0.5,
+    ) as runner:
+        (pod,) = runner.wait_ready(namespace, "vol", timeout=30)
+        argv = Path(f"/proc/{pod.pids[0]}/cmdline").read_bytes().decode().split("\0")
+        path = Path(argv[argv.index("--topology-file") + 1])
+        assert path.name == "topology.json" and path.parent != Path("/etc/kafka-retry")
+        assert path.read_text() == "one"
+        assert sorted(p.name for p in path.parent.iterdir()) == ["topology.json"]  # items only
+
+        core.patch_namespaced_config_map("cm", namespace, {"data": {"topology.json": "two"}})
+        wait_for(lambda: path.read_text() == "two", 10, "the file rewritten")
+        (same,) = runner.pods(namespace, "vol")
+        assert (same.name, same.pids, same.restarts) == (pod.name, pod.pids, 0)

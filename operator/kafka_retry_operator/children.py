@@ -2,8 +2,9 @@
 ConfigMap, one tier-worker Deployment per tier and, with `spec.liveLane`, the live lane's.
 
 This is the operator's half of the contract with the tier worker (`kafka-retry worker`): the
-command and args, the topology in `KAFKA_RETRY_TOPOLOGY` from the ConfigMap, the metrics and
-probe port, and the Secret's librdkafka settings as `KAFKA_CLIENT_*` variables. Owner
+command and args, the topology from the ConfigMap (mounted as a file that the tier and
+live-lane workers follow, `--topology-file`; in `KAFKA_RETRY_TOPOLOGY` for drain workers), the
+metrics and probe port, and the Secret's librdkafka settings as `KAFKA_CLIENT_*` variables. Owner
 references are added by the caller (`kopf.adopt`), so these stay testable without a cluster.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,12 +101,29 @@ def selector_labels(pipeline: str, tier: str) -> dict[str, str]:
     return {LABEL_NAME: WORKER_APP, LABEL_INSTANCE: pipeline, LABEL_TIER: tier}
 
 
-def topology_hash(topology: Topology) -> str:
-    """What a tier worker reads of the topology, hashed into its pod template so that a change
-    rolls it. Drains are left out: a drain's start or end is a drain worker's business, and
-    rolling every tier for it would restart them for nothing (and flap Ready)."""
-    read = topology.model_copy(update={"draining": []})
-    return hashlib.sha256(read.to_json().encode()).hexdigest()[:16]
+# Where tier and live-lane workers find the topology: the ConfigMap's key as a file in a
+# read-only volume, which the kubelet rewrites when the ConfigMap changes (a directory mount:
+# a subPath mount would never be updated).
+TOPOLOGY_VOLUME = "topology"
+TOPOLOGY_DIR = "/etc/kafka-retry"
+TOPOLOGY_FILE = f"{TOPOLOGY_DIR}/{CONFIGMAP_KEY}"
+
+
+def start_hash(topology: Topology, stage: str) -> str:
+    """What a tier (or live-lane) worker reads of the topology only when it starts, hashed into
+    its pod template so that a change rolls it: its own topic and group, the handler, the
+    delivery guarantee, the cluster, suspension. The rest (routing, delays, classification,
+    the DLQ) it follows live (`StageRunner.follow`), so such a change restarts nothing."""
+    own = (
+        topology.tier(stage).model_dump(mode="json", include={"topic", "consumer_group"})
+        if stage != LIVE_LANE
+        else {"topic": topology.source_topic, "consumer_group": topology.consumer_group}
+    )
+    read = topology.model_dump(
+        mode="json", include={"pipeline", "bootstrap_servers", "handler", "delivery", "suspend"}
+    )
+    text = json.dumps({**read, "stage": own}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def topology_configmap(namespace: str, pipeline: str, topology: Topology) -> dict[str, Any]:
@@ -195,8 +214,9 @@ def tier_deployment(
     return _worker_deployment(
         namespace, pipeline, spec, deployment_name(pipeline, tier.name),
         {LABEL_COMPONENT: TIER_WORKER, LABEL_TIER: tier.name},
-        selector_labels(pipeline, tier.name), ["--tier", tier.name],
-        topology_hash(topology), defaults, secrets, desired_replicas(spec, autoscaled),
+        selector_labels(pipeline, tier.name),
+        ["--tier", tier.name, "--topology-file", TOPOLOGY_FILE],
+        start_hash(topology, tier.name), defaults, secrets, desired_replicas(spec, autoscaled),
     )  # fmt: skip
 
 
@@ -215,8 +235,8 @@ def live_lane_deployment(
     return _worker_deployment(
         namespace, pipeline, spec, deployment_name(pipeline, LIVE_LANE),
         {LABEL_COMPONENT: LIVE_LANE, LABEL_TIER: LIVE_LANE},
-        selector_labels(pipeline, LIVE_LANE), ["--live"],
-        topology_hash(topology), defaults, secrets, desired_replicas(spec, autoscaled),
+        selector_labels(pipeline, LIVE_LANE), ["--live", "--topology-file", TOPOLOGY_FILE],
+        start_hash(topology, LIVE_LANE), defaults, secrets, desired_replicas(spec, autoscaled),
     )  # fmt: skip
 
 
@@ -255,13 +275,14 @@ def _worker_deployment(
     replicas: int | None,
 ) -> dict[str, Any]:
     labels = {**pipeline_labels(pipeline), **role_labels}
+    follows = TOPOLOGY_FILE in args  # the file, followed live; else the variable, read at start
+    from_configmap = {"name": configmap_name(pipeline), "key": CONFIGMAP_KEY}
     env: list[dict[str, Any]] = [
-        {
-            "name": TOPOLOGY_ENV,
-            "valueFrom": {
-                "configMapKeyRef": {"name": configmap_name(pipeline), "key": CONFIGMAP_KEY}
-            },
-        },
+        *(
+            []
+            if follows
+            else [{"name": TOPOLOGY_ENV, "valueFrom": {"configMapKeyRef": from_configmap}}]
+        ),
         {"name": METRICS_PORT_ENV, "value": str(METRICS_PORT)},
         {"name": INSTANCE_ID_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
     ]
@@ -293,8 +314,24 @@ def _worker_deployment(
         "resources": worker_resources(spec, defaults.resources),
         "securityContext": merge_patch(RESTRICTED_SECURITY_CONTEXT, defaults.security_context),
         # A read-only root still needs somewhere for temporary files.
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]
+        + (
+            [{"name": TOPOLOGY_VOLUME, "mountPath": TOPOLOGY_DIR, "readOnly": True}]
+            if follows
+            else []
+        ),
     }
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}]
+    if follows:
+        volumes.append(
+            {
+                "name": TOPOLOGY_VOLUME,
+                "configMap": {
+                    "name": configmap_name(pipeline),
+                    "items": [{"key": CONFIGMAP_KEY, "path": CONFIGMAP_KEY}],
+                },
+            }
+        )
     if spec.kafka.secret_ref is not None:
         container["envFrom"] = [
             {"prefix": CLIENT_ENV_PREFIX, "secretRef": {"name": spec.kafka.secret_ref.name}}
@@ -313,7 +350,7 @@ def _worker_deployment(
             "template": {
                 "metadata": {
                     "labels": labels,
-                    # A new topology (delay, handler, classification...) rolls the pods.
+                    # What the workers read only at start (`start_hash`): its change rolls them.
                     "annotations": {
                         TOPOLOGY_HASH_ANNOTATION: template_hash,
                         **(secrets or {}),
@@ -326,7 +363,7 @@ def _worker_deployment(
                         RESTRICTED_POD_SECURITY_CONTEXT, defaults.pod_security_context
                     ),
                     "containers": [container],
-                    "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
+                    "volumes": volumes,
                     **_spread(defaults.topology_spread, dict(selector)),
                 },
             },

@@ -10,12 +10,19 @@ the operator writes after every reconcile, so a restarted operator picks up wher
 
 A drain ends when its topic's lag is 0, no sooner than `settle_s` after it began (time for
 every service's SDK to follow the new topology) and once the tier workers all run the current
-topology (so none still forwards to the old topic).
+topology (so none still forwards to the old topic). Tier workers follow the topology live, from
+their mounted ConfigMap, which the kubelet updates when it gets to it (a minute or two, not
+bounded): time is no signal. Each worker tags its committed offsets with the hash of the
+topology it runs, and tags every partition it holds as soon as it applies a new one (the
+worker's topology_tag.py); `behind` reads those tags. A stage's workers run the current
+topology when every partition of its group carries its hash, or when the group has no members
+(scaled to zero: a worker that starts reads the current file, and tags what it is assigned).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -94,6 +101,31 @@ def finished(
         for d in drains
         if lag.get(d.topic) == 0 and (_parse(now) - _parse(d.since)).total_seconds() >= settle_s
     }
+
+
+@dataclass(frozen=True)
+class Following:
+    """What a stage's consumer group shows of the topology its workers run (sampler.py)."""
+
+    members: int
+    tags: Mapping[int, str | None]  # partition -> topology hash on its committed offset
+
+
+def behind(stages: Mapping[str, Following | None], current: str) -> list[str]:
+    """The stages whose workers may not all run the topology hashed `current`, each with why
+    (for the Draining message); empty when all do. A stage not measured counts as behind."""
+    found = []
+    for name, f in stages.items():
+        if f is None:
+            found.append(f"{name}: not measured yet")
+        elif f.members and (old := sorted(p for p, tag in f.tags.items() if tag != current)):
+            found.append(f"{name}: partitions {_ranges(old)} of {len(f.tags)} not yet")
+    return found
+
+
+def _ranges(partitions: list[int]) -> str:
+    shown = ",".join(map(str, partitions[:8]))
+    return shown + (f",... ({len(partitions)})" if len(partitions) > 8 else "")
 
 
 def _parse(stamp: str) -> datetime:

@@ -30,14 +30,17 @@ from confluent_kafka import Consumer, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from kafka_retry import depth
-from kafka_retry.model import DrainingStage
+from kafka_retry.model import LIVE_LANE, DrainingStage
 from kafka_retry.offset_queries import (
     TP,
     committed,
+    members,
     offsets_retention_s,
     topic_partitions,
     watermarks,
 )
+from kafka_retry.topology_tag import tag_of
+from kafka_retry_operator.draining import Following
 from kafka_retry_operator.fleet import Fleet, PipelineKey, PipelineRecord
 from kafka_retry_operator.kafka_admin import (
     AdminRegistry,
@@ -61,6 +64,9 @@ class Sample:
     tier_oldest_ms: Mapping[str, int] = field(default_factory=dict)
     drain_lag: Mapping[str, int | None] = field(default_factory=dict)  # by draining topic
     live_lag: int | None = None  # with spec.liveLane: the source group's, on the source topic
+    # While a drain runs: each stage's group, as it shows the topology its workers run (None:
+    # not measured). Only then: the drain's end waits for it (draining.behind).
+    following: Mapping[str, Following | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -331,9 +337,15 @@ class _ClusterLoop:
         asked = {g: sorted(p) for g, p in groups.items() if p}
         absent = _absent(admin, asked, timeout)
         present = {g: p for g, p in asked.items() if g not in absent}
-        offsets = committed(admin, present, timeout, self._coordinated)
+        metadata: dict[str, dict[TP, str | None]] = {}
+        offsets = committed(admin, present, timeout, self._coordinated, metadata)
         self._coordinated.update(offsets)
         offsets.update({g: dict.fromkeys(asked[g]) for g in absent})  # none committed
+        metadata.update({g: dict.fromkeys(asked[g]) for g in absent})
+        # Whom a drain waits for: each stage's group, its members and tags (draining.py).
+        staged = {r.key: _stages(r) for r in records if r.topology.draining}
+        gated = {group for stages in staged.values() for _, group, _ in stages}
+        sizes = members(admin, gated - absent, timeout) | dict.fromkeys(gated & absent, 0)
 
         now = time.time()
         tiers: dict[PipelineKey, dict[str, depth.Backlog | None]] = {}
@@ -382,6 +394,10 @@ class _ClusterLoop:
                 {name: ms for name, ms in tier_oldest.items() if ms is not None},
                 {d.topic: b.total if b else None for d, b in drains[r.key]},
                 b.total if (b := live.get(r.key)) else None,
+                {
+                    name: _following(topic, counts, sizes.get(group), metadata.get(group))
+                    for name, group, topic in staged.get(r.key, [])
+                },
             )
         duration = time.monotonic() - started
         full = PassStats(duration, len(records), time.time()) if only is None else None
@@ -465,13 +481,37 @@ def _absent(admin: AdminClient, groups: Collection[str], timeout: float) -> set[
     return set(groups) - {g.group_id for g in listed.valid}
 
 
+def _stages(r: PipelineRecord) -> list[tuple[str, str, str]]:
+    """(name, group, topic) of each stage whose workers follow the topology live."""
+    found = [(t.name, t.consumer_group, t.topic) for t in r.topology.tiers]
+    if r.live_lane:
+        found.append((LIVE_LANE, r.topology.consumer_group, r.topology.source_topic))
+    return found
+
+
+def _following(
+    topic: str,
+    counts: Mapping[str, int],
+    group_members: int | None,
+    metadata: Mapping[TP, str | None] | None,
+) -> Following | None:
+    """A stage's group as the drain gate reads it; None when not measured (the topic, the
+    group's members or its committed offsets unknown)."""
+    if topic not in counts or group_members is None or metadata is None:
+        return None
+    tags = {p: tag_of(metadata.get((topic, p))) for p in range(counts[topic])}
+    return Following(group_members, tags)
+
+
 def _topics(records: Iterable[PipelineRecord]) -> set[str]:
-    """The tier, DLQ and draining topics of `records`."""
+    """The tier, DLQ and draining topics of `records`, and the source topic of a live lane."""
     found: set[str] = set()
     for r in records:
         found.update(t.topic for t in r.topology.tiers)
         found.add(r.topology.dlq_topic)
         found.update(d.topic for d in r.topology.draining)
+        if r.live_lane:
+            found.add(r.topology.source_topic)
     return found
 
 

@@ -27,6 +27,7 @@ from kafka_retry.model import (
     TierStatus,
     TopicsStatus,
 )
+from kafka_retry.topology_tag import topology_hash
 from kafka_retry_operator import conditions as c
 from kafka_retry_operator import draining
 from kafka_retry_operator.fleet import PipelineRecord
@@ -160,7 +161,10 @@ def compose(
     at = at or c.now()
     topics = topics_verdict(record, health)
     workers_ready = workers_verdict(record, workers, troubles)
-    drains = _draining(record, sample, workers_ready.ok, previous, at, drain_settle_s)
+    waiting = _workers_behind(record, sample) if record.topology.draining else []
+    drains = _draining(
+        record, sample, workers_ready.ok and not waiting, previous, at, drain_settle_s
+    )
     suspended = record.suspended and topics.ok and workers_ready.ok
     kept, at_risk = _retention(record, sample, time.time() if now_s is None else now_s)
     ready = c.ready(
@@ -170,7 +174,7 @@ def compose(
     )
     if ready.ok and at_risk:
         ready = c.Verdict(c.READY, "False", EVENTS_AT_RISK, at_risk)
-    verdicts = [ready, topics, workers_ready, _draining_verdict(drains)]
+    verdicts = [ready, topics, workers_ready, _draining_verdict(drains, waiting)]
     if record.autoscaling is not None:
         verdicts.append(record.autoscaling)
     conditions = c.stamp(verdicts, _list(previous.get("conditions")), record.generation, at)
@@ -284,12 +288,22 @@ def _draining(
     ]
 
 
-def _draining_verdict(drains: list[DrainingStatus]) -> c.Verdict:
+def _workers_behind(record: PipelineRecord, sample: Sample | None) -> list[str]:
+    """The stages whose workers may still run an older topology (draining.behind)."""
+    following = sample.following if sample else {}
+    stages = [t.name for t in record.topology.tiers] + ([LIVE_LANE] if record.live_lane else [])
+    current = topology_hash(record.topology)
+    return draining.behind({s: following.get(s) for s in stages}, current)
+
+
+def _draining_verdict(drains: list[DrainingStatus], behind: list[str]) -> c.Verdict:
     if not drains:
         return c.Verdict.of(c.DRAINING, False, "NothingToDrain")
     what = "; ".join(
         f"{d.name} ({d.topic}) to {d.to}: {'?' if d.lag is None else d.lag} events" for d in drains
     )
+    if behind:
+        what += "; waiting for workers to follow the new topology: " + "; ".join(behind)
     return c.Verdict.of(c.DRAINING, True, "Draining", what)
 
 

@@ -60,8 +60,10 @@ def committed(
     groups: Mapping[str, Iterable[TP]],
     timeout: float,
     coordinated: Collection[str] = (),
+    metadata: dict[str, dict[TP, str | None]] | None = None,
 ) -> dict[str, dict[TP, int | None]]:
-    """Each group's committed offset (None: none committed) for the given partitions.
+    """Each group's committed offset (None: none committed) for the given partitions; with
+    `metadata`, each committed offset's metadata is put there too (by group, then partition).
 
     The admin API takes one group per request; all requests are sent before any answer is
     awaited, so a pass costs two round trips, not one per group. A group whose query failed
@@ -90,12 +92,32 @@ def committed(
         except Exception as e:
             log.debug("list_consumer_group_offsets %s: %s", group, e)
             continue
+        answered = [tp for tp in answer.topic_partitions if tp.error is None]
         result[group] = {
-            (tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None)
-            for tp in answer.topic_partitions
-            if tp.error is None
+            (tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None) for tp in answered
         }
+        if metadata is not None:
+            metadata[group] = {
+                (tp.topic, tp.partition): (tp.metadata if tp.offset >= 0 else None)
+                for tp in answered
+            }
     return result
+
+
+def members(admin: AdminClient, groups: Collection[str], timeout: float) -> dict[str, int]:
+    """How many members each group has now (0: empty or unknown to the cluster); a group
+    whose description failed is left out."""
+    if not groups:
+        return {}
+    found = {}
+    for group, future in admin.describe_consumer_groups(
+        list(groups), request_timeout=timeout
+    ).items():
+        try:
+            found[group] = len(future.result(timeout=timeout).members)
+        except Exception as e:
+            log.debug("describe_consumer_groups %s: %s", group, e)
+    return found
 
 
 def _coordinator_ready(admin: AdminClient, groups: list[str], timeout: float) -> set[str]:

@@ -4,13 +4,14 @@ forever, and hold up its partition.
 
 A run marks where it starts on a partition: before it hands the first event to the handler,
 it commits that event's offset (synchronously, it is already the committed one) with
-metadata `kafka-retry-head:<offset>:<starts>`. Progress is committed as usual afterwards, with
-no metadata, which clears the mark. A later run that finds the mark still on the committed
-offset knows that the run before stopped there, or after it before its progress was committed.
-It then handles that partition carefully: it marks every event before handing it over, so
-the mark ends up on the event that stops it, counting the starts. An event marked
-`POISON_STARTS` times already goes to the DLQ (`dlq-reason: poison`) instead of the handler.
-Careful handling ends with the first batch that completes.
+metadata `kafka-retry-head:<offset>:<starts>` (and the topology tag, topology_tag.py).
+Progress is committed as usual afterwards, with only the tag, which clears the mark. A later
+run that finds the mark still on the committed offset knows that the run before stopped
+there, or after it before its progress was committed. It then handles that partition
+carefully: it marks every event before handing it over, so the mark ends up on the event that
+stops it, counting the starts. An event marked `POISON_STARTS` times already goes to the DLQ
+(`dlq-reason: poison`) instead of the handler. Careful handling ends with the first batch that
+completes.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def starts_at(metadata: str | None, committed: int) -> int:
     committed offset's metadata says (0: no mark, or a mark of another offset)."""
     if not metadata or not metadata.startswith(_MARK):
         return 0
-    offset, _, starts = metadata[len(_MARK) :].partition(":")
+    offset, _, starts = metadata[len(_MARK) :].split(" ", 1)[0].partition(":")
     if offset != str(committed) or not starts.isdigit():
         return 0
     return int(starts)

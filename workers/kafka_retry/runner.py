@@ -33,9 +33,9 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from kafka_retry import decision, poison, record_headers
+from kafka_retry import decision, poison, record_headers, topology_tag
 from kafka_retry import headers as h
-from kafka_retry.assignment import Assignment
+from kafka_retry.assignment import COMMITTED_TIMEOUT_S, Assignment
 from kafka_retry.classification import Classifier, Failure
 from kafka_retry.client_log import client_log
 from kafka_retry.decision import DEAD_LETTER, HOLD
@@ -198,6 +198,9 @@ class StageRunner:
         self._drain_to = drain_to
         self._drain_outcome = RETRIED if stage.is_tier else DEAD_LETTERED
         self._next_topology: Topology | None = None  # from `follow`, applied between batches
+        # The topology run, named in every commit's metadata (topology_tag.py).
+        self._digest = topology_tag.topology_hash(topology)
+        self._tag = topology_tag.with_tag(None, self._digest)
         self._in_flight = (
             InFlight(handler, max_in_flight, by_key=by_key, on_done=self._call_done)
             if max_in_flight > 1 and drain_to is None
@@ -268,6 +271,14 @@ class StageRunner:
         self._delay_ms = stage.delay_ms
         self._failed_before = stage.index + 1
         log.info("following the new topology of %s", topology.pipeline)
+        self._digest = topology_tag.topology_hash(topology)
+        self._tag = topology_tag.with_tag(None, self._digest)
+        # What is finished is committed first, so the tag goes on the latest offsets.
+        if self._exactly_once:
+            self._commit_transaction(self._consumer)
+        else:
+            self._store(self._consumer)
+        self._announce(sorted(self._assigned))
 
     def paused_partitions(self) -> int:
         """Partitions holding a head that is not due yet."""
@@ -671,7 +682,8 @@ class StageRunner:
             return True
         if self._exactly_once:  # what is finished before it, committed first
             self._commit_transaction(self._consumer, mid_batch=True)
-        mark = TopicPartition(tp[0], tp[1], offset, metadata=poison.mark(offset, starts))
+        metadata = topology_tag.with_tag(poison.mark(offset, starts), self._digest)
+        mark = TopicPartition(tp[0], tp[1], offset, metadata=metadata)
         try:
             # A run's first mark is sent at once but not awaited (a commit waits out a
             # rebalance in progress: a second, measured); a careful one must be durable, and
@@ -693,7 +705,7 @@ class StageRunner:
         advanced = self._tracker.take_advanced()
         if not advanced:
             return
-        offsets = [TopicPartition(t, p, o) for t, p, o in advanced]
+        offsets = [TopicPartition(t, p, o, metadata=self._tag) for t, p, o in advanced]
         try:
             consumer.store_offsets(offsets=offsets)
         except KafkaException as e:
@@ -724,7 +736,8 @@ class StageRunner:
         tracker = self._tracker
 
         def finished() -> list[TopicPartition]:
-            return [TopicPartition(t, p, o) for t, p, o in tracker.take_advanced()]
+            tag = self._tag
+            return [TopicPartition(t, p, o, metadata=tag) for t, p, o in tracker.take_advanced()]
 
         try:
             self._forwarder.commit(finished, consumer.consumer_group_metadata())
@@ -760,7 +773,10 @@ class StageRunner:
                 self._detours[key] = (where.topic, where.headers, where.token[1])
 
     def _commit(self, consumer: Any, tps: list[TopicPartitionKey]) -> None:
-        offsets = [TopicPartition(t, p, o) for t, p, o in self._tracker.frontiers(tps)]
+        tag = self._tag
+        offsets = [
+            TopicPartition(t, p, o, metadata=tag) for t, p, o in self._tracker.frontiers(tps)
+        ]
         if not offsets:
             return
         try:
@@ -770,9 +786,25 @@ class StageRunner:
 
     # ------------------------------------------------------------------ rebalances
 
+    def _announce(self, tps: list[TopicPartitionKey]) -> None:
+        """Tag `tps`' committed offsets with the topology run (topology_tag.py): those just
+        assigned, or all after a new topology. Exactly-once, only offsets committed in
+        transactions count (the caller has just committed one), never a frontier."""
+        frontiers = [] if self._exactly_once else self._tracker.frontiers(tps)
+        try:
+            topology_tag.announce(
+                self._consumer, tps, self._digest,
+                {(t, p): o for t, p, o in frontiers},
+                from_earliest=self._consumer_config.get("auto.offset.reset") == "earliest",
+                timeout=COMMITTED_TIMEOUT_S,
+            )  # fmt: skip
+        except KafkaException as e:  # the next commit of each partition tags it anyway
+            log.warning("could not tag %d partition(s) with the topology run: %s", len(tps), e)
+
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         try:
             self._parts.assign(consumer, partitions)
+            self._announce([(p.topic, p.partition) for p in partitions])
             if partitions:
                 self.stats.assigned += 1
             self._joined = True
