@@ -399,6 +399,46 @@ def test_live_lane_decision_handles_unless_headers_are_unreadable() -> None:
     assert decision.on_live_lane(_parsed(problems=("name",))) == (DEAD_LETTER, None, ("name",))
 
 
+def test_a_tier_admits_by_its_headers_the_live_lane_by_the_record_alone() -> None:
+    """The two stage policies (decision.py): what a record's headers may say on each."""
+    topo = _topology()
+    tier = decision.policy_for(Stage.tier(topo, "retry-2"))
+    lane = decision.policy_for(Stage.source(topo))
+    tp, now = ("b.o.retry-2", 0), 400_000
+    state = h.RetryState(
+        original_topic="orders", original_partition=3, original_offset=7,
+        original_timestamp_ms=5, attempt=4,
+    )  # fmt: skip
+    raw = [("trace", b"t"), *h.encode_state(state)]
+    admitted = tier.admit(tier.read(raw), tp, 9, 1_000, now)
+    assert admitted[:3] == (HANDLE, 1_000 + 1 + 300_000, ())
+    assert (admitted.attempt, admitted.origin) == (5, Origin("orders", 3, 7, 5))
+    held = tier.admit(tier.read(raw), tp, 9, 1_000, 1_000)
+    assert held[:2] == (HOLD, 301_001)
+    # No headers of ours: the tier's position says how often it failed; this record is first.
+    plain = tier.admit(tier.read([("trace", b"t")]), tp, 9, 1_000, now)
+    assert (plain.verdict, plain.attempt, plain.origin) == (HANDLE, 3, Origin(*tp, 9, 1_000))
+    bad = tier.admit(tier.read([(h.ATTEMPT, b"x")]), tp, 9, 1_000, now)
+    assert (bad.verdict, bad.attempt) == (DEAD_LETTER, 2)  # the attempts failed so far
+    assert h.ATTEMPT in bad.problems[0]
+    # The live lane: every header is the event's own, ours too; due now, the first attempt.
+    parsed = lane.read(raw)
+    assert parsed == (tuple(raw), h.RetryState(), ())
+    admitted = lane.admit(parsed, ("orders", 1), 9, 1_000, now)
+    assert admitted == (HANDLE, None, (), h.RetryState(), 1, Origin("orders", 1, 9, 1_000))
+    unreadable = lane.admit(parsed._replace(problems=("name",)), ("orders", 1), 9, None, now)
+    assert unreadable[:3] == (DEAD_LETTER, None, ("name",)) and unreadable.attempt == 0
+    assert (tier.holds, tier.drain_outcome, lane.holds, lane.drain_outcome) == (
+        True, RETRIED, False, DEAD_LETTERED,
+    )  # fmt: skip
+    # A new topology: the tier follows its own row; gone or on another topic, it has none.
+    assert tier.stage_in(topo) == Stage.tier(topo, "retry-2")
+    assert tier.stage_in(_topology(tiers=topo.tiers[:1])) is None
+    moved = [topo.tiers[0], topo.tiers[1].model_copy(update={"topic": "elsewhere"})]
+    assert tier.stage_in(_topology(tiers=moved)) is None
+    assert lane.stage_in(_topology(source_topic="orders-2")).topic == "orders-2"
+
+
 class _Msg:
     def __init__(self, offset: int, size: int = 100) -> None:
         self.offset, self._value = offset, b"x" * size

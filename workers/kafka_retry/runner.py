@@ -1,12 +1,13 @@
 """The consume → handle → forward loop shared by the live-lane SDK and the tier workers.
 
-One `StageRunner` consumes one stage's topic. What it does with each event is decided by
-`decision.py` (hold, handle or dead-letter); on a tier, events not due yet wait in their
-partition's window (`DelayGate`) and are handled as they fall due; on the live lane events are
-due on arrival. The handler runs on the
-consumer's thread, or with `max_in_flight` above 1 on pool threads, several calls per partition
-at once (inflight.py); a failure is classified and forwarded (next tier or DLQ) without waiting
-for the acknowledgement, so the loop moves on at once. An input offset is stored for commit
+One `StageRunner` consumes one stage's topic. What it does with each event is its stage's
+policy (decision.py, chosen once: `TierPolicy` or `LiveLanePolicy`): how the headers are read,
+hold, handle or dead-letter, and the attempt and origin the event carries. On a tier, events
+not due yet wait in their partition's window (`DelayGate`) and are handled as they fall due; on
+the live lane events are due on arrival. The handler runs on the consumer's thread, or with
+`max_in_flight` above 1 on pool threads, several calls per partition at once (inflight.py); a
+failure is classified and forwarded (next tier or DLQ) without waiting for the
+acknowledgement, so the loop moves on at once. An input offset is stored for commit
 only when everything before it is finished: handled, or forwarded and acknowledged
 (`OffsetTracker`). What is kept per partition comes and goes with the assignment
 (`Assignment`). Every consumer call (consume, pause, seek, resume, store, commit) and every
@@ -27,7 +28,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,7 @@ from kafka_retry import headers as h
 from kafka_retry.assignment import COMMITTED_TIMEOUT_S, Assignment
 from kafka_retry.classification import Classifier, Failure
 from kafka_retry.client_log import client_log
-from kafka_retry.decision import DEAD_LETTER, HOLD
+from kafka_retry.decision import HANDLE, HOLD
 from kafka_retry.delay import DelayGate, WindowLimits
 from kafka_retry.event import Event
 from kafka_retry.forwarding import (
@@ -56,16 +57,7 @@ from kafka_retry.metrics import StageMetrics
 from kafka_retry.model import EXACTLY_ONCE, Topology
 from kafka_retry.offsets import OffsetTracker, Ticket, TopicPartitionKey
 from kafka_retry.poison import POISON_STARTS
-from kafka_retry.routing import (
-    DEAD_LETTERED,
-    OUTCOMES,
-    RETRIED,
-    SUCCEEDED,
-    Origin,
-    Route,
-    Router,
-    Stage,
-)
+from kafka_retry.routing import OUTCOMES, SUCCEEDED, Origin, Route, Router, Stage
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +72,6 @@ MAX_ABORT_BACKOFF_S = 10.0
 STUCK_ABORTS = 3  # transactions aborted in a row: stuck, as a refused forward is
 MALFORMED_CLASS = "kafka_retry.MalformedHeaders"
 POISON_CLASS = "kafka_retry.Poison"
-_NO_STATE = h.RetryState()  # never written to: the live lane's "no prior failure"
 _headers = record_headers.headers
 
 
@@ -163,16 +154,12 @@ class StageRunner:
         self._batch_budget_s = self._max_poll_s / 2
         self._metrics = StageMetrics(topology.pipeline, stage.name)
         # Per-stage constants and metric children, looked up once rather than per event.
-        self._is_tier = stage.is_tier
-        self._tier_name = stage.name if stage.is_tier else None
+        # What differs between a tier and the live lane (decision.py), chosen once.
+        self._policy = decision.policy_for(stage)
+        self._read_headers = self._policy.read
+        self._admit = self._policy.admit
         self._pipeline = topology.pipeline
         self._group = stage.consumer_group
-        self._delay_ms = stage.delay_ms
-        self._failed_before = stage.index + 1  # failed attempts when a header does not say
-        # Our headers on a tier: only what steers the event or reaches its handler is read. On
-        # the live lane every header is the event's own, `kafka-retry.*` ones too (those of an
-        # upstream pipeline): kept byte for byte, never trusted.
-        self._read_headers = h.HeaderReader(h.TIER_FIELDS).parse if stage.is_tier else _all_original
         self._lateness = self._metrics.lateness
         self._handler_seconds = self._metrics.handler_seconds
         self._outcome = self._metrics.outcome
@@ -196,7 +183,6 @@ class StageRunner:
         self._window_limits = window_limits
         # A drain worker's (draining.py in the operator): due events go here unhandled.
         self._drain_to = drain_to
-        self._drain_outcome = RETRIED if stage.is_tier else DEAD_LETTERED
         self._next_topology: Topology | None = None  # from `follow`, applied between batches
         # The topology run, named in every commit's metadata (topology_tag.py).
         self._digest = topology_tag.topology_hash(topology)
@@ -253,23 +239,16 @@ class StageRunner:
         self._next_topology = topology
 
     def _apply_topology(self, topology: Topology) -> None:
-        if self.stage.is_tier:
-            try:
-                stage = Stage.tier(topology, self.stage.name)
-            except KeyError:
-                stage = None
-            if stage is None or stage.topic != self.stage.topic:
-                log.info("tier %s left the topology: its workers are replaced", self.stage.name)
-                return
-        else:
-            stage = Stage.source(topology, self.stage.consumer_group)
+        stage = self._policy.stage_in(topology)
+        if stage is None:
+            log.info("tier %s left the topology: its workers are replaced", self.stage.name)
+            return
         if topology.delivery != self.topology.delivery:
             log.warning("delivery %s takes effect at the next start", topology.delivery)
         self.topology, self.stage = topology, stage
         self._router = Router(topology, stage)
         self._classifier = Classifier(topology.classification)
-        self._delay_ms = stage.delay_ms
-        self._failed_before = stage.index + 1
+        self._policy.follow(stage)
         log.info("following the new topology of %s", topology.pipeline)
         self._digest = topology_tag.topology_hash(topology)
         self._tag = topology_tag.with_tag(None, self._digest)
@@ -295,7 +274,7 @@ class StageRunner:
             on_failed_attempt=lambda _err: self._metrics.delivery_failures.inc(),
         )
         self._forwarder = forwarder
-        self._gate = DelayGate(consumer, self._window_limits) if self.stage.is_tier else None
+        self._gate = DelayGate(consumer, self._window_limits) if self._policy.holds else None
         self._parts.gate = self._gate
         consumer.subscribe(
             [self.stage.topic],
@@ -411,7 +390,7 @@ class StageRunner:
         gate = self._gate
         if gate is not None:
             # Not due by its append time, or behind events that are not: it waits (unread).
-            not_before = decision.not_before_ms(msg.timestamp()[1], self._delay_ms, now_ms)
+            not_before = decision.not_before_ms(msg.timestamp()[1], self._policy.delay_ms, now_ms)
             if not_before > now_ms or gate.waiting(tp):
                 gate.hold(tp, not_before, msg)
                 return
@@ -428,33 +407,21 @@ class StageRunner:
         ts_type, ts = msg.timestamp()
         timestamp_ms = ts if ts_type != 0 and ts >= 0 else None
 
-        due_ms: int | None = None
-        prior = parsed.state
-        if self._is_tier:
-            verdict, due_ms, problems = decision.on_tier(
-                parsed, timestamp_ms, self._delay_ms, now_ms
-            )
+        verdict, due_ms, problems, prior, attempt, origin = self._admit(
+            parsed, tp, offset, timestamp_ms, now_ms
+        )
+        if verdict != HANDLE:
             if verdict == HOLD:  # due later than its append time said: no broker clock
                 assert due_ms is not None and self._gate is not None
                 self._gate.hold_again(tp, due_ms, msg)
                 return
-            if verdict == DEAD_LETTER:
-                self._dead_letter_malformed(msg, tp, parsed, timestamp_ms, problems, now_ms)
-                return
-            assert due_ms is not None
+            log.warning("malformed event %s[%d]@%d: %s", tp[0], tp[1], offset, "; ".join(problems))
+            failure = Failure(False, MALFORMED_CLASS, "; ".join(problems), "")
+            route = self._router.malformed()
+            self._dead_letter(msg, tp, parsed, origin, prior, attempt, failure, route, now_ms)
+            return
+        if due_ms is not None:  # a tier's
             self._lateness.observe((now_ms - due_ms) / 1000.0)
-            failed = prior.attempt if prior.attempt is not None else self._failed_before
-            attempt = min(failed, h.MAX_ATTEMPT) + 1
-            origin = _origin(prior, tp, offset, timestamp_ms)
-        else:
-            verdict, _, problems = decision.on_live_lane(parsed)
-            if verdict == DEAD_LETTER:
-                self._dead_letter_malformed(msg, tp, parsed, timestamp_ms, problems, now_ms)
-                return
-            prior = _NO_STATE
-            attempt = 1
-            origin = tuple.__new__(Origin, (tp[0], tp[1], offset, timestamp_ms))
-
         if self._drain_to is not None:
             self._drain(msg, tp, offset)
             return
@@ -463,17 +430,13 @@ class StageRunner:
             if starts is not None and self._in_flight is not None:
                 self._in_flight.settle(tp)  # a mark says all before it is finished
             if starts is not None and not self._mark_head(tp, offset, starts):
+                log.error("poison event %s[%d]@%d: to the DLQ", tp[0], tp[1], offset)
                 failure = Failure(
                     False, POISON_CLASS, f"the worker stopped {starts - 1} times while this "
                     "event was in its handler (a hang past the deadline, a crash, os._exit)", "",
                 )  # fmt: skip
                 route = self._router.poison()
-                headers = self._router.forward_headers(
-                    parsed.original, origin, prior, attempt, failure, route, now_ms
-                )
-                log.error("poison event %s[%d]@%d: to the DLQ", tp[0], tp[1], offset)
-                ticket = self._tracker.begin(tp, offset)
-                self._forward(msg.key(), msg.value(), ticket, headers, route, len(parsed.original))
+                self._dead_letter(msg, tp, parsed, origin, prior, attempt, failure, route, now_ms)
                 return
         ticket = self._tracker.begin(tp, offset)
         key = msg.key()
@@ -481,7 +444,7 @@ class StageRunner:
         # Positional: a 19-field keyword call costs more than the rest of the bookkeeping.
         event = Event(
             key, value, parsed.original, tp[0], tp[1], offset, timestamp_ms, attempt,
-            self._tier_name, self._pipeline, self._group, origin.topic, origin.partition,
+            self._policy.tier_name, self._pipeline, self._group, origin.topic, origin.partition,
             origin.offset, origin.timestamp_ms, due_ms, prior.replay_id, prior.error_class,
             prior.error_message,
         )  # fmt: skip
@@ -559,28 +522,23 @@ class StageRunner:
             consumer.seek(TopicPartition(topic, partition, offset))
         log.info("handling took long: the rest of the batch is handled after the next poll")
 
-    def _dead_letter_malformed(
+    def _dead_letter(
         self,
         msg: Any,
         tp: TopicPartitionKey,
         parsed: h.ParsedHeaders,
-        timestamp_ms: int | None,
-        problems: tuple[str, ...],
+        origin: Origin,
+        prior: h.RetryState,
+        attempt: int,
+        failure: Failure,
+        route: Route,
         now_ms: int,
     ) -> None:
-        """Untrusted headers that cannot steer the event: to the DLQ, saying why."""
-        log.warning(
-            "malformed event %s[%d]@%d: %s", tp[0], tp[1], msg.offset(), "; ".join(problems)
+        """Not for the handler (malformed headers, a poison event): to the DLQ, saying why."""
+        headers = self._router.forward_headers(
+            parsed.original, origin, prior, attempt, failure, route, now_ms
         )
         ticket = self._tracker.begin(tp, msg.offset())
-        prior = parsed.state
-        failed = prior.attempt if prior.attempt is not None else self._failed_before
-        failure = Failure(False, MALFORMED_CLASS, "; ".join(problems), "")
-        route = self._router.malformed()
-        headers = self._router.forward_headers(
-            parsed.original, origin=_origin(prior, tp, msg.offset(), timestamp_ms), prior=prior,
-            attempt=failed, failure=failure, route=route, now_ms=now_ms,
-        )  # fmt: skip
         self._forward(msg.key(), msg.value(), ticket, headers, route, len(parsed.original))
 
     def _drain(self, msg: Any, tp: TopicPartitionKey, offset: int) -> None:
@@ -592,7 +550,7 @@ class StageRunner:
         except Exception:  # undecodable header names; a tier's were dead-lettered before
             headers = []
         ticket = self._tracker.begin(tp, offset)
-        route = Route(self._drain_to, self._drain_outcome, None, None)
+        route = Route(self._drain_to, self._policy.drain_outcome, None, None)
         self._forward(msg.key(), msg.value(), ticket, headers, route, len(headers))
 
     def _forward(
@@ -891,30 +849,6 @@ def _transactional_id(stage: Stage, consumer_config: Mapping[str, Any]) -> str:
     generation, and a dead process's open transaction ends at `transaction.timeout.ms`."""
     instance = consumer_config.get("group.instance.id") or uuid.uuid4().hex
     return f"kafka-retry.{stage.consumer_group}.{instance}"
-
-
-def _all_original(raw: Sequence[tuple[str, bytes | None]] | None) -> h.ParsedHeaders:
-    """The live lane's reading of a source record's headers: all of them are the event's."""
-    return tuple.__new__(h.ParsedHeaders, (tuple(raw) if raw else (), _NO_STATE, ()))
-
-
-def _origin(
-    prior: h.RetryState, tp: TopicPartitionKey, offset: int, timestamp_ms: int | None
-) -> Origin:
-    """Where the event was first consumed: from the headers, or this record if they do not say
-    (an event produced straight to a tier)."""
-    if prior.original_topic:
-        # tuple.__new__: a NamedTuple's own __new__ is a Python function, a call per event.
-        return tuple.__new__(
-            Origin,
-            (
-                prior.original_topic,
-                prior.original_partition,
-                prior.original_offset,
-                prior.original_timestamp_ms,
-            ),
-        )
-    return tuple.__new__(Origin, (tp[0], tp[1], offset, timestamp_ms))
 
 
 def _code(e: KafkaException) -> int | None:
