@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from kafka_retry import headers as h
 from kafka_retry.classification import Failure
@@ -121,7 +121,24 @@ class Router:
         now_ms: int,
     ) -> h.RetryState:
         """Our headers for the forward; `attempt` is the attempt that just failed."""
-        return h.RetryState(*self._values(origin, prior, attempt, failure, route, now_ms))
+        return h.RetryState(
+            original_topic=origin.topic,
+            original_partition=origin.partition,
+            original_offset=origin.offset,
+            original_timestamp_ms=origin.timestamp_ms,
+            pipeline=self._pipeline,
+            consumer_group=self._group,
+            attempt=attempt,
+            due_ms=route.due_ms,
+            tier=self._stage.name,
+            failed_at_ms=now_ms,
+            error_class=failure.error_class,
+            error_message=failure.message,
+            error_stack=failure.stack,
+            retriable=failure.retriable,
+            dlq_reason=route.dlq_reason,
+            replay_id=prior.replay_id,
+        )
 
     def forward_headers(
         self,
@@ -134,26 +151,13 @@ class Router:
         now_ms: int,
     ) -> h.HeaderList:
         """`build_headers(original, forward_state(...))`, the way the per-event path wants it:
-        no intermediate `RetryState`, repeated texts encoded once (`StageEncoder`)."""
-        values = self._values(origin, prior, attempt, failure, route, now_ms)
-        return self._encoder.forward(original, values)
-
-    def _values(
-        self,
-        origin: Origin,
-        prior: h.RetryState,
-        attempt: int,
-        failure: Failure,
-        route: Route,
-        now_ms: int,
-    ) -> tuple[Any, ...]:
-        """The forward's `RetryState`, as the values of its fields in order."""
-        return (
-            origin.topic, origin.partition, origin.offset, origin.timestamp_ms,
-            self._pipeline, self._group, attempt, route.due_ms, self._stage.name, now_ms,
-            failure.error_class, failure.message, failure.stack, failure.retriable,
-            route.dlq_reason, prior.replay_id,
-        )  # fmt: skip
+        no intermediate `RetryState` (its values in order instead), repeated texts encoded once
+        (`StageEncoder`)."""
+        return self._encoder.forward(original, (
+            origin.topic, origin.partition, origin.offset, origin.timestamp_ms, self._pipeline,
+            self._group, attempt, route.due_ms, self._stage.name, now_ms, failure.error_class,
+            failure.message, failure.stack, failure.retriable, route.dlq_reason, prior.replay_id,
+        ))  # fmt: skip
 
     def _stage_group(self) -> str:
         """The service's group on the source topic, whose failures these are."""

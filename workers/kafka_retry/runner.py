@@ -158,6 +158,7 @@ class StageRunner:
         self._policy = decision.policy_for(stage)
         self._read_headers = self._policy.read
         self._admit = self._policy.admit
+        self._tier_name = self._policy.tier_name
         self._pipeline = topology.pipeline
         self._group = stage.consumer_group
         self._lateness = self._metrics.lateness
@@ -444,7 +445,7 @@ class StageRunner:
         # Positional: a 19-field keyword call costs more than the rest of the bookkeeping.
         event = Event(
             key, value, parsed.original, tp[0], tp[1], offset, timestamp_ms, attempt,
-            self._policy.tier_name, self._pipeline, self._group, origin.topic, origin.partition,
+            self._tier_name, self._pipeline, self._group, origin.topic, origin.partition,
             origin.offset, origin.timestamp_ms, due_ms, prior.replay_id, prior.error_class,
             prior.error_message,
         )  # fmt: skip
