@@ -142,7 +142,7 @@ class LiveLanePolicy:
 
     holds = False
     delay_ms = 0
-    drain_outcome = DEAD_LETTERED  # the live lane has no tier before it: a drain dead-letters
+    drain_outcome = DEAD_LETTERED  # a stage of no tier drains an old DLQ: dead letters
     tier_name: str | None = None
 
     def __init__(self, stage: Stage) -> None:
