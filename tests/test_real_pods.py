@@ -54,10 +54,12 @@ class Call:
 @dataclass
 class Service:
     """The service's HTTP endpoint on the bridge's gateway address, where worker pods reach
-    the host. Events whose id is in `reject` get 422 (non-retriable: to the DLQ)."""
+    the host. Events whose id is in `reject` get 422 (non-retriable: to the DLQ), those in
+    `fail` 503 (retriable: to the next tier)."""
 
     url: str = ""
     reject: set[str] = field(default_factory=set)
+    fail: set[str] = field(default_factory=set)
     calls: list[Call] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -78,7 +80,7 @@ def service() -> Iterator[Service]:
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             event_id = json.loads(body)["id"]
-            status = 422 if event_id in state.reject else 200
+            status = 422 if event_id in state.reject else 503 if event_id in state.fail else 200
             with state.lock:
                 state.calls.append(Call(event_id, time.time(), dict(self.headers), status))
             self.send_response(status)
@@ -392,6 +394,110 @@ def test_killing_worker_pods_loses_nothing(
     )  # fmt: skip
     assert restarted
     _wait_ready(node_kubectl, pipeline)
+
+
+def _tag(kafka_admin: Any, group: str, topic: str) -> str | None:
+    """The topology hash on `group`'s committed offset of `topic`'s partition 0."""
+    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+
+    from kafka_retry.topology_tag import tag_of
+
+    asked = [ConsumerGroupTopicPartitions(group, [TopicPartition(topic, 0)])]
+    (tp,) = (
+        kafka_admin.list_consumer_group_offsets(asked)[group].result(timeout=10).topic_partitions
+    )
+    return tag_of(tp.metadata)
+
+
+def test_a_tier_worker_pod_follows_a_spec_change_without_a_restart(
+    pipeline: Pipeline,
+    node_kubectl: Kubectl,
+    node_kubeconfig: str,
+    pod_kafka_bootstrap: str,
+    kafka_admin: Any,
+    service: Service,
+) -> None:
+    """A tier added after retry-1: the retry-1 pod (same UID, no restart) reads the new
+    topology from its ConfigMap volume once the kubelet rewrites it, says so in its group's
+    committed offsets (what a drain waits for), and forwards an event that fails on retry-1 to
+    the new tier instead of the DLQ. The tier removed again: its drain ends only after the
+    pod followed that change too."""
+    from kafka_retry.http_handler import TIER
+    from kafka_retry.model import Topology
+    from kafka_retry.topology_tag import topology_hash
+
+    _wait_ready(node_kubectl, pipeline)
+    selector = f"kafkaretry.io/pipeline={pipeline.name},kafkaretry.io/tier=retry-1"
+    (before,) = _pods(node_kubectl, pipeline.namespace, selector)
+    doc = json.loads(json.dumps(pipeline.doc))
+    doc["spec"]["tiers"] = [
+        {"name": "retry-1", "delaySeconds": 3},
+        {"name": "retry-2", "delaySeconds": 1},
+    ]
+    _apply(node_kubectl, pipeline.namespace, doc)
+    changed = time.time()
+    _wait_ready(node_kubectl, pipeline)
+    cm = json.loads(node_kubectl("get", "configmap", f"{pipeline.name}-topology", "-n",
+                                 pipeline.namespace, "-o", "json").stdout)  # fmt: skip
+    published = Topology.from_json(cm["data"]["topology.json"])
+    retry_1 = published.tier("retry-1")
+    # The kubelet rewrites the volume in its own time (a minute or two), the worker re-reads
+    # it every 10 s and then tags its partition with the new hash.
+    wait_for(
+        lambda: (
+            _tag(kafka_admin, retry_1.consumer_group, retry_1.topic) == topology_hash(published)
+        ),
+        240,
+        "the retry-1 pod on the new topology",
+        every=2,
+    )
+    print(f"the retry-1 pod followed {time.time() - changed:.0f} s after the change")
+    service.fail.add("follow-1")
+    failed_at: dict[str, float] = {}
+    with Running(_consume_failing(node_kubeconfig, pipeline, failed_at)):
+        produce_ids(pod_kafka_bootstrap, pipeline.source, ["follow-1"])
+
+        def tiers() -> list[str]:
+            with service.lock:
+                calls = [c for c in service.calls if c.id == "follow-1"]
+            return [
+                {k.lower(): v for k, v in c.headers.items()}.get(TIER.lower(), "") for c in calls
+            ]
+
+        wait_for(
+            lambda: tiers() == ["retry-1", "retry-2"], 90, "follow-1 tried on retry-2", every=1
+        )
+    service.fail.discard("follow-1")
+    (after,) = _pods(node_kubectl, pipeline.namespace, selector)
+    assert after["metadata"]["uid"] == before["metadata"]["uid"], "the worker pod was replaced"
+    assert [s["restartCount"] for s in after["status"]["containerStatuses"]] == [
+        s["restartCount"] for s in before["status"]["containerStatuses"]
+    ], "the worker restarted"
+
+    # retry-2 removed again: its topic drains, and the drain ends only once the retry-1 pod
+    # (whose next hop changes back to the DLQ) has followed, as its group's offsets say.
+    _apply(node_kubectl, pipeline.namespace, pipeline.doc)
+    wait_for(
+        lambda: _rp(node_kubectl, pipeline.namespace, pipeline.name)["status"].get("draining"),
+        60,
+        "retry-2 draining",
+        every=1,
+    )
+    wait_for(
+        lambda: not _rp(node_kubectl, pipeline.namespace, pipeline.name)["status"].get("draining"),
+        300,
+        "the drain ended",
+        every=1,
+    )
+    cm = json.loads(node_kubectl("get", "configmap", f"{pipeline.name}-topology", "-n",
+                                 pipeline.namespace, "-o", "json").stdout)  # fmt: skip
+    current = topology_hash(Topology.from_json(cm["data"]["topology.json"]))
+    assert current != topology_hash(published)
+    assert _tag(kafka_admin, retry_1.consumer_group, retry_1.topic) == current, (
+        "the drain ended before the retry-1 pod followed"
+    )
+    (still,) = _pods(node_kubectl, pipeline.namespace, selector)
+    assert still["metadata"]["uid"] == before["metadata"]["uid"]
 
 
 def test_worker_over_its_memory_limit_is_oomkilled_restarted_and_shown(
