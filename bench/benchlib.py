@@ -166,5 +166,21 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def start_child(script: str, spec: dict[str, Any], ready: str, what: str) -> subprocess.Popen[str]:
+    """`script --child SPEC` (the measured side in its own process, as deployed), once it has
+    printed `ready`; its stdin and stdout are the parent's line protocol with it."""
+    proc = subprocess.Popen(
+        [sys.executable, script, "--child", json.dumps(spec)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    if proc.stdout.readline().strip() != ready:
+        proc.kill()
+        raise RuntimeError(f"{what} did not start")
+    return proc
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)

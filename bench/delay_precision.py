@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import threading
 import time
@@ -198,16 +197,9 @@ def measure(args: argparse.Namespace, made: benchlib.Topics, tag: str, rate: int
         made.make(f"bench-delay-{n}-dlq", args.partitions),
         args.delay,
     )
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", json.dumps({"topology": topo.to_json()})],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdin is not None and proc.stdout is not None
-    if proc.stdout.readline().strip() != "ready":
-        proc.kill()
-        raise RuntimeError("tier worker did not start")
+    spec = {"topology": topo.to_json()}
+    proc = benchlib.start_child(__file__, spec, "ready", "tier worker")
+    assert proc.stdin is not None
     load_before = benchlib.load_average()
     started = time.monotonic()
     produced_at = time.time()
@@ -245,16 +237,8 @@ def measure_idle(args: argparse.Namespace, made: benchlib.Topics, tag: str) -> d
         args.idle_delay,
     )
     spec = {"topology": topo.to_json(), "idle_window_s": args.idle_window}
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", json.dumps(spec)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdin is not None and proc.stdout is not None
-    if proc.stdout.readline().strip() != "ready":
-        proc.kill()
-        raise RuntimeError("tier worker did not start")
+    proc = benchlib.start_child(__file__, spec, "ready", "tier worker")
+    assert proc.stdin is not None
     produce_stream(args.bootstrap, topo, 20, 1.0, args.value_bytes)
     time.sleep(5)  # fetched, and held until due (the window ends well before)
     proc.stdin.write("go\n")
@@ -333,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
     )
-    requests = ", ".join(f"{k} {v}" for k, v in sorted(idle["per_s"].items()) if v)
+    requests = ", ".join(f"{k} {v}" for k, v in sorted(idle["per_s"].items()))
     print(
         f"\nHolding 20 events not due ({args.idle_delay} s tier, deployed settings), broker "
         f"requests per second over {idle['seconds']} s: {requests or 'none'}"

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import threading
 import time
@@ -297,16 +296,8 @@ def measure(
         "backoff_ms": args.backoff_ms,
         "partitions": args.partitions,
     }
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", json.dumps(spec)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc = benchlib.start_child(__file__, spec, "assigned", f"{kind} consumer")
     assert proc.stdin is not None and proc.stdout is not None
-    if proc.stdout.readline().strip() != "assigned":
-        proc.kill()
-        raise RuntimeError(f"{kind} consumer did not start")
     producer = Producer(producer_config(args.bootstrap, {"linger.ms": 0}))
     if rate is None:
         proc.stdin.write("go\n")

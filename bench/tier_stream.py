@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import threading
 import time
@@ -151,21 +150,9 @@ def measure(
     if mode == "backlog":  # every event written, then due, before the worker starts
         produce_stream(args.bootstrap, topo, max(rate, 20_000), expected / max(rate, 20_000), 200)
         time.sleep(args.delay + 0.5)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            __file__,
-            "--child",
-            json.dumps({"topology": topo.to_json(), "mode": mode}),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdin is not None and proc.stdout is not None
-    if proc.stdout.readline().strip() != "ready":
-        proc.kill()
-        raise RuntimeError("tier worker did not start")
+    spec = {"topology": topo.to_json(), "mode": mode}
+    proc = benchlib.start_child(__file__, spec, "ready", "tier worker")
+    assert proc.stdin is not None
     limit = args.seconds + args.delay + args.settle + 60
     proc.stdin.write(f"{expected} {time.time() + limit}\n")
     proc.stdin.flush()
