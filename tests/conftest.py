@@ -107,24 +107,10 @@ def unique() -> str:
 @pytest.fixture
 def make_topic(kafka_admin: Any, unique: str) -> Iterator[Callable[..., str]]:
     """Create uniquely named topics for this test; they are deleted afterwards."""
-    from confluent_kafka.admin import NewTopic
+    from dataplane_support import topic_maker
 
-    created: list[str] = []
-
-    def make(base: str = "t", partitions: int = 1, config: dict[str, str] | None = None) -> str:
-        name = f"{base}-{unique}-{len(created)}"
-        futures = kafka_admin.create_topics(
-            [NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})]
-        )
-        futures[name].result(timeout=30)
-        created.append(name)
-        return name
-
-    yield make
-    if created:
-        for f in kafka_admin.delete_topics(created).values():
-            with contextlib.suppress(Exception):  # cleanup is best effort
-                f.result(timeout=30)
+    with topic_maker(kafka_admin, unique) as make:
+        yield make
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,12 @@ thread, producing and reading events. Not a test module (no `test_` prefix)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -243,3 +244,29 @@ class Recorder:
     def count(self) -> int:
         with self.lock:
             return len(self.calls)
+
+
+@contextlib.contextmanager
+def topic_maker(admin: Any, unique: str) -> Iterator[Callable[..., str]]:
+    """`make(base, partitions, config)`: a uniquely named topic on `admin`'s cluster; every
+    one made is deleted on the way out (best effort)."""
+    from confluent_kafka.admin import NewTopic
+
+    created: list[str] = []
+
+    def make(base: str = "t", partitions: int = 1, config: dict[str, str] | None = None) -> str:
+        name = f"{base}-{unique}-{len(created)}"
+        futures = admin.create_topics(
+            [NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})]
+        )
+        futures[name].result(timeout=30)
+        created.append(name)
+        return name
+
+    try:
+        yield make
+    finally:
+        if created:
+            for f in admin.delete_topics(created).values():
+                with contextlib.suppress(Exception):  # cleanup is best effort
+                    f.result(timeout=30)

@@ -5,6 +5,7 @@ failed event must reach the next tier once as a read_committed reader sees it; t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -20,10 +21,10 @@ from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
 
 import localenv
-from dataplane_support import make_topology, wait_for
+from dataplane_support import make_topology, topic_maker, wait_for
 from deployed_support import TESTS, WorkerPod, deploy_pipeline, records, stream_ids
 from dlq_support import fill_dlq
 from kafka_retry import headers as h
@@ -260,18 +261,10 @@ def test_a_broker_restart_mid_transaction_loses_and_repeats_nothing(
     (a clean shutdown and start, as in a rolling restart) while transactions are open: each
     event reaches the next tier once. A worker that exits meanwhile is restarted, as the
     kubelet would."""
-    with localenv.extra_kafka("kafka-eos-restart", {}) as bootstrap:
+    with contextlib.ExitStack() as stack:
+        bootstrap = stack.enter_context(localenv.extra_kafka("kafka-eos-restart", {}))
         admin = AdminClient({"bootstrap.servers": bootstrap})
-        tag = uuid.uuid4().hex[:8]
-        made: list[str] = []
-
-        def make_topic(base: str = "t", partitions: int = 1, config: Any = None) -> str:
-            name = f"{base}-{tag}-{len(made)}"
-            new = NewTopic(name, num_partitions=partitions, replication_factor=1)
-            admin.create_topics([new])[name].result(timeout=30)
-            made.append(name)
-            return name
-
+        make_topic = stack.enter_context(topic_maker(admin, uuid.uuid4().hex[:8]))
         d = deploy_pipeline(
             bootstrap,
             admin,
