@@ -398,13 +398,17 @@ def test_the_lease_is_renewed_and_released_while_status_is_written_meanwhile(
     writer = threading.Thread(target=refresh_status, daemon=True)
     writer.start()
     try:
-        for _ in range(20):
+        # At least 20 renewals, and on until the writer has written 40 times: each renewal
+        # meets writes in between however the two threads are scheduled.
+        renewals, deadline = 0, time.monotonic() + 60
+        while (renewals < 20 or writes < 40) and time.monotonic() < deadline:
             lease.renew()
+            renewals += 1
         lease.release()
     finally:
         stop.set()
         writer.join(10)
-    assert writes > 20, "the status was hardly written meanwhile"
+    assert writes >= 40, "the status was hardly written meanwhile"
     assert _lease(kubectl, namespace) is None, "the lease was not given back"
     assert (get(kubectl, namespace, "rp", "orders") or {})["status"]["dlq"]["depth"] == writes - 1
 
