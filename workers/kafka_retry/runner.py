@@ -185,9 +185,8 @@ class StageRunner:
         # A drain worker's (draining.py in the operator): due events go here unhandled.
         self._drain_to = drain_to
         self._next_topology: Topology | None = None  # from `follow`, applied between batches
-        # The topology run, named in every commit's metadata (topology_tag.py).
-        self._digest = topology_tag.topology_hash(topology)
-        self._tag = topology_tag.with_tag(None, self._digest)
+        self._digest = self._tag = ""
+        self._name_topology(topology)
         self._in_flight = (
             InFlight(handler, max_in_flight, by_key=by_key, on_done=self._call_done)
             if max_in_flight > 1 and drain_to is None
@@ -251,14 +250,18 @@ class StageRunner:
         self._classifier = Classifier(topology.classification)
         self._policy.follow(stage)
         log.info("following the new topology of %s", topology.pipeline)
-        self._digest = topology_tag.topology_hash(topology)
-        self._tag = topology_tag.with_tag(None, self._digest)
+        self._name_topology(topology)
         # What is finished is committed first, so the tag goes on the latest offsets.
         if self._exactly_once:
             self._commit_transaction(self._consumer)
         else:
             self._store(self._consumer)
         self._announce(sorted(self._assigned))
+
+    def _name_topology(self, topology: Topology) -> None:
+        """The topology run, named in every commit's metadata (topology_tag.py)."""
+        self._digest = topology_tag.topology_hash(topology)
+        self._tag = topology_tag.with_tag(None, self._digest)
 
     def paused_partitions(self) -> int:
         """Partitions holding a head that is not due yet."""
